@@ -1,0 +1,191 @@
+"""``offload_inductor``: the offload pass, then Inductor; and ``offload_eager``, its light twin.
+
+Both are Dynamo backends (registered through the ``torch_dynamo_backends`` entry point). For
+each graph Dynamo hands over they decide which placeholders carry offloaded parameters and
+which module calls are regions (a ``GraphPlan``), then:
+
+* ``offload_inductor`` compiles with Inductor and runs ``rewrite`` as Inductor's
+  ``post_grad_custom_post_pass``, on the graph Inductor is about to lower;
+* ``offload_eager`` runs AOTAutograd and ``rewrite`` on its forward graph, and executes that
+  graph without Inductor (fast to compile: for tests and ``explain``).
+
+``options`` are those of ``torch.compile``: ``prefetch`` (regions fetched ahead, default 1) and
+``offload`` (patterns placed at the first compile) are ours, every other key goes to Inductor.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+from fx_offload import matching, placement
+from fx_offload.regions import GraphPlan, module_name
+from fx_offload.rewrite import RewrittenRegion, rewrite
+
+DEFAULT_PREFETCH = 1
+
+# Called after every rewrite with (graph module, plan, regions): explain() and tests listen.
+listeners: list[Callable[[fx.GraphModule, GraphPlan, list[RewrittenRegion]], None]] = []
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    prefetch: int = DEFAULT_PREFETCH
+    offload: tuple[str, ...] | None = None
+    inductor: tuple[tuple[str, object], ...] = ()
+
+    @classmethod
+    def parse(cls, options: Mapping[str, object] | None) -> BackendOptions:
+        options = dict(options or {})
+        prefetch = options.pop("prefetch", DEFAULT_PREFETCH)
+        if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0:
+            raise ValueError(
+                f"options['prefetch'] must be an int >= 0 (regions fetched ahead), got {prefetch!r}"
+            )
+        patterns = options.pop("offload", None)
+        if patterns is not None:
+            patterns = matching.normalize_patterns(patterns, argument="options['offload']")
+        return cls(prefetch, patterns, tuple(options.items()))
+
+
+def offload_inductor(
+    gm: fx.GraphModule,
+    example_inputs: list,
+    *,
+    mode: str | None = None,
+    options: Mapping[str, object] | None = None,
+):
+    """Rewrite ``gm`` for offloaded parameters and compile it with Inductor."""
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+
+    parsed = BackendOptions.parse(options)
+    plan = graph_plan(gm, example_inputs, parsed)
+    patches = dict(list_mode_options(mode)) if mode else {}
+    patches.update(parsed.inductor)
+    if plan.offloaded_inputs:
+        inner = patches.get("post_grad_custom_post_pass", torch._inductor.config.post_grad_custom_post_pass)
+        patches["post_grad_custom_post_pass"] = OffloadPass(plan, inner)
+    return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+def offload_eager(
+    gm: fx.GraphModule,
+    example_inputs: list,
+    *,
+    mode: str | None = None,
+    options: Mapping[str, object] | None = None,
+):
+    """Rewrite ``gm``'s AOTAutograd forward graph and run it as it is, without Inductor."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    plan = graph_plan(gm, example_inputs, BackendOptions.parse(options))
+
+    def forward_compiler(aot_gm: fx.GraphModule, _inputs):
+        if plan.offloaded_inputs:
+            _run_pass(aot_gm, plan)
+        return make_boxed_func(aot_gm.forward)
+
+    return aot_autograd(fw_compiler=forward_compiler)(gm, example_inputs)
+
+
+class OffloadPass(CustomGraphPass):
+    """``rewrite`` as an Inductor post-grad pass, after any pass the user had set there."""
+
+    def __init__(self, plan: GraphPlan, inner=None) -> None:
+        self.plan = plan
+        self.inner = inner
+
+    def __call__(self, graph: fx.Graph) -> None:
+        if self.inner is not None:
+            self.inner(graph)
+        _run_pass(graph.owning_module, self.plan)
+
+    def uuid(self) -> bytes:
+        inner = self.inner.uuid() if hasattr(self.inner, "uuid") else repr(self.inner)
+        return _digest(repr(_plan_key(self.plan)), repr(inner))
+
+
+def graph_plan(gm: fx.GraphModule, example_inputs: list, options: BackendOptions) -> GraphPlan:
+    """Which placeholders of ``gm`` carry offloaded parameters, which calls are regions.
+
+    With ``options.offload``, first places the parameters those patterns select (as
+    ``fx_offload.offload`` would), naming modules as the graph does, relative to the compiled root.
+    """
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    region_modules: set[str] = set()
+    if options.offload is not None:
+        region_modules |= _place_by_patterns(gm, placeholders, example_inputs, options.offload)
+    offloaded: dict[int, str] = {}
+    device_type = "cpu"
+    for i, example in enumerate(example_inputs):
+        record = placement.lookup(example) if isinstance(example, torch.Tensor) else None
+        if record is not None:
+            offloaded[i] = record.names[0]
+            device_type = record.device.type
+    for node in gm.graph.nodes:
+        for key in node.meta.get("nn_module_stack") or {}:
+            if placement.is_region_module(key):
+                region_modules.add(key.split("@")[0])
+    if not offloaded and options.offload is None and not placement._records:
+        raise ValueError(
+            "offload_inductor has nothing to offload: call fx_offload.offload(model, patterns) "
+            "before compiling, or pass torch.compile(..., options={'offload': ['visual']})"
+        )
+    return GraphPlan(offloaded, frozenset(region_modules), options.prefetch, device_type)
+
+
+def _place_by_patterns(gm, placeholders, example_inputs, patterns) -> set[str]:
+    params: dict[str, nn.Parameter] = {}
+    for node, example in zip(placeholders, example_inputs):
+        grapharg = node.meta.get("grapharg")
+        if isinstance(example, nn.Parameter) and grapharg is not None and grapharg.source is not None:
+            params.setdefault(module_name(grapharg.source.name), example)
+    calls: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        for key, (path, _cls) in (node.meta.get("nn_module_stack") or {}).items():
+            calls[key.split("@")[0]] = module_name(path)
+    names = {""} | set(calls.values())
+    for name in params:
+        parts = name.split(".")[:-1]
+        names |= {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+    selected = matching.select(patterns, sorted(names))
+    roots = {name for hits in selected.values() for name in hits}
+    owned: dict[int, tuple[nn.Parameter, list[str]]] = {}
+    for name, param in params.items():
+        if param.numel() and matching.is_within(name.rpartition(".")[0], roots):
+            owned.setdefault(id(param), (param, []))[1].append(name)
+    if owned:
+        device = next(iter(owned.values()))[0].device
+        placement.place([(p, tuple(n)) for p, n in owned.values()], device, None)
+    return {key for key, name in calls.items() if matching.is_within(name, roots)}
+
+
+def _run_pass(gm: fx.GraphModule, plan: GraphPlan) -> None:
+    regions = rewrite(gm.graph, plan)
+    gm.recompile()
+    for listener in list(listeners):
+        listener(gm, plan, regions)
+
+
+def _plan_key(plan: GraphPlan) -> tuple:
+    return (sorted(plan.offloaded_inputs.items()), len(plan.region_modules), plan.prefetch, plan.device_type)
+
+
+@functools.cache
+def _source_digest() -> str:
+    package = Path(__file__).parent
+    return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(package.glob("*.py")))).hexdigest()
+
+
+def _digest(*parts: str) -> bytes:
+    return hashlib.sha256("\0".join((_source_digest(), *parts)).encode()).digest()

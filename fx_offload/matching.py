@@ -1,0 +1,101 @@
+"""Which modules a pattern selects.
+
+A pattern is one of:
+
+* a bare name (``visual``, ``thinker.visual``): every module whose qualified name is that name
+  or ends with ``.<name>``, at any depth;
+* a glob (``layers.*.mlp``, ``audio_tower.*``): ``fnmatch`` on the qualified name; a glob that
+  ends in ``.*`` also selects the module it names (``visual.*`` selects ``visual``);
+* ``re:<regex>``: a regular expression that must match the whole qualified name.
+
+A selected module brings all its descendants with it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import re
+from collections.abc import Iterable, Mapping, Sequence
+
+_GLOB_CHARS = set("*?[")
+
+
+def normalize_patterns(patterns: object, *, argument: str = "patterns") -> tuple[str, ...]:
+    """Check the user's patterns and return them as a tuple of strings.
+
+    A mapping (pattern -> policy) contributes its keys. Raises ``TypeError`` or ``ValueError``
+    naming the bad entry.
+    """
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    elif isinstance(patterns, Mapping):
+        patterns = list(patterns.keys())
+    if not isinstance(patterns, Iterable):
+        raise TypeError(
+            f"{argument} must be a list of strings such as ['visual', 'layers.*'], "
+            f"got {type(patterns).__name__}"
+        )
+    result = []
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise TypeError(
+                f"{argument} must hold strings; got {pattern!r} ({type(pattern).__name__}). "
+                "Write module names as strings, e.g. 'visual' or 're:layers\\.\\d+'"
+            )
+        if not pattern.strip():
+            raise ValueError(f"{argument} holds an empty pattern; remove it or name a module")
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as error:
+                raise ValueError(
+                    f"pattern {pattern!r} is not a valid regular expression ({error}); "
+                    "escape dots and brackets, e.g. 're:layers\\.[0-3]'"
+                ) from None
+        result.append(pattern)
+    if not result:
+        raise ValueError(f"{argument} is empty: name at least one module to offload, e.g. ['visual']")
+    return tuple(result)
+
+
+def pattern_matches(pattern: str, name: str) -> bool:
+    """Whether one pattern selects the module called ``name`` (its qualified name)."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    if _GLOB_CHARS & set(pattern):
+        if pattern.endswith(".*") and name == pattern[:-2]:
+            return True
+        return fnmatch.fnmatchcase(name, pattern)
+    return name == pattern or name.endswith("." + pattern)
+
+
+def select(patterns: Sequence[str], names: Iterable[str]) -> dict[str, list[str]]:
+    """Return, for each pattern, the names it selects, in the order given.
+
+    Raises ``ValueError`` for a pattern that selects nothing, naming the closest names.
+    """
+    names = list(names)
+    selected = {pattern: [n for n in names if pattern_matches(pattern, n)] for pattern in patterns}
+    for pattern, hits in selected.items():
+        if not hits:
+            raise ValueError(_no_match_message(pattern, names))
+    return selected
+
+
+def is_within(name: str, roots: Iterable[str]) -> bool:
+    """Whether ``name`` is one of ``roots`` or a descendant of one (``''`` is the model root)."""
+    return any(root == "" or name == root or name.startswith(root + ".") for root in roots)
+
+
+def _no_match_message(pattern: str, names: list[str]) -> str:
+    named = [n for n in names if n]
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in named})
+    probe = pattern[3:] if pattern.startswith("re:") else pattern.rstrip(".*")
+    close = difflib.get_close_matches(probe, named + leaves, n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+    shown = ", ".join(named[:12]) + (", ..." if len(named) > 12 else "")
+    return (
+        f"no module matches {pattern!r}; {hint}modules: {shown}. "
+        "List them all with [name for name, _ in model.named_modules()]"
+    )

@@ -1,0 +1,57 @@
+"""The ``fx_offload`` custom ops that the rewritten graph calls, with their fake kernels.
+
+``fetch(weights, after, region) -> buffers``: start the host-to-device copies of one region's
+    parameters; ``after`` holds release tokens the fetch must follow (memory is reused in order).
+``wait(buffers, issued, region)``: join the copies before the first reader. It declares that it
+    writes ``buffers``, so readers stay after it; ``issued`` holds later fetches that must be
+    started before this region computes (that is the prefetch).
+``release(buffers, readers, region) -> token``: the readers are done. ``readers`` are their
+    outputs: a data edge, because Inductor realizes a lazy reader (a gather, a pointwise op) only
+    when something needs it, possibly after a mutation. It declares that it writes ``buffers``
+    (their contents are undefined afterwards), which also keeps it out of dead-code elimination.
+
+Ordering is carried by data edges and declared mutations only, so no scheduler may move a node
+past what it guards.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fx_offload import runtime
+
+
+@torch.library.custom_op("fx_offload::fetch", mutates_args=())
+def fetch(weights: list[torch.Tensor], after: list[torch.Tensor], region: str) -> list[torch.Tensor]:
+    return runtime.fetch(weights)
+
+
+@fetch.register_fake
+def _(weights, after, region):
+    return [torch.empty(w.shape, dtype=w.dtype, device=w.device) for w in weights]
+
+
+@torch.library.custom_op("fx_offload::wait", mutates_args=("fetched",))
+def wait(fetched: list[torch.Tensor], issued: list[torch.Tensor], region: str) -> None:
+    runtime.wait(fetched)
+
+
+@wait.register_fake
+def _(fetched, issued, region):
+    return None
+
+
+@torch.library.custom_op("fx_offload::release", mutates_args=("fetched",))
+def release(fetched: list[torch.Tensor], readers: list[torch.Tensor], region: str) -> torch.Tensor:
+    return runtime.release(fetched)
+
+
+@release.register_fake
+def _(fetched, readers, region):
+    device = fetched[0].device if fetched else torch.device("cpu")
+    return torch.empty(0, device=device)
+
+
+FETCH = torch.ops.fx_offload.fetch.default
+WAIT = torch.ops.fx_offload.wait.default
+RELEASE = torch.ops.fx_offload.release.default

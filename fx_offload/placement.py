@@ -1,0 +1,161 @@
+"""Where each parameter lives: pinned host memory, a device-typed alias of it, and the way back.
+
+An offloaded parameter keeps its ``nn.Parameter`` object; only its ``.data`` changes. The values
+live once, in (pinned) host memory. On a GPU the parameter's data becomes a device-typed alias of
+that host memory (made through ``__cuda_array_interface__``), so Dynamo traces the model as a
+device model and eager code stays correct (slow: it reads over the bus). On ``device="cpu"``
+host and device are the same memory and the alias is the host tensor itself.
+
+The compiled graph never reads the alias: ``fetch`` copies from the host tensor, which it finds
+here by the alias's address.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+# data_ptr of an offloaded parameter's data -> its record. Entries leave with their parameter.
+_records: dict[int, HostParameter] = {}
+
+
+@dataclass(eq=False)
+class HostParameter:
+    """One offloaded parameter: its names, its host copy and the device it computes on."""
+
+    names: tuple[str, ...]
+    host: torch.Tensor
+    device: torch.device
+    pinned: bool
+    param: weakref.ref = field(repr=False)
+
+    @property
+    def nbytes(self) -> int:
+        return self.host.numel() * self.host.element_size()
+
+
+def lookup(tensor: torch.Tensor) -> HostParameter | None:
+    """The record of the offloaded parameter whose data ``tensor`` is, or ``None``."""
+    if not isinstance(tensor, torch.Tensor) or tensor.numel() == 0:
+        return None
+    if isinstance(tensor, torch._subclasses.FakeTensor):
+        return None
+    record = _records.get(tensor.data_ptr())
+    if record is None or record.host.shape != tensor.shape or record.host.dtype != tensor.dtype:
+        return None
+    return record
+
+
+def place(
+    params: list[tuple[nn.Parameter, tuple[str, ...]]],
+    device: torch.device,
+    pin_memory: bool | None,
+) -> list[HostParameter]:
+    """Move each parameter's values to host memory and give it a device-typed alias.
+
+    Args:
+        params: the parameters with every qualified name each one has (tied ones have several).
+        device: where the model computes.
+        pin_memory: pin the host copy; ``None`` pins where the device needs it.
+    Returns:
+        The records, in the order given. Parameters already placed are returned as they are.
+    """
+    records = []
+    for param, names in params:
+        existing = lookup(param.data)
+        if existing is not None:
+            records.append(existing)
+            continue
+        host, pinned = _host_copy(param.data, device, pin_memory, names[0])
+        param.data = _device_alias(host, device)
+        record = HostParameter(names, host, device, pinned, weakref.ref(param))
+        key = param.data.data_ptr()
+        _records[key] = record
+        weakref.finalize(param, _forget, key, record)
+        records.append(record)
+    return records
+
+
+def unplace(record: HostParameter) -> None:
+    """Give the parameter device memory again, with the same values, and forget the record."""
+    param = record.param()
+    if param is not None and lookup(param.data) is record:
+        # on the CPU the host tensor already is device memory
+        param.data = record.host if record.device.type == "cpu" else record.host.to(record.device)
+    for key, value in list(_records.items()):
+        if value is record:
+            del _records[key]
+
+
+def _forget(key: int, record: HostParameter) -> None:
+    if _records.get(key) is record:
+        del _records[key]
+
+
+def _host_copy(
+    data: torch.Tensor, device: torch.device, pin_memory: bool | None, name: str
+) -> tuple[torch.Tensor, bool]:
+    pin = device.type != "cpu" if pin_memory is None else pin_memory
+    if device.type == "cpu" and not pin and data.device.type == "cpu" and data.is_contiguous():
+        return data, False  # host and device are the same memory: no second copy
+    if pin and device.type == "cpu":
+        raise ValueError(
+            f"pin_memory=True needs an accelerator device, but device is 'cpu' (parameter {name!r}); "
+            "pass pin_memory=None or False"
+        )
+    if pin:
+        try:
+            host = torch.empty(data.shape, dtype=data.dtype, pin_memory=True)
+        except RuntimeError as error:
+            raise RuntimeError(
+                f"could not pin {data.numel() * data.element_size()} bytes of host memory for "
+                f"{name!r} ({error}); free host memory or raise the locked-memory limit (ulimit -l)"
+            ) from None
+    else:
+        host = torch.empty(data.shape, dtype=data.dtype)
+    host.copy_(data)
+    return host, pin
+
+
+def _device_alias(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A tensor typed on ``device`` that reads and writes ``host``'s memory."""
+    if device.type == "cpu":
+        return host
+    if device.type != "cuda":
+        raise ValueError(f"device {str(device)!r} is not supported; use 'cuda' or 'cpu'")
+    flat = host.reshape(-1).view(torch.uint8)  # bfloat16 has no array-interface type string
+
+    class _Interface:
+        # torch keeps this object (and with it `host`) alive as long as the alias's storage lives
+        keep = host
+        __cuda_array_interface__ = {
+            "shape": (flat.numel(),),
+            "typestr": "|u1",
+            "data": (flat.data_ptr(), False),
+            "version": 3,
+            "strides": None,
+        }
+
+    alias = torch.as_tensor(_Interface(), device=device)
+    return alias.view(host.dtype).view(host.shape)
+
+
+# id(module) -> module, for every module whose calls are regions (matched ones and descendants)
+_region_modules: weakref.WeakValueDictionary[int, nn.Module] = weakref.WeakValueDictionary()
+
+
+def mark_region_module(module: nn.Module) -> None:
+    _region_modules[id(module)] = module
+
+
+def unmark_region_module(module: nn.Module) -> None:
+    _region_modules.pop(id(module), None)
+
+
+def is_region_module(module_key: str) -> bool:
+    """Whether an ``nn_module_stack`` key (``str(id(module))``, maybe with ``@n``) is offloaded."""
+    ident = module_key.split("@")[0]
+    return ident.isdigit() and int(ident) in _region_modules

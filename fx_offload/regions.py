@@ -1,0 +1,96 @@
+"""Where, in an FX graph, each offloaded module's parameters are used.
+
+A region is one call of an offloaded module: the nodes that Dynamo recorded under that call in
+``node.meta["nn_module_stack"]`` (whose keys are ``str(id(module))``, with ``@n`` for the n-th
+repeated call) and that read offloaded parameters. A node takes the outermost offloaded module
+on its stack. A node that reads an offloaded parameter outside every offloaded module (a tied
+output head, a parameter read in a parent's ``forward``) forms a region of its own module call,
+or of itself when it has no module.
+
+Works the same on Dynamo graphs, AOTAutograd graphs and Inductor's post-grad graphs: all three
+keep placeholders in the same order and carry ``nn_module_stack``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+
+_ROOT = re.compile(r"^[LG]\[(['\"])[^'\"]*\1\]\.?")
+_DICT_ATTR = re.compile(r"\._(?:modules|parameters|buffers)\[(['\"])([^'\"\]]+)\1\]")
+_INDEX = re.compile(r"\[(['\"]?)([^'\"\]]+)\1\]")
+
+
+@dataclass(frozen=True)
+class GraphPlan:
+    """What the pass needs to know about one graph.
+
+    Attributes:
+        offloaded_inputs: placeholder position -> name of the offloaded parameter it carries.
+        region_modules: ``nn_module_stack`` keys (without ``@n``) of offloaded modules.
+        prefetch: how many regions ahead a fetch is started (0: just before its region).
+        device_type: the device the graph computes on; ops touching other memory are barriers.
+    """
+
+    offloaded_inputs: Mapping[int, str]
+    region_modules: frozenset[str] = frozenset()
+    prefetch: int = 1
+    device_type: str = "cpu"
+
+
+@dataclass
+class Region:
+    """One call of an offloaded module and the offloaded parameters it reads."""
+
+    key: str
+    name: str
+    params: list[fx.Node] = field(default_factory=list)
+    users: list[fx.Node] = field(default_factory=list)
+
+
+def module_name(path: str) -> str:
+    """Turn a Dynamo source path (``L['self'].layers[0]._modules['mlp']``) into ``layers.0.mlp``."""
+    path = _ROOT.sub("", path)
+    path = _DICT_ATTR.sub(r".\2", path)
+    path = _INDEX.sub(r".\2", path)
+    return path.lstrip(".")
+
+
+def find_regions(graph: fx.Graph, plan: GraphPlan) -> list[Region]:
+    """Group the reads of offloaded placeholders by module call, in order of first read."""
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+    offloaded = {placeholders[i]: name for i, name in plan.offloaded_inputs.items()}
+    regions: dict[str, Region] = {}
+    for node in graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        reads = [arg for arg in node.all_input_nodes if arg in offloaded]
+        if not reads:
+            continue
+        key, name = _region_of(node, plan.region_modules)
+        region = regions.setdefault(key, Region(key, name))
+        for param in reads:
+            if param not in region.params:
+                region.params.append(param)
+        region.users.append(node)
+    return list(regions.values())
+
+
+def _region_of(node: fx.Node, region_modules: frozenset[str]) -> tuple[str, str]:
+    stack = list((node.meta.get("nn_module_stack") or {}).items())
+    for key, (path, _cls) in stack:
+        if key.split("@")[0] in region_modules:
+            return key, _display(key, path)
+    if stack:
+        key, (path, _cls) = stack[-1]
+        return key, _display(key, path) + " (not offloaded)"
+    return f"node:{node.name}", f"<{node.name}>"
+
+
+def _display(key: str, path: str) -> str:
+    name = module_name(path) or "<root>"
+    call = key.split("@")[1] if "@" in key else None
+    return f"{name}@{call}" if call else name

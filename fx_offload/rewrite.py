@@ -1,0 +1,189 @@
+"""The offload pass: fetch, wait and release nodes around every region (pure graph surgery).
+
+``rewrite(graph, plan)`` is the whole pass. It runs in two steps:
+
+1. insert: for each region, ``fetch`` and ``wait`` before its first read and ``release`` after
+   its last reader, taking every reader's output as input (views of a fetched tensor count as
+   reads through their users); the region's reads are rewired to the fetched tensors.
+2. schedule: move each region's ``fetch`` up to just after the release of the region
+   ``prefetch + 1`` places earlier (so at most ``prefetch + 1`` regions hold device memory), tie
+   it there with that release's token, and make the first ``wait`` after it list it as issued (so
+   no scheduler sinks it back to its use). A fetch never moves above a barrier: a node that touches
+   memory of another device, or that CUDA graphs cannot capture, would split the copy from its
+   wait across two captured segments.
+
+Before (one offloaded ``Linear`` called ``visual``)::
+
+    t = aten.t(arg0_1); addmm = aten.addmm(arg1_1, x, t)
+
+After::
+
+    fetch = fx_offload.fetch([arg0_1, arg1_1], [], 'visual')
+    getitem = fetch[0]; getitem_1 = fetch[1]
+    wait = fx_offload.wait([getitem, getitem_1], [], 'visual')
+    t = aten.t(getitem); addmm = aten.addmm(getitem_1, x, t)
+    release = fx_offload.release([getitem, getitem_1], [addmm], 'visual')
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch._guards import detect_fake_mode
+
+from fx_offload.ops import FETCH, RELEASE, WAIT
+from fx_offload.regions import GraphPlan, Region, find_regions
+
+
+@dataclass
+class RewrittenRegion:
+    """The nodes the pass added for one region."""
+
+    region: Region
+    fetch: fx.Node
+    items: list[fx.Node]
+    wait: fx.Node
+    release: fx.Node
+
+
+def rewrite(graph: fx.Graph, plan: GraphPlan) -> list[RewrittenRegion]:
+    """Insert fetch / wait / release for every region of ``graph`` and schedule the fetches.
+
+    Returns the added nodes per region, in the order the regions run.
+    """
+    if plan.prefetch < 0:
+        raise ValueError(f"prefetch must be >= 0, got {plan.prefetch}")
+    inserted = [_insert(graph, region) for region in find_regions(graph, plan)]
+    _schedule(graph, inserted, plan.prefetch, plan.device_type)
+    graph.lint()
+    return inserted
+
+
+def _insert(graph: fx.Graph, region: Region) -> RewrittenRegion:
+    users = [user for user in region.users if not _escapes(user)]
+    with graph.inserting_before(region.users[0]):
+        fetch = _call(graph, FETCH, (list(region.params), [], region.name), "fetch")
+        items = [_call(graph, operator.getitem, (fetch, i), "fetched") for i in range(len(region.params))]
+        wait = _call(graph, WAIT, (items, [], region.name), "wait")
+    for user in users:
+        for param, item in zip(region.params, items):
+            user.replace_input_with(param, item)
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    readers = _readers(items)
+    outputs = [out for reader in readers if not _is_alias(reader) for out in _tensor_outputs(reader)]
+    outputs.sort(key=order.__getitem__)
+    last = max(readers + outputs, key=order.__getitem__, default=wait)
+    with graph.inserting_after(last):
+        release = _call(graph, RELEASE, (items, outputs, region.name), "release")
+    return RewrittenRegion(region, fetch, items, wait, release)
+
+
+def _schedule(graph: fx.Graph, regions: list[RewrittenRegion], depth: int, device_type: str) -> None:
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    regions.sort(key=lambda r: order[r.wait])
+    start = [node for node in graph.nodes if node.op == "placeholder"][-1]
+    for k, current in enumerate(regions):
+        order = {node: i for i, node in enumerate(graph.nodes)}
+        anchor, token = start, None
+        if k - depth - 1 >= 0:
+            previous = regions[k - depth - 1].release
+            if order[previous] > order[current.wait]:
+                continue  # regions interleave here: the fetch stays beside its wait
+            anchor, token = previous, previous
+        anchor = _last_barrier(graph, order, anchor, current.wait, device_type) or anchor
+        if k and order[anchor] < order[regions[k - 1].items[-1]] < order[current.wait]:
+            anchor = regions[k - 1].items[-1]  # the copy stream is FIFO: issue in region order
+        if token is not None:
+            current.fetch.update_arg(1, [token])
+        anchor.append(current.fetch)
+        for item in reversed(current.items):
+            current.fetch.append(item)
+        order = {node: i for i, node in enumerate(graph.nodes)}
+        pin = min(
+            (r.wait for r in regions[:k] if order[r.wait] > order[current.fetch]),
+            key=order.__getitem__,
+            default=None,
+        )
+        if pin is not None:
+            pin.update_arg(1, [*pin.args[1], current.items[0]])
+
+
+def _last_barrier(
+    graph: fx.Graph, order: dict[fx.Node, int], after: fx.Node, before: fx.Node, device_type: str
+) -> fx.Node | None:
+    barrier = None
+    for node in graph.nodes:
+        if order[after] < order[node] < order[before] and _is_barrier(node, device_type):
+            barrier = node
+    return barrier
+
+
+def _is_barrier(node: fx.Node, device_type: str) -> bool:
+    if node.op != "call_function" or device_type == "cpu":
+        return False
+    unsafe = getattr(torch.Tag, "cudagraph_unsafe", None)
+    if unsafe is not None and isinstance(node.target, torch._ops.OpOverload):
+        if unsafe in node.target.tags:
+            return True
+    values = [node.meta.get("val")] + [arg.meta.get("val") for arg in node.all_input_nodes]
+    return any(isinstance(v, torch.Tensor) and v.device.type != device_type and v.dim() > 0 for v in values)
+
+
+def _readers(items: list[fx.Node]) -> list[fx.Node]:
+    """Every node that reads the fetched tensors, following views to their users."""
+    found, todo = [], list(items)
+    while todo:
+        for user in todo.pop().users:
+            if user.target in (WAIT, RELEASE) or user in found:
+                continue
+            found.append(user)
+            if _is_alias(user):
+                todo.append(user)
+    return found
+
+
+def _tensor_outputs(node: fx.Node) -> list[fx.Node]:
+    """``node`` if it is a tensor, else the tensors taken out of it (a tuple's getitems)."""
+    value = node.meta.get("val")
+    if isinstance(value, torch.Tensor):
+        return [node]
+    if isinstance(value, (tuple, list)):
+        return [user for user in node.users if user.target is operator.getitem]
+    return [node] if value is None and node.op == "call_function" else []
+
+
+def _escapes(user: fx.Node) -> bool:
+    """Whether a view of the parameter made by ``user`` leaves the graph (then it is not rewired)."""
+    todo = [user] if _is_alias(user) else []
+    while todo:
+        node = todo.pop()
+        for next_user in node.users:
+            if next_user.op == "output":
+                return True
+            if _is_alias(next_user):
+                todo.append(next_user)
+    return False
+
+
+def _is_alias(node: fx.Node) -> bool:
+    target = node.target
+    if target is operator.getitem:
+        return isinstance(node.args[0], fx.Node) and _is_alias(node.args[0])
+    if isinstance(target, torch._ops.OpOverload):
+        return any(
+            ret.alias_info is not None and not ret.alias_info.is_write for ret in target._schema.returns
+        )
+    return False
+
+
+def _call(graph: fx.Graph, target, args: tuple, name: str) -> fx.Node:
+    node = graph.create_node("call_function", target, args, name=name)
+    fake_mode = detect_fake_mode([n.meta.get("val") for n in graph.nodes if n.op == "placeholder"])
+    values = torch.fx.node.map_arg(args, lambda n: n.meta.get("val"))
+    if fake_mode is not None and not any(v is None for v in torch.utils._pytree.tree_leaves(values)):
+        with fake_mode:
+            node.meta["val"] = target(*values)
+    return node

@@ -1,0 +1,95 @@
+"""Small models shared by the tests: each exercises one shape of offload."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int = 8, hidden: int = 16) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+class Tower(nn.Module):
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, dim)
+        self.block = Block(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(torch.tanh(self.proj(x)))
+
+
+class Nested(nn.Module):
+    """A thinker holding a ``visual`` tower, beside a resident head."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.thinker = nn.Module()
+        self.thinker.visual = Tower(dim)
+        self.thinker.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.thinker.norm(self.thinker.visual(x)))
+
+
+class Stack(nn.Module):
+    def __init__(self, n: int = 3, dim: int = 8) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([Block(dim) for _ in range(n)])
+        self.out = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return self.out(x)
+
+
+class CalledTwice(nn.Module):
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.shared = nn.Linear(dim, dim)
+        self.mid = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shared(self.mid(self.shared(x)))
+
+
+class Tied(nn.Module):
+    """An embedding whose weight is also the output head's."""
+
+    def __init__(self, vocab: int = 16, dim: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.body = nn.Linear(dim, dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(torch.relu(self.body(self.embed(ids))))
+
+
+class Broken(nn.Module):
+    """A graph break between two offloaded blocks."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.first = Block(dim)
+        self.second = Block(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.first(x)
+        torch._dynamo.graph_break()
+        return self.second(x)
+
+
+def seeded(cls, *args, seed: int = 0, **kwargs) -> nn.Module:
+    torch.manual_seed(seed)
+    return cls(*args, **kwargs).eval()

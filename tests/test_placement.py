@@ -1,0 +1,80 @@
+"""Nothing the user gave is lost: values survive offload, compile, restore and state_dict."""
+
+import torch
+
+import fx_offload
+from fx_offload import placement
+from tests.models import Nested, Stack, Tied, seeded
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+
+
+def test_parameters_keep_identity_and_values_after_offload():
+    model = seeded(Nested)
+    before = _state(model)
+    params = dict(model.named_parameters())
+    fx_offload.offload(model, ["visual"], device="cpu")
+    assert dict(model.named_parameters()) == params  # the same Parameter objects
+    _assert_same_state(_state(model), before)
+    fx_offload.restore(model)
+
+
+def test_state_dict_survives_offload_compile_run_and_restore():
+    model = seeded(Stack)
+    before = _state(model)
+    fx_offload.offload(model, ["layers.*"], device="cpu")
+    with torch.no_grad():
+        torch.compile(model, backend="offload_eager")(torch.randn(2, 8))
+    _assert_same_state(_state(model), before)
+    fx_offload.restore(model)
+    _assert_same_state(_state(model), before)
+    assert all(placement.lookup(p) is None for p in model.parameters())
+    assert fx_offload.plan_of(model) is None
+
+
+def test_restore_of_a_model_never_offloaded_raises():
+    model = seeded(Stack)
+    try:
+        fx_offload.restore(model)
+    except ValueError as error:
+        assert "nothing to restore" in str(error)
+    else:
+        raise AssertionError("restore accepted a model that was never offloaded")
+
+
+def test_tied_weights_stay_tied_through_offload_and_restore():
+    model = seeded(Tied)
+    fx_offload.offload(model, ["embed"], device="cpu")
+    assert model.embed.weight is model.lm_head.weight
+    fx_offload.restore(model)
+    assert model.embed.weight is model.lm_head.weight
+
+
+def test_in_place_write_after_offload_is_seen_by_the_next_compiled_call():
+    model = seeded(Stack)
+    fx_offload.offload(model, ["layers.*"], device="cpu")
+    compiled = torch.compile(model, backend="offload_eager")
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        compiled(x)
+        model.layers[1].fc1.weight.mul_(2)
+        expected = model(x)
+        assert torch.equal(compiled(x), expected)
+    fx_offload.restore(model)
+
+
+def test_cpu_offload_keeps_one_copy_of_the_values():
+    model = seeded(Stack)
+    weight = model.layers[0].fc1.weight
+    address = weight.data_ptr()
+    fx_offload.offload(model, ["layers"], device="cpu")
+    assert weight.data_ptr() == address  # host and device are the same memory on the CPU
+    fx_offload.restore(model)

@@ -1,0 +1,289 @@
+"""The rewritten graph is the spec: these snapshots show it (regenerate with EXPECTTEST_ACCEPT=1).
+
+Each graph is what ``offload_eager`` runs: the AOTAutograd inference graph after the offload
+pass, with ``prefetch=1`` (the default). Read them for: which parameters each fetch carries, that
+every read of an offloaded parameter goes through a fetched tensor, that release follows the
+last reader, and where each fetch is issued.
+"""
+
+import torch
+from expecttest import TestCase
+
+import fx_offload
+from tests.models import Broken, CalledTwice, Nested, Stack, Tied, seeded
+
+
+class Snapshots(TestCase):
+    def setUp(self):
+        torch._dynamo.reset()
+        self.models = []
+
+    def tearDown(self):
+        for model in self.models:
+            fx_offload.restore(model)
+        torch._dynamo.reset()
+
+    def explain(self, model, patterns, *inputs, **options):
+        fx_offload.offload(model, patterns, device="cpu")
+        self.models.append(model)
+        with torch.no_grad():
+            return fx_offload.explain(model, *inputs, options=options)
+
+    def test_nested_visual_tower(self):
+        text = self.explain(seeded(Nested), ["visual"], torch.randn(2, 8))
+        self.assertExpectedInline(
+            text,
+            """\
+# graph 1 of 1
+# regions: thinker.visual
+# arg0_1: thinker.visual.proj.weight
+# arg1_1: thinker.visual.proj.bias
+# arg3_1: thinker.visual.block.fc1.weight
+# arg4_1: thinker.visual.block.fc1.bias
+# arg5_1: thinker.visual.block.fc2.weight
+# arg6_1: thinker.visual.block.fc2.bias
+    def forward(self, arg0_1: "f32[8, 8]", arg1_1: "f32[8]", arg2_1: "f32[2, 8]", arg3_1: "f32[16, 8]", arg4_1: "f32[16]", arg5_1: "f32[8, 16]", arg6_1: "f32[8]", arg7_1: "f32[8]", arg8_1: "f32[8]", arg9_1: "f32[4, 8]", arg10_1: "f32[4]"):
+        fetch = torch.ops.fx_offload.fetch.default([arg0_1, arg1_1, arg3_1, arg4_1, arg5_1, arg6_1], [], 'thinker.visual');  arg0_1 = arg1_1 = arg3_1 = arg4_1 = arg5_1 = arg6_1 = None
+        fetched: "f32[8, 8]" = fetch[0]
+        fetched_1: "f32[8]" = fetch[1]
+        fetched_2: "f32[16, 8]" = fetch[2]
+        fetched_3: "f32[16]" = fetch[3]
+        fetched_4: "f32[8, 16]" = fetch[4]
+        fetched_5: "f32[8]" = fetch[5];  fetch = None
+        wait = torch.ops.fx_offload.wait.default([fetched, fetched_1, fetched_2, fetched_3, fetched_4, fetched_5], [], 'thinker.visual');  wait = None
+        t: "f32[8, 8]" = torch.ops.aten.t.default(fetched)
+        addmm: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_1, arg2_1, t);  arg2_1 = t = None
+        tanh: "f32[2, 8]" = torch.ops.aten.tanh.default(addmm)
+        t_1: "f32[8, 16]" = torch.ops.aten.t.default(fetched_2)
+        addmm_1: "f32[2, 16]" = torch.ops.aten.addmm.default(fetched_3, tanh, t_1);  t_1 = None
+        relu: "f32[2, 16]" = torch.ops.aten.relu.default(addmm_1)
+        t_2: "f32[16, 8]" = torch.ops.aten.t.default(fetched_4)
+        addmm_2: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_5, relu, t_2);  relu = t_2 = None
+        release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1, fetched_2, fetched_3, fetched_4, fetched_5], [addmm, addmm_1, addmm_2], 'thinker.visual');  fetched = fetched_1 = fetched_2 = fetched_3 = fetched_4 = fetched_5 = addmm = addmm_1 = release = None
+        add: "f32[2, 8]" = torch.ops.aten.add.Tensor(tanh, addmm_2);  tanh = addmm_2 = None
+        native_layer_norm = torch.ops.aten.native_layer_norm.default(add, [8], arg7_1, arg8_1, 1e-05);  add = arg7_1 = arg8_1 = None
+        getitem: "f32[2, 8]" = native_layer_norm[0];  native_layer_norm = None
+        t_3: "f32[8, 4]" = torch.ops.aten.t.default(arg9_1);  arg9_1 = None
+        addmm_3: "f32[2, 4]" = torch.ops.aten.addmm.default(arg10_1, getitem, t_3);  arg10_1 = getitem = t_3 = None
+        return (addmm_3,)""",
+        )
+
+    def test_layer_stack(self):
+        text = self.explain(seeded(Stack), ["layers.*"], torch.randn(2, 8))
+        self.assertExpectedInline(
+            text,
+            """\
+# graph 1 of 1
+# regions: layers.0, layers.1, layers.2
+# arg0_1: layers.0.fc1.weight
+# arg1_1: layers.0.fc1.bias
+# arg3_1: layers.0.fc2.weight
+# arg4_1: layers.0.fc2.bias
+# arg5_1: layers.1.fc1.weight
+# arg6_1: layers.1.fc1.bias
+# arg7_1: layers.1.fc2.weight
+# arg8_1: layers.1.fc2.bias
+# arg9_1: layers.2.fc1.weight
+# arg10_1: layers.2.fc1.bias
+# arg11_1: layers.2.fc2.weight
+# arg12_1: layers.2.fc2.bias
+    def forward(self, arg0_1: "f32[16, 8]", arg1_1: "f32[16]", arg2_1: "f32[2, 8]", arg3_1: "f32[8, 16]", arg4_1: "f32[8]", arg5_1: "f32[16, 8]", arg6_1: "f32[16]", arg7_1: "f32[8, 16]", arg8_1: "f32[8]", arg9_1: "f32[16, 8]", arg10_1: "f32[16]", arg11_1: "f32[8, 16]", arg12_1: "f32[8]", arg13_1: "f32[8, 8]"):
+        fetch = torch.ops.fx_offload.fetch.default([arg0_1, arg1_1, arg3_1, arg4_1], [], 'layers.0');  arg0_1 = arg1_1 = arg3_1 = arg4_1 = None
+        fetched: "f32[16, 8]" = fetch[0]
+        fetched_1: "f32[16]" = fetch[1]
+        fetched_2: "f32[8, 16]" = fetch[2]
+        fetched_3: "f32[8]" = fetch[3];  fetch = None
+        fetch_1 = torch.ops.fx_offload.fetch.default([arg5_1, arg6_1, arg7_1, arg8_1], [], 'layers.1');  arg5_1 = arg6_1 = arg7_1 = arg8_1 = None
+        fetched_4: "f32[16, 8]" = fetch_1[0]
+        fetched_5: "f32[16]" = fetch_1[1]
+        fetched_6: "f32[8, 16]" = fetch_1[2]
+        fetched_7: "f32[8]" = fetch_1[3];  fetch_1 = None
+        wait = torch.ops.fx_offload.wait.default([fetched, fetched_1, fetched_2, fetched_3], [fetched_4], 'layers.0');  wait = None
+        t: "f32[8, 16]" = torch.ops.aten.t.default(fetched)
+        addmm: "f32[2, 16]" = torch.ops.aten.addmm.default(fetched_1, arg2_1, t);  t = None
+        relu: "f32[2, 16]" = torch.ops.aten.relu.default(addmm)
+        t_1: "f32[16, 8]" = torch.ops.aten.t.default(fetched_2)
+        addmm_1: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_3, relu, t_1);  relu = t_1 = None
+        release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1, fetched_2, fetched_3], [addmm, addmm_1], 'layers.0');  fetched = fetched_1 = fetched_2 = fetched_3 = addmm = None
+        fetch_2 = torch.ops.fx_offload.fetch.default([arg9_1, arg10_1, arg11_1, arg12_1], [release], 'layers.2');  arg9_1 = arg10_1 = arg11_1 = arg12_1 = release = None
+        fetched_8: "f32[16, 8]" = fetch_2[0]
+        fetched_9: "f32[16]" = fetch_2[1]
+        fetched_10: "f32[8, 16]" = fetch_2[2]
+        fetched_11: "f32[8]" = fetch_2[3];  fetch_2 = None
+        add: "f32[2, 8]" = torch.ops.aten.add.Tensor(arg2_1, addmm_1);  arg2_1 = addmm_1 = None
+        wait_1 = torch.ops.fx_offload.wait.default([fetched_4, fetched_5, fetched_6, fetched_7], [fetched_8], 'layers.1');  wait_1 = None
+        t_2: "f32[8, 16]" = torch.ops.aten.t.default(fetched_4)
+        addmm_2: "f32[2, 16]" = torch.ops.aten.addmm.default(fetched_5, add, t_2);  t_2 = None
+        relu_1: "f32[2, 16]" = torch.ops.aten.relu.default(addmm_2)
+        t_3: "f32[16, 8]" = torch.ops.aten.t.default(fetched_6)
+        addmm_3: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_7, relu_1, t_3);  relu_1 = t_3 = None
+        release_1: "f32[0]" = torch.ops.fx_offload.release.default([fetched_4, fetched_5, fetched_6, fetched_7], [addmm_2, addmm_3], 'layers.1');  fetched_4 = fetched_5 = fetched_6 = fetched_7 = addmm_2 = release_1 = None
+        add_1: "f32[2, 8]" = torch.ops.aten.add.Tensor(add, addmm_3);  add = addmm_3 = None
+        wait_2 = torch.ops.fx_offload.wait.default([fetched_8, fetched_9, fetched_10, fetched_11], [], 'layers.2');  wait_2 = None
+        t_4: "f32[8, 16]" = torch.ops.aten.t.default(fetched_8)
+        addmm_4: "f32[2, 16]" = torch.ops.aten.addmm.default(fetched_9, add_1, t_4);  t_4 = None
+        relu_2: "f32[2, 16]" = torch.ops.aten.relu.default(addmm_4)
+        t_5: "f32[16, 8]" = torch.ops.aten.t.default(fetched_10)
+        addmm_5: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_11, relu_2, t_5);  relu_2 = t_5 = None
+        release_2: "f32[0]" = torch.ops.fx_offload.release.default([fetched_8, fetched_9, fetched_10, fetched_11], [addmm_4, addmm_5], 'layers.2');  fetched_8 = fetched_9 = fetched_10 = fetched_11 = addmm_4 = release_2 = None
+        add_2: "f32[2, 8]" = torch.ops.aten.add.Tensor(add_1, addmm_5);  add_1 = addmm_5 = None
+        t_6: "f32[8, 8]" = torch.ops.aten.t.default(arg13_1);  arg13_1 = None
+        mm: "f32[2, 8]" = torch.ops.aten.mm.default(add_2, t_6);  add_2 = t_6 = None
+        return (mm,)""",
+        )
+
+    def test_layer_stack_prefetch_0(self):
+        text = self.explain(seeded(Stack, n=2), ["layers.*"], torch.randn(2, 8), prefetch=0)
+        self.assertExpectedInline(
+            text,
+            """\
+# graph 1 of 1
+# regions: layers.0, layers.1
+# arg0_1: layers.0.fc1.weight
+# arg1_1: layers.0.fc1.bias
+# arg3_1: layers.0.fc2.weight
+# arg4_1: layers.0.fc2.bias
+# arg5_1: layers.1.fc1.weight
+# arg6_1: layers.1.fc1.bias
+# arg7_1: layers.1.fc2.weight
+# arg8_1: layers.1.fc2.bias
+    def forward(self, arg0_1: "f32[16, 8]", arg1_1: "f32[16]", arg2_1: "f32[2, 8]", arg3_1: "f32[8, 16]", arg4_1: "f32[8]", arg5_1: "f32[16, 8]", arg6_1: "f32[16]", arg7_1: "f32[8, 16]", arg8_1: "f32[8]", arg9_1: "f32[8, 8]"):
+        fetch = torch.ops.fx_offload.fetch.default([arg0_1, arg1_1, arg3_1, arg4_1], [], 'layers.0');  arg0_1 = arg1_1 = arg3_1 = arg4_1 = None
+        fetched: "f32[16, 8]" = fetch[0]
+        fetched_1: "f32[16]" = fetch[1]
+        fetched_2: "f32[8, 16]" = fetch[2]
+        fetched_3: "f32[8]" = fetch[3];  fetch = None
+        wait = torch.ops.fx_offload.wait.default([fetched, fetched_1, fetched_2, fetched_3], [], 'layers.0');  wait = None
+        t: "f32[8, 16]" = torch.ops.aten.t.default(fetched)
+        addmm: "f32[2, 16]" = torch.ops.aten.addmm.default(fetched_1, arg2_1, t);  t = None
+        relu: "f32[2, 16]" = torch.ops.aten.relu.default(addmm)
+        t_1: "f32[16, 8]" = torch.ops.aten.t.default(fetched_2)
+        addmm_1: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_3, relu, t_1);  relu = t_1 = None
+        release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1, fetched_2, fetched_3], [addmm, addmm_1], 'layers.0');  fetched = fetched_1 = fetched_2 = fetched_3 = addmm = None
+        fetch_1 = torch.ops.fx_offload.fetch.default([arg5_1, arg6_1, arg7_1, arg8_1], [release], 'layers.1');  arg5_1 = arg6_1 = arg7_1 = arg8_1 = release = None
+        fetched_4: "f32[16, 8]" = fetch_1[0]
+        fetched_5: "f32[16]" = fetch_1[1]
+        fetched_6: "f32[8, 16]" = fetch_1[2]
+        fetched_7: "f32[8]" = fetch_1[3];  fetch_1 = None
+        add: "f32[2, 8]" = torch.ops.aten.add.Tensor(arg2_1, addmm_1);  arg2_1 = addmm_1 = None
+        wait_1 = torch.ops.fx_offload.wait.default([fetched_4, fetched_5, fetched_6, fetched_7], [], 'layers.1');  wait_1 = None
+        t_2: "f32[8, 16]" = torch.ops.aten.t.default(fetched_4)
+        addmm_2: "f32[2, 16]" = torch.ops.aten.addmm.default(fetched_5, add, t_2);  t_2 = None
+        relu_1: "f32[2, 16]" = torch.ops.aten.relu.default(addmm_2)
+        t_3: "f32[16, 8]" = torch.ops.aten.t.default(fetched_6)
+        addmm_3: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_7, relu_1, t_3);  relu_1 = t_3 = None
+        release_1: "f32[0]" = torch.ops.fx_offload.release.default([fetched_4, fetched_5, fetched_6, fetched_7], [addmm_2, addmm_3], 'layers.1');  fetched_4 = fetched_5 = fetched_6 = fetched_7 = addmm_2 = release_1 = None
+        add_1: "f32[2, 8]" = torch.ops.aten.add.Tensor(add, addmm_3);  add = addmm_3 = None
+        t_4: "f32[8, 8]" = torch.ops.aten.t.default(arg9_1);  arg9_1 = None
+        mm: "f32[2, 8]" = torch.ops.aten.mm.default(add_1, t_4);  add_1 = t_4 = None
+        return (mm,)""",
+        )
+
+    def test_module_called_twice(self):
+        text = self.explain(seeded(CalledTwice), ["shared"], torch.randn(2, 8))
+        self.assertExpectedInline(
+            text,
+            """\
+# graph 1 of 1
+# regions: shared, shared@1
+# arg0_1: shared.weight
+# arg1_1: shared.bias
+    def forward(self, arg0_1: "f32[8, 8]", arg1_1: "f32[8]", arg2_1: "f32[2, 8]", arg3_1: "f32[8, 8]", arg4_1: "f32[8]"):
+        fetch = torch.ops.fx_offload.fetch.default([arg0_1, arg1_1], [], 'shared')
+        fetched: "f32[8, 8]" = fetch[0]
+        fetched_1: "f32[8]" = fetch[1];  fetch = None
+        fetch_1 = torch.ops.fx_offload.fetch.default([arg0_1, arg1_1], [], 'shared@1');  arg0_1 = arg1_1 = None
+        fetched_2: "f32[8, 8]" = fetch_1[0]
+        fetched_3: "f32[8]" = fetch_1[1];  fetch_1 = None
+        wait = torch.ops.fx_offload.wait.default([fetched, fetched_1], [fetched_2], 'shared');  wait = None
+        t: "f32[8, 8]" = torch.ops.aten.t.default(fetched)
+        addmm: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_1, arg2_1, t);  arg2_1 = t = None
+        release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1], [addmm], 'shared');  fetched = fetched_1 = release = None
+        t_1: "f32[8, 8]" = torch.ops.aten.t.default(arg3_1);  arg3_1 = None
+        addmm_1: "f32[2, 8]" = torch.ops.aten.addmm.default(arg4_1, addmm, t_1);  arg4_1 = addmm = t_1 = None
+        wait_1 = torch.ops.fx_offload.wait.default([fetched_2, fetched_3], [], 'shared@1');  wait_1 = None
+        t_2: "f32[8, 8]" = torch.ops.aten.t.default(fetched_2)
+        addmm_2: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_3, addmm_1, t_2);  addmm_1 = t_2 = None
+        release_1: "f32[0]" = torch.ops.fx_offload.release.default([fetched_2, fetched_3], [addmm_2], 'shared@1');  fetched_2 = fetched_3 = release_1 = None
+        return (addmm_2,)""",
+        )
+
+    def test_tied_embedding_and_head(self):
+        text = self.explain(seeded(Tied), ["embed"], torch.tensor([[1, 2, 3]]))
+        self.assertExpectedInline(
+            text,
+            """\
+# graph 1 of 1
+# regions: embed, lm_head (not offloaded)
+# arg0_1: embed.weight
+    def forward(self, arg0_1: "f32[16, 8]", arg1_1: "i64[1, 3]", arg2_1: "f32[8, 8]", arg3_1: "f32[8]"):
+        fetch = torch.ops.fx_offload.fetch.default([arg0_1], [], 'embed')
+        fetched: "f32[16, 8]" = fetch[0];  fetch = None
+        fetch_1 = torch.ops.fx_offload.fetch.default([arg0_1], [], 'lm_head (not offloaded)');  arg0_1 = None
+        fetched_1: "f32[16, 8]" = fetch_1[0];  fetch_1 = None
+        wait = torch.ops.fx_offload.wait.default([fetched], [fetched_1], 'embed');  wait = None
+        embedding: "f32[1, 3, 8]" = torch.ops.aten.embedding.default(fetched, arg1_1);  arg1_1 = None
+        release: "f32[0]" = torch.ops.fx_offload.release.default([fetched], [embedding], 'embed');  fetched = release = None
+        view: "f32[3, 8]" = torch.ops.aten.view.default(embedding, [3, 8]);  embedding = None
+        t: "f32[8, 8]" = torch.ops.aten.t.default(arg2_1);  arg2_1 = None
+        addmm: "f32[3, 8]" = torch.ops.aten.addmm.default(arg3_1, view, t);  arg3_1 = view = t = None
+        view_1: "f32[1, 3, 8]" = torch.ops.aten.view.default(addmm, [1, 3, 8]);  addmm = None
+        relu: "f32[1, 3, 8]" = torch.ops.aten.relu.default(view_1);  view_1 = None
+        wait_1 = torch.ops.fx_offload.wait.default([fetched_1], [], 'lm_head (not offloaded)');  wait_1 = None
+        t_1: "f32[8, 16]" = torch.ops.aten.t.default(fetched_1)
+        view_2: "f32[3, 8]" = torch.ops.aten.view.default(relu, [3, 8]);  relu = None
+        mm: "f32[3, 16]" = torch.ops.aten.mm.default(view_2, t_1);  view_2 = t_1 = None
+        release_1: "f32[0]" = torch.ops.fx_offload.release.default([fetched_1], [mm], 'lm_head (not offloaded)');  fetched_1 = release_1 = None
+        _unsafe_view: "f32[1, 3, 16]" = torch.ops.aten._unsafe_view.default(mm, [1, 3, 16]);  mm = None
+        return (_unsafe_view,)""",
+        )
+
+    def test_graph_break_between_offloaded_blocks(self):
+        text = self.explain(seeded(Broken), ["first", "second"], torch.randn(2, 8))
+        self.assertExpectedInline(
+            text,
+            """\
+# graph 1 of 2
+# regions: first
+# arg0_1: first.fc1.weight
+# arg1_1: first.fc1.bias
+# arg3_1: first.fc2.weight
+# arg4_1: first.fc2.bias
+    def forward(self, arg0_1: "f32[16, 8]", arg1_1: "f32[16]", arg2_1: "f32[2, 8]", arg3_1: "f32[8, 16]", arg4_1: "f32[8]"):
+        fetch = torch.ops.fx_offload.fetch.default([arg0_1, arg1_1, arg3_1, arg4_1], [], 'first');  arg0_1 = arg1_1 = arg3_1 = arg4_1 = None
+        fetched: "f32[16, 8]" = fetch[0]
+        fetched_1: "f32[16]" = fetch[1]
+        fetched_2: "f32[8, 16]" = fetch[2]
+        fetched_3: "f32[8]" = fetch[3];  fetch = None
+        wait = torch.ops.fx_offload.wait.default([fetched, fetched_1, fetched_2, fetched_3], [], 'first');  wait = None
+        t: "f32[8, 16]" = torch.ops.aten.t.default(fetched)
+        addmm: "f32[2, 16]" = torch.ops.aten.addmm.default(fetched_1, arg2_1, t);  t = None
+        relu: "f32[2, 16]" = torch.ops.aten.relu.default(addmm)
+        t_1: "f32[16, 8]" = torch.ops.aten.t.default(fetched_2)
+        addmm_1: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_3, relu, t_1);  relu = t_1 = None
+        release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1, fetched_2, fetched_3], [addmm, addmm_1], 'first');  fetched = fetched_1 = fetched_2 = fetched_3 = addmm = release = None
+        add: "f32[2, 8]" = torch.ops.aten.add.Tensor(arg2_1, addmm_1);  arg2_1 = addmm_1 = None
+        return (add,)
+
+# graph 2 of 2
+# regions: second
+# arg0_1: second.fc1.weight
+# arg1_1: second.fc1.bias
+# arg3_1: second.fc2.weight
+# arg4_1: second.fc2.bias
+    def forward(self, arg0_1: "f32[16, 8]", arg1_1: "f32[16]", arg2_1: "f32[2, 8]", arg3_1: "f32[8, 16]", arg4_1: "f32[8]"):
+        fetch = torch.ops.fx_offload.fetch.default([arg0_1, arg1_1, arg3_1, arg4_1], [], 'second');  arg0_1 = arg1_1 = arg3_1 = arg4_1 = None
+        fetched: "f32[16, 8]" = fetch[0]
+        fetched_1: "f32[16]" = fetch[1]
+        fetched_2: "f32[8, 16]" = fetch[2]
+        fetched_3: "f32[8]" = fetch[3];  fetch = None
+        wait = torch.ops.fx_offload.wait.default([fetched, fetched_1, fetched_2, fetched_3], [], 'second');  wait = None
+        t: "f32[8, 16]" = torch.ops.aten.t.default(fetched)
+        addmm: "f32[2, 16]" = torch.ops.aten.addmm.default(fetched_1, arg2_1, t);  t = None
+        relu: "f32[2, 16]" = torch.ops.aten.relu.default(addmm)
+        t_1: "f32[16, 8]" = torch.ops.aten.t.default(fetched_2)
+        addmm_1: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_3, relu, t_1);  relu = t_1 = None
+        release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1, fetched_2, fetched_3], [addmm, addmm_1], 'second');  fetched = fetched_1 = fetched_2 = fetched_3 = addmm = release = None
+        add: "f32[2, 8]" = torch.ops.aten.add.Tensor(arg2_1, addmm_1);  arg2_1 = addmm_1 = None
+        return (add,)""",
+        )
