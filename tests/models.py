@@ -41,9 +41,9 @@ class Nested(nn.Module):
 
 
 class Stack(nn.Module):
-    def __init__(self, n: int = 3, dim: int = 8) -> None:
+    def __init__(self, n: int = 3, dim: int = 8, hidden: int = 16) -> None:
         super().__init__()
-        self.layers = nn.ModuleList([Block(dim) for _ in range(n)])
+        self.layers = nn.ModuleList([Block(dim, hidden) for _ in range(n)])
         self.out = nn.Linear(dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -87,6 +87,20 @@ class Broken(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.first(x)
         torch._dynamo.graph_break()
+        return self.second(x)
+
+
+class CpuHop(nn.Module):
+    """Two offloaded blocks with a trip through host memory between them."""
+
+    def __init__(self, dim: int = 8, hidden: int = 16) -> None:
+        super().__init__()
+        self.first = Block(dim, hidden)
+        self.second = Block(dim, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.first(x)
+        x = (x.cpu() * 2).to(x.device)
         return self.second(x)
 
 

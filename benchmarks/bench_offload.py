@@ -1,0 +1,336 @@
+"""fx_offload against the transfer floor and the peers, side by side in one process per case.
+
+For each case: build a stack of residual MLP blocks (bf16, no bias), offload every k-th block,
+measure host->device bandwidth in the same process, then time each method on the same weights
+and inputs and report time, ratio to the floor ``max(best resident compiled time, offloaded
+bytes / bandwidth)``, peak device memory, host memory and the error against the resident model.
+
+    python benchmarks/bench_offload.py                     # every case, a table and JSON
+    python benchmarks/bench_offload.py --case decode_T8    # one case
+    python benchmarks/bench_offload.py --smoke             # tiny sizes, CPU or GPU: checks the code runs
+
+Peers: accelerate ``cpu_offload`` (hooks), diffusers ``apply_group_offloading(..., use_stream=True)``
+eager and compiled, and weights left as device-typed views of pinned memory read in place by the
+kernels (what vLLM ``--cpu-offload-gb`` does). A peer that is not installed is reported as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import fx_offload
+from fx_offload import placement
+
+
+@dataclass(frozen=True)
+class Case:
+    blocks: int
+    dim: int
+    hidden: int
+    every: int  # every k-th block is offloaded
+    tokens: int
+
+
+CASES = {
+    "all_T256": Case(8, 4096, 16384, 1, 256),
+    "all_T8192": Case(8, 4096, 16384, 1, 8192),
+    "quarter_T4096": Case(16, 4096, 16384, 4, 4096),
+    "decode_T8": Case(64, 1024, 4096, 8, 8),
+}
+SMOKE = {"smoke": Case(4, 64, 128, 2, 8)}
+
+METHODS = [
+    "resident eager",
+    "resident compiled",
+    "resident reduce-overhead",
+    "fx_offload compiled",
+    "fx_offload reduce-overhead",
+    "accelerate cpu_offload",
+    "diffusers stream eager",
+    "diffusers stream compiled",
+    "UVA in-place eager",
+    "UVA in-place compiled",
+]
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.up = nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+class Stack(nn.Module):
+    def __init__(self, case: Case) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(case.dim, case.hidden) for _ in range(case.blocks))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def offloaded_indices(case: Case) -> list[int]:
+    return list(range(0, case.blocks, case.every))
+
+
+def build(case: Case, state: dict, device: torch.device, dtype: torch.dtype) -> Stack:
+    with torch.device("meta"):
+        model = Stack(case)
+    model = model.to_empty(device=device).to(dtype)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Pinned host -> device copy bandwidth in bytes per second (median of 5)."""
+    if device.type != "cuda":
+        return float("nan")
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dest = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    times = []
+    for _ in range(6):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dest.copy_(host, non_blocking=True)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return nbytes / statistics.median(times[1:])
+
+
+def host_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def prepare(method: str, case: Case, state: dict, device: torch.device, dtype: torch.dtype):
+    """Return a callable running one forward with ``method``, or raise if the peer is missing."""
+    model = build(case, state, device, dtype)
+    indices = offloaded_indices(case)
+    if method.startswith("resident"):
+        if method == "resident eager":
+            return model
+        mode = "reduce-overhead" if "reduce" in method else None
+        return torch.compile(model, mode=mode)
+    if method.startswith("fx_offload"):
+        fx_offload.offload(model, [f"re:blocks\\.({'|'.join(map(str, indices))})"], device=device)
+        mode = "reduce-overhead" if "reduce" in method else None
+        return torch.compile(model, backend="offload_inductor", mode=mode)
+    if method == "accelerate cpu_offload":
+        from accelerate import cpu_offload
+
+        for i in indices:
+            cpu_offload(model.blocks[i], execution_device=device)
+        return model
+    if method.startswith("diffusers"):
+        from diffusers.hooks import apply_group_offloading
+
+        if case.every == 1:  # every block: diffusers' block level over the stack
+            apply_group_offloading(
+                model,
+                onload_device=device,
+                offload_device=torch.device("cpu"),
+                offload_type="block_level",
+                num_blocks_per_group=1,
+                use_stream=True,
+            )
+        else:  # some blocks: leaf level on each of them
+            for i in indices:
+                apply_group_offloading(
+                    model.blocks[i],
+                    onload_device=device,
+                    offload_device=torch.device("cpu"),
+                    offload_type="leaf_level",
+                    use_stream=True,
+                )
+        return torch.compile(model) if method.endswith("compiled") else model
+    if method.startswith("UVA"):
+        for i in indices:
+            for param in model.blocks[i].parameters():
+                host, _ = placement._host_copy(param.data, device, device.type == "cuda", "uva")
+                param.data = placement._device_alias(host, device)
+        return torch.compile(model) if method.endswith("compiled") else model
+    raise ValueError(f"unknown method {method!r}")
+
+
+def time_forward(fn, x: torch.Tensor, budget_s: float) -> tuple[float, int]:
+    """Median milliseconds of one forward, after warm-up, timed with device events."""
+    cuda = x.device.type == "cuda"
+    with torch.no_grad():
+        for _ in range(3):
+            fn(x)
+        if cuda:
+            torch.cuda.synchronize()
+        times, spent = [], 0.0
+        while len(times) < 5 or (spent < budget_s and len(times) < 50):
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn(x)
+                end.record()
+                end.synchronize()
+                ms = start.elapsed_time(end)
+            else:
+                t0 = time.perf_counter()
+                fn(x)
+                ms = (time.perf_counter() - t0) * 1e3
+            times.append(ms)
+            spent += ms / 1e3
+    return statistics.median(times), len(times)
+
+
+def run_case(name: str, case: Case, device: torch.device, methods: list[str]) -> dict:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    with torch.device(device):
+        state = {k: v.to(dtype) for k, v in Stack(case).state_dict().items()}
+    x = torch.randn(case.tokens, case.dim, device=device, dtype=dtype)
+    with torch.no_grad():
+        reference = build(case, state, device, dtype)(x).float()
+    block_bytes = 2 * case.dim * case.hidden * torch.finfo(dtype).bits // 8
+    offloaded_bytes = block_bytes * len(offloaded_indices(case))
+    bw = bandwidth(device)
+    rows = []
+    for method in methods:
+        torch._dynamo.reset()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+        row = {"method": method}
+        rss = host_rss()
+        try:
+            fn = prepare(method, case, state, device, dtype)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                out = fn(x).float()
+            row["first_call_s"] = time.perf_counter() - t0
+            row["ms"], row["iterations"] = time_forward(fn, x, budget_s=2.0)
+            row["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None
+            row["host_gb"] = max(host_rss() - rss, 0) / 1e9
+            row["rel_err"] = ((out - reference).norm() / reference.norm()).item()
+        except ImportError as error:
+            row["error"] = f"not installed: {error.name}"
+        except Exception as error:  # a peer that fails is a result too
+            row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+            traceback.print_exc()
+        rows.append(row)
+        del row
+        fn = None
+    resident = [
+        r["ms"]
+        for r in rows
+        if "ms" in r and r["method"] in ("resident compiled", "resident reduce-overhead")
+    ]
+    transfer_ms = offloaded_bytes / bw * 1e3 if bw == bw else float("nan")
+    best_resident = min(resident) if resident else float("nan")
+    floor = max(best_resident, transfer_ms) if not math.isnan(transfer_ms) else best_resident
+    for row in rows:
+        if "ms" in row:
+            row["x_floor"] = row["ms"] / floor
+    return {
+        "case": name,
+        "shape": asdict(case),
+        "offloaded_bytes": offloaded_bytes,
+        "bandwidth_gbs": bw / 1e9,
+        "transfer_ms": transfer_ms,
+        "best_resident_compiled_ms": best_resident,
+        "floor_ms": floor,
+        "rows": rows,
+    }
+
+
+def table(result: dict) -> str:
+    shape = result["shape"]
+    lines = [
+        f"{result['case']}: {shape['blocks']} blocks {shape['dim']}x{shape['hidden']}, every "
+        f"{shape['every']} offloaded, T={shape['tokens']}; "
+        f"offloaded {result['offloaded_bytes'] / 1e9:.3f} GB "
+        f"at {result['bandwidth_gbs']:.1f} GB/s = {result['transfer_ms']:.2f} ms; "
+        f"floor {result['floor_ms']:.2f} ms",
+        f"{'method':28} {'ms':>9} {'x floor':>8} {'peak GB':>8} {'host GB':>8} {'rel err':>9}",
+    ]
+    for row in result["rows"]:
+        if "error" in row:
+            lines.append(f"{row['method']:28} {row['error']}")
+            continue
+        peak = f"{row['peak_gb']:.2f}" if row["peak_gb"] is not None else "-"
+        lines.append(
+            f"{row['method']:28} {row['ms']:9.2f} {row['x_floor']:8.2f} {peak:>8} "
+            f"{row['host_gb']:8.2f} {row['rel_err']:9.1e}"
+        )
+    return "\n".join(lines)
+
+
+def environment(device: torch.device) -> dict:
+    return {
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", action="append", help="case name (repeatable); default: all")
+    parser.add_argument("--method", action="append", help="method name (repeatable); default: all")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check the code runs")
+    parser.add_argument("--json", default="bench_offload.json", help="where to write the results")
+    parser.add_argument("--in-process", action="store_true", help="run the cases in this process")
+    args = parser.parse_args()
+    cases = SMOKE if args.smoke else CASES
+    names = args.case or list(cases)
+    methods = args.method or METHODS
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not args.in_process and len(names) > 1:
+        # one process per case: a peer that corrupts the CUDA context costs only its own case
+        results = []
+        for name in names:
+            part = Path(args.json).with_suffix(f".{name}.json")
+            command = [sys.executable, __file__, "--case", name, "--json", str(part), "--in-process"]
+            command += ["--smoke"] if args.smoke else []
+            for method in methods:
+                command += ["--method", method]
+            subprocess.run(command, check=False)
+            if part.exists():
+                results.extend(json.loads(part.read_text())["results"])
+    else:
+        results = []
+        for name in names:
+            results.append(run_case(name, cases[name], device, methods))
+            print(table(results[-1]), flush=True)
+    report = {"environment": environment(device), "results": results}
+    Path(args.json).write_text(json.dumps(report, indent=2))
+    if not args.in_process or len(names) > 1:
+        print(f"\n{report['environment']}")
+        for result in results:
+            print("\n" + table(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""On a CUDA device: numerics, CUDA graphs, memory bounds and capture boundaries.
+
+Skipped without CUDA. Run on the GPU machine with ``python -m pytest -q tests/gpu``.
+"""
+
+from unittest import mock
+
+import pytest
+import torch
+
+import fx_offload
+from fx_offload import placement
+from fx_offload.explain import recording
+from tests.models import Broken, CpuHop, Stack, seeded
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+TOLERANCE = {torch.float32: {"rtol": 1e-4, "atol": 1e-4}, torch.bfloat16: {"rtol": 2e-2, "atol": 2e-2}}
+
+
+def _on_gpu(model, dtype):
+    return model.to("cuda", dtype)
+
+
+class _Recordings:
+    """Counts CUDA graph recordings and skips while active."""
+
+    def __enter__(self):
+        from torch._dynamo.utils import counters
+        from torch._inductor import cudagraph_trees
+
+        self.counters = counters
+        self.skips_before = counters["inductor"]["cudagraph_skips"]
+        self.records = 0
+        original = cudagraph_trees.CUDAGraphTreeManager.record_function
+
+        def counting(manager, *args, **kwargs):
+            self.records += 1
+            return original(manager, *args, **kwargs)
+
+        self.patch = mock.patch.object(cudagraph_trees.CUDAGraphTreeManager, "record_function", counting)
+        self.patch.__enter__()
+        return self
+
+    @property
+    def skips(self):
+        return self.counters["inductor"]["cudagraph_skips"] - self.skips_before
+
+    def __exit__(self, *exc):
+        self.patch.__exit__(*exc)
+
+
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_resident_model_and_replays_fresh_values(dtype, mode):
+    model = _on_gpu(seeded(Stack, n=4, dim=256, hidden=1024), dtype)
+    inputs = [torch.randn(32, 256, device="cuda", dtype=dtype) for _ in range(4)]
+    with torch.no_grad():
+        expected = [model(x) for x in inputs]
+    fx_offload.offload(model, ["layers.*"])
+    try:
+        compiled = torch.compile(model, backend="offload_inductor", mode=mode)
+        with _Recordings() as graphs, torch.no_grad():
+            first = [compiled(x).clone() for x in inputs]
+            recorded = graphs.records
+            again = [compiled(x).clone() for x in reversed(inputs)][::-1]
+        for out, ref in zip(first + again, expected + expected):
+            torch.testing.assert_close(out, ref, **TOLERANCE[dtype])
+        if mode == "reduce-overhead":
+            assert graphs.skips == 0, "Inductor skipped CUDA graphs"
+            assert recorded >= 1 and graphs.records == recorded, "re-recorded on a later call"
+    finally:
+        fx_offload.restore(model)
+
+
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+def test_peak_memory_holds_at_most_prefetch_plus_one_regions(prefetch, mode):
+    dim, hidden, blocks = 1024, 4096, 8
+    model = _on_gpu(seeded(Stack, n=blocks, dim=dim, hidden=hidden), torch.bfloat16)
+    block_bytes = sum(p.numel() * p.element_size() for p in model.layers[0].parameters())
+    x = torch.randn(16, dim, device="cuda", dtype=torch.bfloat16)
+    fx_offload.offload(model, ["layers.*"])
+    try:
+        compiled = torch.compile(model, backend="offload_inductor", mode=mode, options={"prefetch": prefetch})
+        with torch.no_grad():
+            for _ in range(3):
+                compiled(x)
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            compiled(x)
+            torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - base
+        activations = 8 * 16 * hidden * 2 + (1 << 20)
+        assert extra <= (prefetch + 1) * block_bytes + activations, (extra, block_bytes)
+        if mode is None:  # without a CUDA graph pool the fetched weights are allocated per call
+            assert extra >= min(prefetch + 1, blocks) * block_bytes
+    finally:
+        fx_offload.restore(model)
+
+
+def test_graph_break_under_reduce_overhead():
+    model = _on_gpu(seeded(Broken, dim=64), torch.float32)
+    x = torch.randn(8, 64, device="cuda")
+    with torch.no_grad():
+        expected = model(x)
+    fx_offload.offload(model, ["first", "second"])
+    try:
+        compiled = torch.compile(model, backend="offload_inductor", mode="reduce-overhead")
+        with _Recordings() as graphs, torch.no_grad():
+            outs = [compiled(x).clone() for _ in range(4)]
+        assert graphs.skips == 0
+        for out in outs:
+            torch.testing.assert_close(out, expected, **TOLERANCE[torch.float32])
+    finally:
+        fx_offload.restore(model)
+
+
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_cpu_op_between_fetch_and_use_keeps_the_fetch_after_it(mode):
+    model = _on_gpu(seeded(CpuHop, dim=64, hidden=128), torch.float32)
+    x = torch.randn(8, 64, device="cuda")
+    with torch.no_grad():
+        expected = model(x)
+    fx_offload.offload(model, ["first", "second"])
+    try:
+        compiled = torch.compile(model, backend="offload_inductor", mode=mode, options={"prefetch": 1})
+        with recording() as graphs, torch.no_grad():
+            outs = [compiled(x).clone() for _ in range(4)]
+        for out in outs:
+            torch.testing.assert_close(out, expected, **TOLERANCE[torch.float32])
+        (text,) = graphs
+        lines = text.splitlines()
+        to_host = max(i for i, line in enumerate(lines) if "device(type='cpu')" in line)
+        fetch_second = next(
+            i for i, line in enumerate(lines) if "fetch.default(" in line and "'second'" in line
+        )
+        assert fetch_second > to_host, "the fetch was hoisted above the trip to host memory"
+    finally:
+        fx_offload.restore(model)
+
+
+def test_offloaded_parameters_live_once_in_pinned_memory_and_eager_stays_correct():
+    model = _on_gpu(seeded(Stack, n=2, dim=64, hidden=128), torch.float32)
+    x = torch.randn(4, 64, device="cuda")
+    with torch.no_grad():
+        expected = model(x)
+    before = torch.cuda.memory_allocated()
+    plan = fx_offload.offload(model, ["layers"])
+    try:
+        assert torch.cuda.memory_allocated() < before  # the device copies were freed
+        for record in plan.records:
+            param = record.param()
+            assert record.host.is_pinned() and param.is_cuda
+            assert param.data_ptr() == record.host.data_ptr()  # the alias is the host memory
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), expected)  # eager reads over the bus
+    finally:
+        fx_offload.restore(model)
+    assert all(placement.lookup(p) is None and p.is_cuda for p in model.parameters())
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
