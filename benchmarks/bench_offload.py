@@ -53,6 +53,8 @@ CASES = {
 }
 SMOKE = {"smoke": Case(4, 64, 128, 2, 8)}
 
+FX_OPTIONS: dict = {}  # --prefetch / --no-head
+
 METHODS = [
     "resident eager",
     "resident compiled",
@@ -135,8 +137,8 @@ def prepare(method: str, case: Case, state: dict, device: torch.device, dtype: t
         return torch.compile(model, mode=mode)
     if method.startswith("fx_offload"):
         fx_offload.offload(model, [f"re:blocks\\.({'|'.join(map(str, indices))})"], device=device)
-        mode = "reduce-overhead" if "reduce" in method else None
-        return torch.compile(model, backend="offload_inductor", mode=mode)
+        options = {"triton.cudagraphs": "reduce" in method, **FX_OPTIONS}
+        return torch.compile(model, backend="offload_inductor", options=options)
     if method == "accelerate cpu_offload":
         from accelerate import cpu_offload
 
@@ -203,14 +205,15 @@ def time_forward(fn, x: torch.Tensor, budget_s: float) -> tuple[float, int]:
 def run_case(name: str, case: Case, device: torch.device, methods: list[str]) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
-    with torch.device(device):
-        state = {k: v.to(dtype) for k, v in Stack(case).state_dict().items()}
+    with torch.device(device):  # made on the device (fast init), kept on the host (honest peaks)
+        state = {k: v.to(dtype).cpu() for k, v in Stack(case).state_dict().items()}
     x = torch.randn(case.tokens, case.dim, device=device, dtype=dtype)
     with torch.no_grad():
         reference = build(case, state, device, dtype)(x).float()
     block_bytes = 2 * case.dim * case.hidden * torch.finfo(dtype).bits // 8
     offloaded_bytes = block_bytes * len(offloaded_indices(case))
     bw = bandwidth(device)
+    bw_region = bandwidth(device, block_bytes // 2)  # one parameter of one block per copy
     rows = []
     for method in methods:
         torch._dynamo.reset()
@@ -255,6 +258,8 @@ def run_case(name: str, case: Case, device: torch.device, methods: list[str]) ->
         "shape": asdict(case),
         "offloaded_bytes": offloaded_bytes,
         "bandwidth_gbs": bw / 1e9,
+        "bandwidth_one_parameter_gbs": bw_region / 1e9,
+        "fx_offload_options": FX_OPTIONS,
         "transfer_ms": transfer_ms,
         "best_resident_compiled_ms": best_resident,
         "floor_ms": floor,
@@ -268,7 +273,8 @@ def table(result: dict) -> str:
         f"{result['case']}: {shape['blocks']} blocks {shape['dim']}x{shape['hidden']}, every "
         f"{shape['every']} offloaded, T={shape['tokens']}; "
         f"offloaded {result['offloaded_bytes'] / 1e9:.3f} GB "
-        f"at {result['bandwidth_gbs']:.1f} GB/s = {result['transfer_ms']:.2f} ms; "
+        f"at {result['bandwidth_gbs']:.1f} GB/s = {result['transfer_ms']:.2f} ms "
+        f"({result['bandwidth_one_parameter_gbs']:.1f} GB/s for one parameter); "
         f"floor {result['floor_ms']:.2f} ms",
         f"{'method':28} {'ms':>9} {'x floor':>8} {'peak GB':>8} {'host GB':>8} {'rel err':>9}",
     ]
@@ -302,7 +308,13 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check the code runs")
     parser.add_argument("--json", default="bench_offload.json", help="where to write the results")
     parser.add_argument("--in-process", action="store_true", help="run the cases in this process")
+    parser.add_argument("--prefetch", type=int, default=None, help="fx_offload's prefetch option")
+    parser.add_argument("--no-head", action="store_true", help="fx_offload with prefetch_head=False")
     args = parser.parse_args()
+    if args.prefetch is not None:
+        FX_OPTIONS["prefetch"] = args.prefetch
+    if args.no_head:
+        FX_OPTIONS["prefetch_head"] = False
     cases = SMOKE if args.smoke else CASES
     names = args.case or list(cases)
     methods = args.method or METHODS
@@ -314,6 +326,8 @@ def main() -> None:
             part = Path(args.json).with_suffix(f".{name}.json")
             command = [sys.executable, __file__, "--case", name, "--json", str(part), "--in-process"]
             command += ["--smoke"] if args.smoke else []
+            command += ["--prefetch", str(args.prefetch)] if args.prefetch is not None else []
+            command += ["--no-head"] if args.no_head else []
             for method in methods:
                 command += ["--method", method]
             subprocess.run(command, check=False)

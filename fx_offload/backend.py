@@ -9,8 +9,9 @@ which module calls are regions (a ``GraphPlan``), then:
 * ``offload_eager`` runs AOTAutograd and ``rewrite`` on its forward graph, and executes that
   graph without Inductor (fast to compile: for tests and ``explain``).
 
-``options`` are those of ``torch.compile``: ``prefetch`` (regions fetched ahead, default 1) and
-``offload`` (patterns placed at the first compile) are ours, every other key goes to Inductor.
+``options`` are those of ``torch.compile``: ``prefetch`` (regions fetched ahead, default 1),
+``prefetch_head`` (refill the first region during the previous call, default True) and
+``offload`` (patterns placed at the first compile) are ours; every other key goes to Inductor.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch.fx as fx
 from torch import nn
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from fx_offload import matching, placement
+from fx_offload import matching, placement, runtime
 from fx_offload.regions import GraphPlan, module_name
 from fx_offload.rewrite import RewrittenRegion, rewrite
 
@@ -40,6 +41,7 @@ listeners: list[Callable[[fx.GraphModule, GraphPlan, list[RewrittenRegion]], Non
 class BackendOptions:
     prefetch: int = DEFAULT_PREFETCH
     offload: tuple[str, ...] | None = None
+    prefetch_head: bool = True
     inductor: tuple[tuple[str, object], ...] = ()
 
     @classmethod
@@ -53,7 +55,10 @@ class BackendOptions:
         patterns = options.pop("offload", None)
         if patterns is not None:
             patterns = matching.normalize_patterns(patterns, argument="options['offload']")
-        return cls(prefetch, patterns, tuple(options.items()))
+        head = options.pop("prefetch_head", True)
+        if not isinstance(head, bool):
+            raise ValueError(f"options['prefetch_head'] must be True or False, got {head!r}")
+        return cls(prefetch, patterns, head, tuple(options.items()))
 
 
 def offload_inductor(
@@ -74,7 +79,7 @@ def offload_inductor(
     if plan.offloaded_inputs:
         inner = patches.get("post_grad_custom_post_pass", torch._inductor.config.post_grad_custom_post_pass)
         patches["post_grad_custom_post_pass"] = OffloadPass(plan, inner)
-    return compile_fx(gm, example_inputs, config_patches=patches)
+    return _around_calls(compile_fx(gm, example_inputs, config_patches=patches))
 
 
 def offload_eager(
@@ -95,7 +100,7 @@ def offload_eager(
             _run_pass(aot_gm, plan)
         return make_boxed_func(aot_gm.forward)
 
-    return aot_autograd(fw_compiler=forward_compiler)(gm, example_inputs)
+    return _around_calls(aot_autograd(fw_compiler=forward_compiler)(gm, example_inputs))
 
 
 class OffloadPass(CustomGraphPass):
@@ -141,7 +146,9 @@ def graph_plan(gm: fx.GraphModule, example_inputs: list, options: BackendOptions
             "offload_inductor has nothing to offload: call fx_offload.offload(model, patterns) "
             "before compiling, or pass torch.compile(..., options={'offload': ['visual']})"
         )
-    return GraphPlan(offloaded, frozenset(region_modules), options.prefetch, device_type)
+    return GraphPlan(
+        offloaded, frozenset(region_modules), options.prefetch, device_type, options.prefetch_head
+    )
 
 
 def _place_by_patterns(gm, placeholders, example_inputs, patterns) -> set[str]:
@@ -170,6 +177,20 @@ def _place_by_patterns(gm, placeholders, example_inputs, patterns) -> set[str]:
     return {key for key, name in calls.items() if matching.is_within(name, roots)}
 
 
+def _around_calls(compiled):
+    """Wrap a compiled graph so every call (CUDA-graph replays too) refreshes stale head copies."""
+    key = object()
+    boxed = getattr(compiled, "_boxed_call", False)
+
+    def run(*args):
+        with runtime.running(key):
+            return compiled(*args)
+
+    if boxed:
+        run._boxed_call = True
+    return run
+
+
 def _run_pass(gm: fx.GraphModule, plan: GraphPlan) -> None:
     regions = rewrite(gm.graph, plan)
     gm.recompile()
@@ -178,7 +199,13 @@ def _run_pass(gm: fx.GraphModule, plan: GraphPlan) -> None:
 
 
 def _plan_key(plan: GraphPlan) -> tuple:
-    return (sorted(plan.offloaded_inputs.items()), len(plan.region_modules), plan.prefetch, plan.device_type)
+    return (
+        sorted(plan.offloaded_inputs.items()),
+        len(plan.region_modules),
+        plan.prefetch,
+        plan.device_type,
+        plan.prefetch_head,
+    )
 
 
 @functools.cache

@@ -9,6 +9,11 @@
     outputs: a data edge, because Inductor realizes a lazy reader (a gather, a pointwise op) only
     when something needs it, possibly after a mutation. It declares that it writes ``buffers``
     (their contents are undefined afterwards), which also keeps it out of dead-code elimination.
+``head(weights, region) -> buffers``: the first region's weights, already on the device: persistent
+    buffers that the previous call refilled (or the compiled function's wrapper filled).
+``refill(buffers, weights, after, region)``: start copying ``weights`` into the head ``buffers``
+    for the next call, late in this one, so that copy overlaps this call's tail; a ``wait`` at the
+    end of the graph joins it.
 
 Ordering is carried by data edges and declared mutations only, so no scheduler may move a node
 past what it guards.
@@ -52,6 +57,30 @@ def _(fetched, readers, region):
     return torch.empty(0, device=device)
 
 
+@torch.library.custom_op("fx_offload::head", mutates_args=())
+def head(weights: list[torch.Tensor], region: str) -> list[torch.Tensor]:
+    return runtime.head(weights)
+
+
+@head.register_fake
+def _(weights, region):
+    return [torch.empty(w.shape, dtype=w.dtype, device=w.device) for w in weights]
+
+
+@torch.library.custom_op("fx_offload::refill", mutates_args=("buffers",))
+def refill(
+    buffers: list[torch.Tensor], weights: list[torch.Tensor], after: list[torch.Tensor], region: str
+) -> None:
+    runtime.refill(buffers, weights)
+
+
+@refill.register_fake
+def _(buffers, weights, after, region):
+    return None
+
+
 FETCH = torch.ops.fx_offload.fetch.default
 WAIT = torch.ops.fx_offload.wait.default
 RELEASE = torch.ops.fx_offload.release.default
+HEAD = torch.ops.fx_offload.head.default
+REFILL = torch.ops.fx_offload.refill.default

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fx_offload import matching, placement
+from fx_offload import matching, placement, runtime
 
 _plans: weakref.WeakKeyDictionary[nn.Module, OffloadPlan] = weakref.WeakKeyDictionary()
 
@@ -130,6 +130,7 @@ def restore(model: nn.Module) -> None:
             "model has no offloaded parameters: nothing to restore (offload it with "
             "fx_offload.offload(model, patterns) or the backend option 'offload')"
         )
+    runtime.forget_heads([param.data for param in model.parameters()])
     for record in records.values():
         placement.unplace(record)
     for module in model.modules():

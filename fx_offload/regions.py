@@ -33,12 +33,15 @@ class GraphPlan:
         region_modules: ``nn_module_stack`` keys (without ``@n``) of offloaded modules.
         prefetch: how many regions ahead a fetch is started (0: just before its region).
         device_type: the device the graph computes on; ops touching other memory are barriers.
+        prefetch_head: serve the first region from buffers refilled at the end of the previous
+            call (its copy then overlaps that call's tail instead of delaying this one's start).
     """
 
     offloaded_inputs: Mapping[int, str]
     region_modules: frozenset[str] = frozenset()
     prefetch: int = 1
     device_type: str = "cpu"
+    prefetch_head: bool = True
 
 
 @dataclass

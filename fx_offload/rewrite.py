@@ -34,7 +34,7 @@ import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
 
-from fx_offload.ops import FETCH, RELEASE, WAIT
+from fx_offload.ops import FETCH, HEAD, REFILL, RELEASE, WAIT
 from fx_offload.regions import GraphPlan, Region, find_regions
 
 
@@ -58,6 +58,8 @@ def rewrite(graph: fx.Graph, plan: GraphPlan) -> list[RewrittenRegion]:
         raise ValueError(f"prefetch must be >= 0, got {plan.prefetch}")
     inserted = [_insert(graph, region) for region in find_regions(graph, plan)]
     _schedule(graph, inserted, plan.prefetch, plan.device_type)
+    if plan.prefetch_head and inserted:
+        _serve_head(graph, inserted, plan.prefetch, plan.device_type)
     graph.lint()
     return inserted
 
@@ -111,6 +113,35 @@ def _schedule(graph: fx.Graph, regions: list[RewrittenRegion], depth: int, devic
             pin.update_arg(1, [*pin.args[1], current.items[0]])
 
 
+def _serve_head(graph: fx.Graph, regions: list[RewrittenRegion], depth: int, device_type: str) -> None:
+    """Serve the first region from persistent buffers, refilled late in the call for the next one."""
+    first = regions[0]
+    with graph.inserting_before(first.fetch):
+        head = _call(graph, HEAD, (list(first.region.params), first.region.name), "head")
+    first.fetch.replace_all_uses_with(head)
+    graph.erase_node(first.fetch)
+    first.fetch = head
+
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    output = next(node for node in graph.nodes if node.op == "output")
+    # the refill is one more region, after the last: issued like its fetch would be
+    token = regions[max(len(regions) - 1 - depth, 0)].release
+    if order[token] < order[first.release]:
+        token = first.release
+    anchor = _last_barrier(graph, order, token, output, device_type) or token
+    with graph.inserting_after(anchor):
+        refill = _call(
+            graph, REFILL, (first.items, list(first.region.params), [token], first.region.name), "refill"
+        )
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    pin = min((r.wait for r in regions if order[r.wait] > order[refill]), key=order.__getitem__, default=None)
+    if pin is not None:  # reading the refilled buffers orders this wait after the refill
+        pin.update_arg(1, [*pin.args[1], first.items[0]])
+    results = [n for n in output.all_input_nodes if isinstance(n.meta.get("val"), torch.Tensor)]
+    with graph.inserting_before(output):
+        _call(graph, WAIT, (first.items, results, first.region.name), "wait_refill")
+
+
 def _last_barrier(
     graph: fx.Graph, order: dict[fx.Node, int], after: fx.Node, before: fx.Node, device_type: str
 ) -> fx.Node | None:
@@ -137,7 +168,7 @@ def _readers(items: list[fx.Node]) -> list[fx.Node]:
     found, todo = [], list(items)
     while todo:
         for user in todo.pop().users:
-            if user.target in (WAIT, RELEASE) or user in found:
+            if user.target in (WAIT, RELEASE, REFILL) or user in found:
                 continue
             found.append(user)
             if _is_alias(user):

@@ -7,11 +7,22 @@ and copies the pinned host tensors on the copy stream. ``wait`` makes the comput
 those copies. ``release`` ends the buffers' life; with ``poison_released`` it overwrites them, so
 a reader scheduled after its release reads NaN instead of passing by luck.
 
+The first region of a graph is served by ``head``: persistent buffers refilled by ``refill`` at
+the end of the previous call, so its copy overlaps that call's tail instead of stalling the start
+of this one. ``head`` makes them at the graph's first run; ``running`` (entered by the compiled
+function's wrapper around every call, outside any CUDA graph) fills them again before a call
+whenever a weight's version counter moved since the last refill. A write through ``.data``
+bypasses that counter: see the README's guarantees.
+
 Every stream fork and join of one forward happens inside that forward, so a captured CUDA graph
 contains both ends of each copy.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -53,6 +64,8 @@ def wait(fetched: list[torch.Tensor]) -> None:
     if not fetched or fetched[0].device.type != "cuda":
         return
     done = _inflight.pop(fetched[0].data_ptr(), None)
+    if done is None and any(h.buffer.data_ptr() == fetched[0].data_ptr() for h in _heads.values()):
+        return  # a head region's buffers: ready when the call started, nothing in flight
     if done is None:
         raise RuntimeError(
             "fx_offload.wait found no copy in flight for its buffers: the graph's fetch and wait "
@@ -68,6 +81,109 @@ def release(fetched: list[torch.Tensor]) -> torch.Tensor:
             buffer.fill_(float("nan") if buffer.is_floating_point() else torch.iinfo(buffer.dtype).max)
     device = fetched[0].device if fetched else torch.device("cpu")
     return torch.empty(0, device=device)
+
+
+@dataclass(eq=False)
+class _HeadBuffer:
+    """A persistent device copy of one head weight, and the version of the values it holds."""
+
+    buffer: torch.Tensor
+    record: placement.HostParameter
+    version: int
+
+
+# data_ptr of a head weight -> its persistent copy
+_heads: dict[int, _HeadBuffer] = {}
+# compiled-graph key -> data_ptrs of the head weights that graph reads (learned at its first run)
+_graph_heads: dict[object, set[int]] = {}
+_running: list[object] = []
+
+
+@contextlib.contextmanager
+def running(graph_key: object) -> Iterator[None]:
+    """Around one call of a compiled graph: refresh its head copies, note its refills after.
+
+    Runs in Python on every call, CUDA-graph replays included, outside the captured graph.
+    """
+    for pointer in _graph_heads.get(graph_key, ()):
+        head = _heads.get(pointer)
+        param = head.record.param() if head is not None else None
+        if param is not None and param._version != head.version:
+            # written in place since the last refill (load_state_dict, mul_ under no_grad)
+            head.buffer.copy_(head.record.host, non_blocking=True)
+            head.version = param._version
+    _running.append(graph_key)
+    try:
+        yield
+    finally:
+        _running.pop()
+    for pointer in _graph_heads.get(graph_key, ()):
+        head = _heads.get(pointer)
+        param = head.record.param() if head is not None else None
+        if param is not None:
+            head.version = param._version  # this call's refill copied the values as they are now
+
+
+def head(weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The persistent copies of ``weights``, made (synchronously) at their first use."""
+    if _running:
+        _graph_heads.setdefault(_running[-1], set()).update(w.data_ptr() for w in weights)
+    buffers = []
+    for weight in weights:
+        found = _heads.get(weight.data_ptr())
+        if found is None or placement.lookup(weight) is not found.record:
+            found = _heads[weight.data_ptr()] = _new_head(weight)
+        buffers.append(found.buffer)
+    return buffers
+
+
+def refill(buffers: list[torch.Tensor], weights: list[torch.Tensor]) -> None:
+    """Start copying ``weights`` into their head ``buffers`` for the next call."""
+    hosts = [_host_of(weight) for weight in weights]
+    if not buffers or buffers[0].device.type != "cuda":
+        for buffer, host in zip(buffers, hosts):
+            buffer.copy_(host)
+        return
+    device = buffers[0].device
+    compute = torch.cuda.current_stream(device)
+    copy = _copy_stream(device)
+    copy.wait_stream(compute)
+    with torch.cuda.stream(copy):
+        for buffer, host in zip(buffers, hosts):
+            buffer.copy_(host, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(copy)
+    _inflight[buffers[0].data_ptr()] = done
+
+
+def forget_heads(tensors: list[torch.Tensor]) -> None:
+    """Free the head copies of ``tensors`` (on restore)."""
+    for tensor in tensors:
+        _heads.pop(tensor.data_ptr(), None)
+
+
+def _new_head(weight: torch.Tensor) -> _HeadBuffer:
+    record = placement.lookup(weight)
+    if record is None:
+        _host_of(weight)  # raises the error that names the cause
+    param = record.param()
+    version = param._version if param is not None else 0
+    if weight.device.type != "cuda":
+        return _HeadBuffer(record.host.clone(), record, version)
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "fx_offload.head met a new weight while a CUDA graph is being captured; run the "
+            "compiled model once without capture first (torch.compile's reduce-overhead does)"
+        )
+    compute = torch.cuda.current_stream(weight.device)
+    copy = _copy_stream(weight.device)
+    # allocated on the copy stream: outside any CUDA graph pool, so it outlives graph trees
+    with torch.cuda.stream(copy):
+        buffer = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+        buffer.copy_(record.host, non_blocking=True)
+    buffer.record_stream(compute)
+    compute.wait_stream(copy)
+    return _HeadBuffer(buffer, record, version)
 
 
 def _host_of(weight: torch.Tensor) -> torch.Tensor:

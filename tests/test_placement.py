@@ -78,3 +78,18 @@ def test_cpu_offload_keeps_one_copy_of_the_values():
     fx_offload.offload(model, ["layers"], device="cpu")
     assert weight.data_ptr() == address  # host and device are the same memory on the CPU
     fx_offload.restore(model)
+
+
+def test_in_place_write_to_the_first_region_is_seen_despite_its_prefetched_copy():
+    model = seeded(Stack)
+    fx_offload.offload(model, ["layers.*"], device="cpu")
+    compiled = torch.compile(model, backend="offload_eager")
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        compiled(x)  # the first region (layers.0) is now refilled for the next call
+        model.layers[0].fc1.weight.mul_(-1)
+        expected = model(x)
+        assert torch.equal(compiled(x), expected)
+        model.load_state_dict(seeded(Stack, seed=1).state_dict())
+        assert torch.equal(compiled(x), model(x))
+    fx_offload.restore(model)

@@ -43,13 +43,13 @@ class Snapshots(TestCase):
 # arg5_1: thinker.visual.block.fc2.weight
 # arg6_1: thinker.visual.block.fc2.bias
     def forward(self, arg0_1: "f32[8, 8]", arg1_1: "f32[8]", arg2_1: "f32[2, 8]", arg3_1: "f32[16, 8]", arg4_1: "f32[16]", arg5_1: "f32[8, 16]", arg6_1: "f32[8]", arg7_1: "f32[8]", arg8_1: "f32[8]", arg9_1: "f32[4, 8]", arg10_1: "f32[4]"):
-        fetch = torch.ops.fx_offload.fetch.default([arg0_1, arg1_1, arg3_1, arg4_1, arg5_1, arg6_1], [], 'thinker.visual');  arg0_1 = arg1_1 = arg3_1 = arg4_1 = arg5_1 = arg6_1 = None
-        fetched: "f32[8, 8]" = fetch[0]
-        fetched_1: "f32[8]" = fetch[1]
-        fetched_2: "f32[16, 8]" = fetch[2]
-        fetched_3: "f32[16]" = fetch[3]
-        fetched_4: "f32[8, 16]" = fetch[4]
-        fetched_5: "f32[8]" = fetch[5];  fetch = None
+        head = torch.ops.fx_offload.head.default([arg0_1, arg1_1, arg3_1, arg4_1, arg5_1, arg6_1], 'thinker.visual')
+        fetched: "f32[8, 8]" = head[0]
+        fetched_1: "f32[8]" = head[1]
+        fetched_2: "f32[16, 8]" = head[2]
+        fetched_3: "f32[16]" = head[3]
+        fetched_4: "f32[8, 16]" = head[4]
+        fetched_5: "f32[8]" = head[5];  head = None
         wait = torch.ops.fx_offload.wait.default([fetched, fetched_1, fetched_2, fetched_3, fetched_4, fetched_5], [], 'thinker.visual');  wait = None
         t: "f32[8, 8]" = torch.ops.aten.t.default(fetched)
         addmm: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_1, arg2_1, t);  arg2_1 = t = None
@@ -59,12 +59,14 @@ class Snapshots(TestCase):
         relu: "f32[2, 16]" = torch.ops.aten.relu.default(addmm_1)
         t_2: "f32[16, 8]" = torch.ops.aten.t.default(fetched_4)
         addmm_2: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_5, relu, t_2);  relu = t_2 = None
-        release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1, fetched_2, fetched_3, fetched_4, fetched_5], [addmm, addmm_1, addmm_2], 'thinker.visual');  fetched = fetched_1 = fetched_2 = fetched_3 = fetched_4 = fetched_5 = addmm = addmm_1 = release = None
+        release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1, fetched_2, fetched_3, fetched_4, fetched_5], [addmm, addmm_1, addmm_2], 'thinker.visual');  addmm = addmm_1 = None
+        refill = torch.ops.fx_offload.refill.default([fetched, fetched_1, fetched_2, fetched_3, fetched_4, fetched_5], [arg0_1, arg1_1, arg3_1, arg4_1, arg5_1, arg6_1], [release], 'thinker.visual');  arg0_1 = arg1_1 = arg3_1 = arg4_1 = arg5_1 = arg6_1 = release = refill = None
         add: "f32[2, 8]" = torch.ops.aten.add.Tensor(tanh, addmm_2);  tanh = addmm_2 = None
         native_layer_norm = torch.ops.aten.native_layer_norm.default(add, [8], arg7_1, arg8_1, 1e-05);  add = arg7_1 = arg8_1 = None
         getitem: "f32[2, 8]" = native_layer_norm[0];  native_layer_norm = None
         t_3: "f32[8, 4]" = torch.ops.aten.t.default(arg9_1);  arg9_1 = None
         addmm_3: "f32[2, 4]" = torch.ops.aten.addmm.default(arg10_1, getitem, t_3);  arg10_1 = getitem = t_3 = None
+        wait_refill = torch.ops.fx_offload.wait.default([fetched, fetched_1, fetched_2, fetched_3, fetched_4, fetched_5], [addmm_3], 'thinker.visual');  fetched = fetched_1 = fetched_2 = fetched_3 = fetched_4 = fetched_5 = wait_refill = None
         return (addmm_3,)""",
         )
 
@@ -88,11 +90,11 @@ class Snapshots(TestCase):
 # arg11_1: layers.2.fc2.weight
 # arg12_1: layers.2.fc2.bias
     def forward(self, arg0_1: "f32[16, 8]", arg1_1: "f32[16]", arg2_1: "f32[2, 8]", arg3_1: "f32[8, 16]", arg4_1: "f32[8]", arg5_1: "f32[16, 8]", arg6_1: "f32[16]", arg7_1: "f32[8, 16]", arg8_1: "f32[8]", arg9_1: "f32[16, 8]", arg10_1: "f32[16]", arg11_1: "f32[8, 16]", arg12_1: "f32[8]", arg13_1: "f32[8, 8]"):
-        fetch = torch.ops.fx_offload.fetch.default([arg0_1, arg1_1, arg3_1, arg4_1], [], 'layers.0');  arg0_1 = arg1_1 = arg3_1 = arg4_1 = None
-        fetched: "f32[16, 8]" = fetch[0]
-        fetched_1: "f32[16]" = fetch[1]
-        fetched_2: "f32[8, 16]" = fetch[2]
-        fetched_3: "f32[8]" = fetch[3];  fetch = None
+        head = torch.ops.fx_offload.head.default([arg0_1, arg1_1, arg3_1, arg4_1], 'layers.0')
+        fetched: "f32[16, 8]" = head[0]
+        fetched_1: "f32[16]" = head[1]
+        fetched_2: "f32[8, 16]" = head[2]
+        fetched_3: "f32[8]" = head[3];  head = None
         fetch_1 = torch.ops.fx_offload.fetch.default([arg5_1, arg6_1, arg7_1, arg8_1], [], 'layers.1');  arg5_1 = arg6_1 = arg7_1 = arg8_1 = None
         fetched_4: "f32[16, 8]" = fetch_1[0]
         fetched_5: "f32[16]" = fetch_1[1]
@@ -104,7 +106,7 @@ class Snapshots(TestCase):
         relu: "f32[2, 16]" = torch.ops.aten.relu.default(addmm)
         t_1: "f32[16, 8]" = torch.ops.aten.t.default(fetched_2)
         addmm_1: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_3, relu, t_1);  relu = t_1 = None
-        release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1, fetched_2, fetched_3], [addmm, addmm_1], 'layers.0');  fetched = fetched_1 = fetched_2 = fetched_3 = addmm = None
+        release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1, fetched_2, fetched_3], [addmm, addmm_1], 'layers.0');  addmm = None
         fetch_2 = torch.ops.fx_offload.fetch.default([arg9_1, arg10_1, arg11_1, arg12_1], [release], 'layers.2');  arg9_1 = arg10_1 = arg11_1 = arg12_1 = release = None
         fetched_8: "f32[16, 8]" = fetch_2[0]
         fetched_9: "f32[16]" = fetch_2[1]
@@ -117,9 +119,10 @@ class Snapshots(TestCase):
         relu_1: "f32[2, 16]" = torch.ops.aten.relu.default(addmm_2)
         t_3: "f32[16, 8]" = torch.ops.aten.t.default(fetched_6)
         addmm_3: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_7, relu_1, t_3);  relu_1 = t_3 = None
-        release_1: "f32[0]" = torch.ops.fx_offload.release.default([fetched_4, fetched_5, fetched_6, fetched_7], [addmm_2, addmm_3], 'layers.1');  fetched_4 = fetched_5 = fetched_6 = fetched_7 = addmm_2 = release_1 = None
+        release_1: "f32[0]" = torch.ops.fx_offload.release.default([fetched_4, fetched_5, fetched_6, fetched_7], [addmm_2, addmm_3], 'layers.1');  fetched_4 = fetched_5 = fetched_6 = fetched_7 = addmm_2 = None
+        refill = torch.ops.fx_offload.refill.default([fetched, fetched_1, fetched_2, fetched_3], [arg0_1, arg1_1, arg3_1, arg4_1], [release_1], 'layers.0');  arg0_1 = arg1_1 = arg3_1 = arg4_1 = release_1 = refill = None
         add_1: "f32[2, 8]" = torch.ops.aten.add.Tensor(add, addmm_3);  add = addmm_3 = None
-        wait_2 = torch.ops.fx_offload.wait.default([fetched_8, fetched_9, fetched_10, fetched_11], [], 'layers.2');  wait_2 = None
+        wait_2 = torch.ops.fx_offload.wait.default([fetched_8, fetched_9, fetched_10, fetched_11], [fetched], 'layers.2');  wait_2 = None
         t_4: "f32[8, 16]" = torch.ops.aten.t.default(fetched_8)
         addmm_4: "f32[2, 16]" = torch.ops.aten.addmm.default(fetched_9, add_1, t_4);  t_4 = None
         relu_2: "f32[2, 16]" = torch.ops.aten.relu.default(addmm_4)
@@ -129,6 +132,7 @@ class Snapshots(TestCase):
         add_2: "f32[2, 8]" = torch.ops.aten.add.Tensor(add_1, addmm_5);  add_1 = addmm_5 = None
         t_6: "f32[8, 8]" = torch.ops.aten.t.default(arg13_1);  arg13_1 = None
         mm: "f32[2, 8]" = torch.ops.aten.mm.default(add_2, t_6);  add_2 = t_6 = None
+        wait_refill = torch.ops.fx_offload.wait.default([fetched, fetched_1, fetched_2, fetched_3], [mm], 'layers.0');  fetched = fetched_1 = fetched_2 = fetched_3 = wait_refill = None
         return (mm,)""",
         )
 
@@ -148,18 +152,18 @@ class Snapshots(TestCase):
 # arg7_1: layers.1.fc2.weight
 # arg8_1: layers.1.fc2.bias
     def forward(self, arg0_1: "f32[16, 8]", arg1_1: "f32[16]", arg2_1: "f32[2, 8]", arg3_1: "f32[8, 16]", arg4_1: "f32[8]", arg5_1: "f32[16, 8]", arg6_1: "f32[16]", arg7_1: "f32[8, 16]", arg8_1: "f32[8]", arg9_1: "f32[8, 8]"):
-        fetch = torch.ops.fx_offload.fetch.default([arg0_1, arg1_1, arg3_1, arg4_1], [], 'layers.0');  arg0_1 = arg1_1 = arg3_1 = arg4_1 = None
-        fetched: "f32[16, 8]" = fetch[0]
-        fetched_1: "f32[16]" = fetch[1]
-        fetched_2: "f32[8, 16]" = fetch[2]
-        fetched_3: "f32[8]" = fetch[3];  fetch = None
+        head = torch.ops.fx_offload.head.default([arg0_1, arg1_1, arg3_1, arg4_1], 'layers.0')
+        fetched: "f32[16, 8]" = head[0]
+        fetched_1: "f32[16]" = head[1]
+        fetched_2: "f32[8, 16]" = head[2]
+        fetched_3: "f32[8]" = head[3];  head = None
         wait = torch.ops.fx_offload.wait.default([fetched, fetched_1, fetched_2, fetched_3], [], 'layers.0');  wait = None
         t: "f32[8, 16]" = torch.ops.aten.t.default(fetched)
         addmm: "f32[2, 16]" = torch.ops.aten.addmm.default(fetched_1, arg2_1, t);  t = None
         relu: "f32[2, 16]" = torch.ops.aten.relu.default(addmm)
         t_1: "f32[16, 8]" = torch.ops.aten.t.default(fetched_2)
         addmm_1: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_3, relu, t_1);  relu = t_1 = None
-        release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1, fetched_2, fetched_3], [addmm, addmm_1], 'layers.0');  fetched = fetched_1 = fetched_2 = fetched_3 = addmm = None
+        release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1, fetched_2, fetched_3], [addmm, addmm_1], 'layers.0');  addmm = None
         fetch_1 = torch.ops.fx_offload.fetch.default([arg5_1, arg6_1, arg7_1, arg8_1], [release], 'layers.1');  arg5_1 = arg6_1 = arg7_1 = arg8_1 = release = None
         fetched_4: "f32[16, 8]" = fetch_1[0]
         fetched_5: "f32[16]" = fetch_1[1]
@@ -172,10 +176,12 @@ class Snapshots(TestCase):
         relu_1: "f32[2, 16]" = torch.ops.aten.relu.default(addmm_2)
         t_3: "f32[16, 8]" = torch.ops.aten.t.default(fetched_6)
         addmm_3: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_7, relu_1, t_3);  relu_1 = t_3 = None
-        release_1: "f32[0]" = torch.ops.fx_offload.release.default([fetched_4, fetched_5, fetched_6, fetched_7], [addmm_2, addmm_3], 'layers.1');  fetched_4 = fetched_5 = fetched_6 = fetched_7 = addmm_2 = release_1 = None
+        release_1: "f32[0]" = torch.ops.fx_offload.release.default([fetched_4, fetched_5, fetched_6, fetched_7], [addmm_2, addmm_3], 'layers.1');  fetched_4 = fetched_5 = fetched_6 = fetched_7 = addmm_2 = None
+        refill = torch.ops.fx_offload.refill.default([fetched, fetched_1, fetched_2, fetched_3], [arg0_1, arg1_1, arg3_1, arg4_1], [release_1], 'layers.0');  arg0_1 = arg1_1 = arg3_1 = arg4_1 = release_1 = refill = None
         add_1: "f32[2, 8]" = torch.ops.aten.add.Tensor(add, addmm_3);  add = addmm_3 = None
         t_4: "f32[8, 8]" = torch.ops.aten.t.default(arg9_1);  arg9_1 = None
         mm: "f32[2, 8]" = torch.ops.aten.mm.default(add_1, t_4);  add_1 = t_4 = None
+        wait_refill = torch.ops.fx_offload.wait.default([fetched, fetched_1, fetched_2, fetched_3], [mm], 'layers.0');  fetched = fetched_1 = fetched_2 = fetched_3 = wait_refill = None
         return (mm,)""",
         )
 
@@ -189,22 +195,24 @@ class Snapshots(TestCase):
 # arg0_1: shared.weight
 # arg1_1: shared.bias
     def forward(self, arg0_1: "f32[8, 8]", arg1_1: "f32[8]", arg2_1: "f32[2, 8]", arg3_1: "f32[8, 8]", arg4_1: "f32[8]"):
-        fetch = torch.ops.fx_offload.fetch.default([arg0_1, arg1_1], [], 'shared')
-        fetched: "f32[8, 8]" = fetch[0]
-        fetched_1: "f32[8]" = fetch[1];  fetch = None
-        fetch_1 = torch.ops.fx_offload.fetch.default([arg0_1, arg1_1], [], 'shared@1');  arg0_1 = arg1_1 = None
+        head = torch.ops.fx_offload.head.default([arg0_1, arg1_1], 'shared')
+        fetched: "f32[8, 8]" = head[0]
+        fetched_1: "f32[8]" = head[1];  head = None
+        fetch_1 = torch.ops.fx_offload.fetch.default([arg0_1, arg1_1], [], 'shared@1')
         fetched_2: "f32[8, 8]" = fetch_1[0]
         fetched_3: "f32[8]" = fetch_1[1];  fetch_1 = None
         wait = torch.ops.fx_offload.wait.default([fetched, fetched_1], [fetched_2], 'shared');  wait = None
         t: "f32[8, 8]" = torch.ops.aten.t.default(fetched)
         addmm: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_1, arg2_1, t);  arg2_1 = t = None
-        release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1], [addmm], 'shared');  fetched = fetched_1 = release = None
+        release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1], [addmm], 'shared')
+        refill = torch.ops.fx_offload.refill.default([fetched, fetched_1], [arg0_1, arg1_1], [release], 'shared');  arg0_1 = arg1_1 = release = refill = None
         t_1: "f32[8, 8]" = torch.ops.aten.t.default(arg3_1);  arg3_1 = None
         addmm_1: "f32[2, 8]" = torch.ops.aten.addmm.default(arg4_1, addmm, t_1);  arg4_1 = addmm = t_1 = None
-        wait_1 = torch.ops.fx_offload.wait.default([fetched_2, fetched_3], [], 'shared@1');  wait_1 = None
+        wait_1 = torch.ops.fx_offload.wait.default([fetched_2, fetched_3], [fetched], 'shared@1');  wait_1 = None
         t_2: "f32[8, 8]" = torch.ops.aten.t.default(fetched_2)
         addmm_2: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_3, addmm_1, t_2);  addmm_1 = t_2 = None
         release_1: "f32[0]" = torch.ops.fx_offload.release.default([fetched_2, fetched_3], [addmm_2], 'shared@1');  fetched_2 = fetched_3 = release_1 = None
+        wait_refill = torch.ops.fx_offload.wait.default([fetched, fetched_1], [addmm_2], 'shared');  fetched = fetched_1 = wait_refill = None
         return (addmm_2,)""",
         )
 
@@ -217,24 +225,26 @@ class Snapshots(TestCase):
 # regions: embed, lm_head (not offloaded)
 # arg0_1: embed.weight
     def forward(self, arg0_1: "f32[16, 8]", arg1_1: "i64[1, 3]", arg2_1: "f32[8, 8]", arg3_1: "f32[8]"):
-        fetch = torch.ops.fx_offload.fetch.default([arg0_1], [], 'embed')
-        fetched: "f32[16, 8]" = fetch[0];  fetch = None
-        fetch_1 = torch.ops.fx_offload.fetch.default([arg0_1], [], 'lm_head (not offloaded)');  arg0_1 = None
+        head = torch.ops.fx_offload.head.default([arg0_1], 'embed')
+        fetched: "f32[16, 8]" = head[0];  head = None
+        fetch_1 = torch.ops.fx_offload.fetch.default([arg0_1], [], 'lm_head (not offloaded)')
         fetched_1: "f32[16, 8]" = fetch_1[0];  fetch_1 = None
         wait = torch.ops.fx_offload.wait.default([fetched], [fetched_1], 'embed');  wait = None
         embedding: "f32[1, 3, 8]" = torch.ops.aten.embedding.default(fetched, arg1_1);  arg1_1 = None
-        release: "f32[0]" = torch.ops.fx_offload.release.default([fetched], [embedding], 'embed');  fetched = release = None
+        release: "f32[0]" = torch.ops.fx_offload.release.default([fetched], [embedding], 'embed')
+        refill = torch.ops.fx_offload.refill.default([fetched], [arg0_1], [release], 'embed');  arg0_1 = release = refill = None
         view: "f32[3, 8]" = torch.ops.aten.view.default(embedding, [3, 8]);  embedding = None
         t: "f32[8, 8]" = torch.ops.aten.t.default(arg2_1);  arg2_1 = None
         addmm: "f32[3, 8]" = torch.ops.aten.addmm.default(arg3_1, view, t);  arg3_1 = view = t = None
         view_1: "f32[1, 3, 8]" = torch.ops.aten.view.default(addmm, [1, 3, 8]);  addmm = None
         relu: "f32[1, 3, 8]" = torch.ops.aten.relu.default(view_1);  view_1 = None
-        wait_1 = torch.ops.fx_offload.wait.default([fetched_1], [], 'lm_head (not offloaded)');  wait_1 = None
+        wait_1 = torch.ops.fx_offload.wait.default([fetched_1], [fetched], 'lm_head (not offloaded)');  wait_1 = None
         t_1: "f32[8, 16]" = torch.ops.aten.t.default(fetched_1)
         view_2: "f32[3, 8]" = torch.ops.aten.view.default(relu, [3, 8]);  relu = None
         mm: "f32[3, 16]" = torch.ops.aten.mm.default(view_2, t_1);  view_2 = t_1 = None
         release_1: "f32[0]" = torch.ops.fx_offload.release.default([fetched_1], [mm], 'lm_head (not offloaded)');  fetched_1 = release_1 = None
         _unsafe_view: "f32[1, 3, 16]" = torch.ops.aten._unsafe_view.default(mm, [1, 3, 16]);  mm = None
+        wait_refill = torch.ops.fx_offload.wait.default([fetched], [_unsafe_view], 'embed');  fetched = wait_refill = None
         return (_unsafe_view,)""",
         )
 
@@ -250,19 +260,21 @@ class Snapshots(TestCase):
 # arg3_1: first.fc2.weight
 # arg4_1: first.fc2.bias
     def forward(self, arg0_1: "f32[16, 8]", arg1_1: "f32[16]", arg2_1: "f32[2, 8]", arg3_1: "f32[8, 16]", arg4_1: "f32[8]"):
-        fetch = torch.ops.fx_offload.fetch.default([arg0_1, arg1_1, arg3_1, arg4_1], [], 'first');  arg0_1 = arg1_1 = arg3_1 = arg4_1 = None
-        fetched: "f32[16, 8]" = fetch[0]
-        fetched_1: "f32[16]" = fetch[1]
-        fetched_2: "f32[8, 16]" = fetch[2]
-        fetched_3: "f32[8]" = fetch[3];  fetch = None
+        head = torch.ops.fx_offload.head.default([arg0_1, arg1_1, arg3_1, arg4_1], 'first')
+        fetched: "f32[16, 8]" = head[0]
+        fetched_1: "f32[16]" = head[1]
+        fetched_2: "f32[8, 16]" = head[2]
+        fetched_3: "f32[8]" = head[3];  head = None
         wait = torch.ops.fx_offload.wait.default([fetched, fetched_1, fetched_2, fetched_3], [], 'first');  wait = None
         t: "f32[8, 16]" = torch.ops.aten.t.default(fetched)
         addmm: "f32[2, 16]" = torch.ops.aten.addmm.default(fetched_1, arg2_1, t);  t = None
         relu: "f32[2, 16]" = torch.ops.aten.relu.default(addmm)
         t_1: "f32[16, 8]" = torch.ops.aten.t.default(fetched_2)
         addmm_1: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_3, relu, t_1);  relu = t_1 = None
-        release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1, fetched_2, fetched_3], [addmm, addmm_1], 'first');  fetched = fetched_1 = fetched_2 = fetched_3 = addmm = release = None
+        release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1, fetched_2, fetched_3], [addmm, addmm_1], 'first');  addmm = None
+        refill = torch.ops.fx_offload.refill.default([fetched, fetched_1, fetched_2, fetched_3], [arg0_1, arg1_1, arg3_1, arg4_1], [release], 'first');  arg0_1 = arg1_1 = arg3_1 = arg4_1 = release = refill = None
         add: "f32[2, 8]" = torch.ops.aten.add.Tensor(arg2_1, addmm_1);  arg2_1 = addmm_1 = None
+        wait_refill = torch.ops.fx_offload.wait.default([fetched, fetched_1, fetched_2, fetched_3], [add], 'first');  fetched = fetched_1 = fetched_2 = fetched_3 = wait_refill = None
         return (add,)
 
 # graph 2 of 2
@@ -272,18 +284,20 @@ class Snapshots(TestCase):
 # arg3_1: second.fc2.weight
 # arg4_1: second.fc2.bias
     def forward(self, arg0_1: "f32[16, 8]", arg1_1: "f32[16]", arg2_1: "f32[2, 8]", arg3_1: "f32[8, 16]", arg4_1: "f32[8]"):
-        fetch = torch.ops.fx_offload.fetch.default([arg0_1, arg1_1, arg3_1, arg4_1], [], 'second');  arg0_1 = arg1_1 = arg3_1 = arg4_1 = None
-        fetched: "f32[16, 8]" = fetch[0]
-        fetched_1: "f32[16]" = fetch[1]
-        fetched_2: "f32[8, 16]" = fetch[2]
-        fetched_3: "f32[8]" = fetch[3];  fetch = None
+        head = torch.ops.fx_offload.head.default([arg0_1, arg1_1, arg3_1, arg4_1], 'second')
+        fetched: "f32[16, 8]" = head[0]
+        fetched_1: "f32[16]" = head[1]
+        fetched_2: "f32[8, 16]" = head[2]
+        fetched_3: "f32[8]" = head[3];  head = None
         wait = torch.ops.fx_offload.wait.default([fetched, fetched_1, fetched_2, fetched_3], [], 'second');  wait = None
         t: "f32[8, 16]" = torch.ops.aten.t.default(fetched)
         addmm: "f32[2, 16]" = torch.ops.aten.addmm.default(fetched_1, arg2_1, t);  t = None
         relu: "f32[2, 16]" = torch.ops.aten.relu.default(addmm)
         t_1: "f32[16, 8]" = torch.ops.aten.t.default(fetched_2)
         addmm_1: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_3, relu, t_1);  relu = t_1 = None
-        release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1, fetched_2, fetched_3], [addmm, addmm_1], 'second');  fetched = fetched_1 = fetched_2 = fetched_3 = addmm = release = None
+        release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1, fetched_2, fetched_3], [addmm, addmm_1], 'second');  addmm = None
+        refill = torch.ops.fx_offload.refill.default([fetched, fetched_1, fetched_2, fetched_3], [arg0_1, arg1_1, arg3_1, arg4_1], [release], 'second');  arg0_1 = arg1_1 = arg3_1 = arg4_1 = release = refill = None
         add: "f32[2, 8]" = torch.ops.aten.add.Tensor(arg2_1, addmm_1);  arg2_1 = addmm_1 = None
+        wait_refill = torch.ops.fx_offload.wait.default([fetched, fetched_1, fetched_2, fetched_3], [add], 'second');  fetched = fetched_1 = fetched_2 = fetched_3 = wait_refill = None
         return (add,)""",
         )

@@ -84,7 +84,9 @@ def test_peak_memory_holds_at_most_prefetch_plus_one_regions(prefetch, mode):
     x = torch.randn(16, dim, device="cuda", dtype=torch.bfloat16)
     fx_offload.offload(model, ["layers.*"])
     try:
-        compiled = torch.compile(model, backend="offload_inductor", mode=mode, options={"prefetch": prefetch})
+        # torch.compile takes mode or options, not both: triton.cudagraphs is what the mode sets
+        options = {"prefetch": prefetch, "triton.cudagraphs": mode == "reduce-overhead"}
+        compiled = torch.compile(model, backend="offload_inductor", options=options)
         with torch.no_grad():
             for _ in range(3):
                 compiled(x)
@@ -127,7 +129,8 @@ def test_cpu_op_between_fetch_and_use_keeps_the_fetch_after_it(mode):
         expected = model(x)
     fx_offload.offload(model, ["first", "second"])
     try:
-        compiled = torch.compile(model, backend="offload_inductor", mode=mode, options={"prefetch": 1})
+        options = {"prefetch": 1, "triton.cudagraphs": mode == "reduce-overhead"}
+        compiled = torch.compile(model, backend="offload_inductor", options=options)
         with recording() as graphs, torch.no_grad():
             outs = [compiled(x).clone() for _ in range(4)]
         for out in outs:
