@@ -28,7 +28,7 @@ from torch import nn
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from fx_offload import matching, placement, runtime
-from fx_offload.regions import GraphPlan, module_name
+from fx_offload.regions import GraphPlan, find_regions, module_name
 from fx_offload.rewrite import RewrittenRegion, rewrite
 
 DEFAULT_PREFETCH = 1
@@ -79,6 +79,7 @@ def offload_inductor(
     if plan.offloaded_inputs:
         inner = patches.get("post_grad_custom_post_pass", torch._inductor.config.post_grad_custom_post_pass)
         patches["post_grad_custom_post_pass"] = OffloadPass(plan, inner)
+    _make_heads(gm, example_inputs, plan)
     return _around_calls(compile_fx(gm, example_inputs, config_patches=patches))
 
 
@@ -100,6 +101,7 @@ def offload_eager(
             _run_pass(aot_gm, plan)
         return make_boxed_func(aot_gm.forward)
 
+    _make_heads(gm, example_inputs, plan)
     return _around_calls(aot_autograd(fw_compiler=forward_compiler)(gm, example_inputs))
 
 
@@ -175,6 +177,20 @@ def _place_by_patterns(gm, placeholders, example_inputs, patterns) -> set[str]:
         device = next(iter(owned.values()))[0].device
         placement.place([(p, tuple(n)) for p, n in owned.values()], device, None)
     return {key for key, name in calls.items() if matching.is_within(name, roots)}
+
+
+def _make_heads(gm: fx.GraphModule, example_inputs: list, plan: GraphPlan) -> None:
+    """Create the first region's persistent copies now, at compile time.
+
+    Made at the first call instead, they would land in the memory pool of a CUDA graph tree
+    that is warming up, which refuses live allocations it does not own.
+    """
+    if not (plan.prefetch_head and plan.offloaded_inputs):
+        return
+    regions = find_regions(gm.graph, plan)
+    if regions:
+        position = {node: i for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+        runtime.head([example_inputs[position[param]] for param in regions[0].params])
 
 
 def _around_calls(compiled):

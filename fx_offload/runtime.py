@@ -9,7 +9,8 @@ a reader scheduled after its release reads NaN instead of passing by luck.
 
 The first region of a graph is served by ``head``: persistent buffers refilled by ``refill`` at
 the end of the previous call, so its copy overlaps that call's tail instead of stalling the start
-of this one. ``head`` makes them at the graph's first run; ``running`` (entered by the compiled
+of this one. The backend makes them when it compiles (``head`` makes any it lacks at the first
+run, too late for a CUDA graph tree, whose pool refuses them); ``running`` (entered by the compiled
 function's wrapper around every call, outside any CUDA graph) fills them again before a call
 whenever a weight's version counter moved since the last refill. A write through ``.data``
 bypasses that counter: see the README's guarantees.
@@ -175,14 +176,8 @@ def _new_head(weight: torch.Tensor) -> _HeadBuffer:
             "fx_offload.head met a new weight while a CUDA graph is being captured; run the "
             "compiled model once without capture first (torch.compile's reduce-overhead does)"
         )
-    compute = torch.cuda.current_stream(weight.device)
-    copy = _copy_stream(weight.device)
-    # allocated on the copy stream: outside any CUDA graph pool, so it outlives graph trees
-    with torch.cuda.stream(copy):
-        buffer = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-        buffer.copy_(record.host, non_blocking=True)
-    buffer.record_stream(compute)
-    compute.wait_stream(copy)
+    buffer = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    buffer.copy_(record.host, non_blocking=True)
     return _HeadBuffer(buffer, record, version)
 
 
