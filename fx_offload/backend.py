@@ -29,7 +29,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from fx_offload import matching, placement, runtime
 from fx_offload.regions import GraphPlan, find_regions, module_name
-from fx_offload.rewrite import RewrittenRegion, rewrite
+from fx_offload.rewrite import RewrittenRegion, has_barrier, rewrite
 
 DEFAULT_PREFETCH = 1
 
@@ -185,7 +185,7 @@ def _make_heads(gm: fx.GraphModule, example_inputs: list, plan: GraphPlan) -> No
     Made at the first call instead, they would land in the memory pool of a CUDA graph tree
     that is warming up, which refuses live allocations it does not own.
     """
-    if not (plan.prefetch_head and plan.offloaded_inputs):
+    if not (plan.prefetch_head and plan.offloaded_inputs) or has_barrier(gm.graph, plan.device_type):
         return
     regions = find_regions(gm.graph, plan)
     if regions:

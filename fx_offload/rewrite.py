@@ -58,7 +58,7 @@ def rewrite(graph: fx.Graph, plan: GraphPlan) -> list[RewrittenRegion]:
         raise ValueError(f"prefetch must be >= 0, got {plan.prefetch}")
     inserted = [_insert(graph, region) for region in find_regions(graph, plan)]
     _schedule(graph, inserted, plan.prefetch, plan.device_type)
-    if plan.prefetch_head and inserted:
+    if plan.prefetch_head and inserted and not has_barrier(graph, plan.device_type):
         _serve_head(graph, inserted, plan.prefetch, plan.device_type)
     graph.lint()
     return inserted
@@ -152,15 +152,29 @@ def _last_barrier(
     return barrier
 
 
+def has_barrier(graph: fx.Graph, device_type: str) -> bool:
+    """Whether ``graph`` holds a node that splits it into CUDA-graph partitions.
+
+    The first region's persistent buffers cannot cross such a split: Inductor hands a
+    partition's outputs to the next through its CUDA graph pool, and they live outside it.
+    """
+    return any(_is_barrier(node, device_type) for node in graph.nodes)
+
+
 def _is_barrier(node: fx.Node, device_type: str) -> bool:
-    if node.op != "call_function" or device_type == "cpu":
+    if node.op not in ("call_function", "call_method") or device_type == "cpu":
         return False
     unsafe = getattr(torch.Tag, "cudagraph_unsafe", None)
     if unsafe is not None and isinstance(node.target, torch._ops.OpOverload):
         if unsafe in node.target.tags:
             return True
-    values = [node.meta.get("val")] + [arg.meta.get("val") for arg in node.all_input_nodes]
+    values = [_value(node)] + [_value(arg) for arg in node.all_input_nodes]
     return any(isinstance(v, torch.Tensor) and v.device.type != device_type and v.dim() > 0 for v in values)
+
+
+def _value(node: fx.Node):
+    # post-grad and AOT graphs carry "val"; Dynamo's graph carries "example_value"
+    return node.meta.get("val", node.meta.get("example_value"))
 
 
 def _readers(items: list[fx.Node]) -> list[fx.Node]:
