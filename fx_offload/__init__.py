@@ -19,3 +19,9 @@ __all__ = [
     "restore",
 ]
 __version__ = "0.1.0"
+
+if "vllm" in __import__("sys").modules:
+    # vLLM resolves the JSON form's "fx_offload.vllm_pass" through this package's namespace
+    from fx_offload.vllm import OffloadPass as _VllmOffloadPass
+
+    vllm_pass = _VllmOffloadPass.from_environment()

@@ -9,7 +9,7 @@ which module calls are regions (a ``GraphPlan``), then:
 * ``offload_eager`` runs AOTAutograd and ``rewrite`` on its forward graph, and executes that
   graph without Inductor (fast to compile: for tests and ``explain``).
 
-``options`` are those of ``torch.compile``: ``prefetch`` (regions fetched ahead, default 1),
+``options`` are those of ``torch.compile``: ``prefetch`` (regions fetched ahead, default 2),
 ``prefetch_head`` (refill the first region during the previous call, default True) and
 ``offload`` (patterns placed at the first compile) are ours; every other key goes to Inductor.
 """
@@ -31,7 +31,7 @@ from fx_offload import matching, placement, runtime
 from fx_offload.regions import GraphPlan, find_regions, module_name
 from fx_offload.rewrite import RewrittenRegion, has_barrier, rewrite
 
-DEFAULT_PREFETCH = 1
+DEFAULT_PREFETCH = 2  # H100 decode case: 2.85 ms at 1, 2.69 at 2, 2.62 at 3 (floor 2.43); RESULTS.md
 
 # Called after every rewrite with (graph module, plan, regions): explain() and tests listen.
 listeners: list[Callable[[fx.GraphModule, GraphPlan, list[RewrittenRegion]], None]] = []

@@ -70,15 +70,16 @@ def pattern_matches(pattern: str, name: str) -> bool:
     return name == pattern or name.endswith("." + pattern)
 
 
-def select(patterns: Sequence[str], names: Iterable[str]) -> dict[str, list[str]]:
+def select(patterns: Sequence[str], names: Iterable[str], *, strict: bool = True) -> dict[str, list[str]]:
     """Return, for each pattern, the names it selects, in the order given.
 
-    Raises ``ValueError`` for a pattern that selects nothing, naming the closest names.
+    With ``strict``, raises ``ValueError`` for a pattern that selects nothing, naming the
+    closest names (off where a graph is one piece of a model, and a pattern may match elsewhere).
     """
     names = list(names)
     selected = {pattern: [n for n in names if pattern_matches(pattern, n)] for pattern in patterns}
     for pattern, hits in selected.items():
-        if not hits:
+        if strict and not hits:
             raise ValueError(_no_match_message(pattern, names))
     return selected
 

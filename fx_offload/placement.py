@@ -159,3 +159,12 @@ def is_region_module(module_key: str) -> bool:
     """Whether an ``nn_module_stack`` key (``str(id(module))``, maybe with ``@n``) is offloaded."""
     ident = module_key.split("@")[0]
     return ident.isdigit() and int(ident) in _region_modules
+
+
+def adopt(param: nn.Parameter, host: torch.Tensor, names: tuple[str, ...]) -> HostParameter:
+    """Register a parameter whose data already is a device-typed alias of pinned ``host``."""
+    record = HostParameter(names, host, param.device, True, weakref.ref(param))
+    key = param.data.data_ptr()
+    _records[key] = record
+    weakref.finalize(param, _forget, key, record)
+    return record

@@ -1,7 +1,7 @@
 """The rewritten graph is the spec: these snapshots show it (regenerate with EXPECTTEST_ACCEPT=1).
 
 Each graph is what ``offload_eager`` runs: the AOTAutograd inference graph after the offload
-pass, with ``prefetch=1`` (the default). Read them for: which parameters each fetch carries, that
+pass, with ``prefetch=1`` (the default is 2; 1 shows the release tokens at a small size). Read them for: which parameters each fetch carries, that
 every read of an offloaded parameter goes through a fetched tensor, that release follows the
 last reader, and where each fetch is issued.
 """
@@ -24,6 +24,7 @@ class Snapshots(TestCase):
         torch._dynamo.reset()
 
     def explain(self, model, patterns, *inputs, **options):
+        options.setdefault("prefetch", 1)
         fx_offload.offload(model, patterns, device="cpu")
         self.models.append(model)
         with torch.no_grad():
