@@ -3,11 +3,11 @@
 vLLM builds and loads the model itself, so nobody calls ``fx_offload.offload`` on it. The pass
 does the placing when it first sees a graph: it maps each placeholder's fake tensor back to the
 real tensor (through the fake storage the fake mode's converter made from it), selects the
-weights read inside modules that the patterns match (names as the compiled graph spells them, relative to the module vLLM
-compiles: ``layers.0.mlp``), places them in pinned host memory, and rewrites the graph as the
-core pass does. Parameters that vLLM itself placed in pinned memory (``--cpu-offload-gb``,
-``--cpu-offload-params``: marked ``_vllm_is_uva_offloaded``) are adopted too: their in-place
-reads over the bus become prefetched bulk copies.
+weights read inside modules that the patterns match (names as the compiled graph spells them,
+relative to the module vLLM compiles: ``layers.0.mlp``), places them in pinned host memory, and
+rewrites the graph as the core pass does. Parameters that vLLM itself placed in pinned memory
+(``--cpu-offload-gb``, ``--cpu-offload-params``: marked ``_vllm_is_uva_offloaded``) are adopted
+too: their in-place reads over the bus become prefetched bulk copies.
 
     from vllm import LLM
     import fx_offload.vllm
