@@ -101,8 +101,12 @@ def offload_eager(
             _run_pass(aot_gm, plan)
         return make_boxed_func(aot_gm.forward)
 
+    def backward_compiler(aot_gm: fx.GraphModule, _inputs):
+        return make_boxed_func(aot_gm.forward)
+
     _make_heads(gm, example_inputs, plan)
-    return _around_calls(aot_autograd(fw_compiler=forward_compiler)(gm, example_inputs))
+    compiled = aot_autograd(fw_compiler=forward_compiler, bw_compiler=backward_compiler)(gm, example_inputs)
+    return _around_calls(compiled)
 
 
 class OffloadPass(CustomGraphPass):
@@ -135,6 +139,14 @@ def graph_plan(gm: fx.GraphModule, example_inputs: list, options: BackendOptions
     offloaded: dict[int, str] = {}
     device_type = "cpu"
     for i, example in enumerate(example_inputs):
+        stale = placement.replaced(example) if isinstance(example, torch.Tensor) else None
+        if stale is not None:
+            raise ValueError(
+                f"offloaded parameter {stale.names[0]!r} no longer holds its host memory: its data "
+                "was replaced after offload (model.to(), .half(), load_state_dict(assign=True)?). "
+                "Compiling it now would keep it on the device unannounced. Call "
+                "fx_offload.restore(model) first, change the model, then offload it again"
+            )
         record = placement.lookup(example) if isinstance(example, torch.Tensor) else None
         if record is not None:
             offloaded[i] = record.names[0]
@@ -193,6 +205,11 @@ def _make_heads(gm: fx.GraphModule, example_inputs: list, plan: GraphPlan) -> No
         runtime.head([example_inputs[position[param]] for param in regions[0].params])
 
 
+def is_backward(graph: fx.Graph) -> bool:
+    """Whether ``graph`` is AOTAutograd's backward graph (its inputs are tangents and saved values)."""
+    return any(node.op == "placeholder" and node.name.startswith("tangents") for node in graph.nodes)
+
+
 def _around_calls(compiled):
     """Wrap a compiled graph so every call (CUDA-graph replays too) refreshes stale head copies."""
     key = object()
@@ -208,6 +225,8 @@ def _around_calls(compiled):
 
 
 def _run_pass(gm: fx.GraphModule, plan: GraphPlan) -> None:
+    if is_backward(gm.graph):
+        return  # the plan's positions are the forward graph's; a backward reads parameters as saved
     regions = rewrite(gm.graph, plan)
     gm.recompile()
     for listener in list(listeners):

@@ -17,9 +17,12 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 # data_ptr of an offloaded parameter's data -> its record. Entries leave with their parameter.
 _records: dict[int, HostParameter] = {}
+# every parameter placed, even after its data was replaced: to say so instead of running resident
+_placed: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 @dataclass(eq=False)
@@ -74,6 +77,7 @@ def place(
         record = HostParameter(names, host, device, pinned, weakref.ref(param))
         key = param.data.data_ptr()
         _records[key] = record
+        _placed[param] = record
         weakref.finalize(param, _forget, key, record)
         records.append(record)
     return records
@@ -88,6 +92,14 @@ def unplace(record: HostParameter) -> None:
     for key, value in list(_records.items()):
         if value is record:
             del _records[key]
+    if param is not None:
+        _placed.pop(param, None)
+
+
+def replaced(tensor: torch.Tensor) -> HostParameter | None:
+    """The record of a parameter that was offloaded but whose data was since replaced."""
+    record = _placed.get(tensor) if isinstance(tensor, nn.Parameter) else None
+    return record if record is not None and lookup(tensor) is not record else None
 
 
 def _forget(key: int, record: HostParameter) -> None:

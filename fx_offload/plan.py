@@ -123,7 +123,7 @@ def restore(model: nn.Module) -> None:
     records = {
         id(record): record
         for param in model.parameters()
-        if (record := placement.lookup(param.data)) is not None
+        if (record := placement.lookup(param.data) or placement.replaced(param)) is not None
     }
     if plan is None and not records:
         raise ValueError(

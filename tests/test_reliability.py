@@ -1,0 +1,221 @@
+"""Bad input, model surgery and faults never corrupt a model or fail silently (issue 6)."""
+
+import io
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import fx_offload
+from fx_offload import placement
+from fx_offload.explain import recording
+from tests.models import Block, Nested, Stack, seeded
+
+
+def _compiled(model, **options):
+    return torch.compile(model, backend="offload_eager", options=options or None)
+
+
+@pytest.mark.parametrize(
+    "surgery",
+    [
+        lambda m: m.half(),
+        lambda m: m.to(torch.float64),
+        lambda m: m.load_state_dict(seeded(Stack, seed=3).state_dict(), assign=True),
+    ],
+    ids=["half", "to_float64", "load_state_dict_assign"],
+)
+def test_replacing_offloaded_data_raises_at_the_next_compile_instead_of_running_resident(surgery):
+    model = seeded(Stack)
+    fx_offload.offload(model, ["layers"], device="cpu")
+    compiled = _compiled(model)
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        compiled(x)
+    surgery(model)
+    with pytest.raises(Exception, match="restore"), torch.no_grad():
+        compiled(x.to(next(model.parameters()).dtype))
+    fx_offload.restore(model)  # restore still works and forgets the stale records
+    with torch.no_grad():
+        xs = x.to(next(model.parameters()).dtype)
+        torch._dynamo.reset()
+        assert torch.equal(torch.compile(model, backend="eager")(xs), model(xs))
+
+
+def test_load_state_dict_in_place_is_seen_by_the_next_call():
+    model = seeded(Stack)
+    fx_offload.offload(model, ["layers.*"], device="cpu")
+    compiled = _compiled(model)
+    x = torch.randn(2, 8)
+    other = seeded(Stack, seed=5)
+    with torch.no_grad():
+        compiled(x)
+        model.load_state_dict(other.state_dict())
+        assert torch.equal(compiled(x), other(x))
+    fx_offload.restore(model)
+
+
+def test_replacing_a_submodule_after_offload_raises_then_recovers_after_restore():
+    model = seeded(Stack)
+    fx_offload.offload(model, ["layers.*"], device="cpu")
+    compiled = _compiled(model)
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        compiled(x)
+        model.layers[1] = seeded(Block, seed=9)  # same shapes: Dynamo reuses the graph
+        with pytest.raises(RuntimeError, match="restore"):
+            compiled(x)
+        fx_offload.restore(model)
+        fx_offload.offload(model, ["layers.*"], device="cpu")
+        assert torch.equal(compiled(x), model(x))
+    fx_offload.restore(model)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_state_dict_bit_for_bit_through_offload_compile_and_restore(dtype):
+    model = seeded(Stack).to(dtype)
+    model.register_buffer("counts", torch.arange(-5, 5, dtype=torch.int8))
+    model.layers[0].fc1.weight = nn.Parameter(torch.randn(8, 16, dtype=dtype).t())  # non-contiguous
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fx_offload.offload(model, ["layers"], device="cpu")
+    with torch.no_grad():
+        _compiled(model)(torch.randn(2, 8, dtype=dtype))
+    for stage in ("offloaded", "restored"):
+        after = model.state_dict()
+        assert after.keys() == before.keys()
+        for key in before:
+            assert after[key].dtype == before[key].dtype, (stage, key)
+            assert torch.equal(after[key], before[key]), (stage, key)
+        if stage == "offloaded":
+            fx_offload.restore(model)
+
+
+def test_torch_save_of_an_offloaded_model_loads_into_a_plain_model():
+    model = seeded(Nested)
+    fx_offload.offload(model, ["visual"], device="cpu")
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    fx_offload.restore(model)
+    plain = seeded(Nested, seed=7)
+    plain.load_state_dict(torch.load(io.BytesIO(buffer.getvalue())))
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        assert torch.equal(plain(x), model(x))
+
+
+def test_exception_inside_a_compiled_call_leaves_the_model_usable():
+    model = seeded(Stack)
+    fx_offload.offload(model, ["layers.*"], device="cpu")
+    compiled = _compiled(model)
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        expected = model(x)
+        with pytest.raises(RuntimeError):
+            compiled(torch.randn(2, 5))  # a shape error inside the graph
+        assert torch.equal(compiled(x), expected)
+    assert all(placement.lookup(p) is not None for p in model.layers.parameters())
+    fx_offload.restore(model)
+
+
+def test_two_models_interleaved_and_one_model_compiled_twice():
+    first, second = seeded(Stack, seed=1), seeded(Stack, seed=2)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        expected = (first(x), second(x))
+    fx_offload.offload(first, ["layers.*"], device="cpu")
+    fx_offload.offload(second, ["layers"], device="cpu")
+    a, b = _compiled(first), _compiled(second)
+    a2 = _compiled(first, prefetch=0)
+    with torch.no_grad():
+        for _ in range(2):
+            assert torch.equal(a(x), expected[0])
+            assert torch.equal(b(x), expected[1])
+            assert torch.equal(a2(x), expected[0])
+    fx_offload.restore(first)
+    fx_offload.restore(second)
+
+
+def test_training_offloaded_parameters_get_the_gradients_of_the_plain_model():
+    plain, model = seeded(Stack), seeded(Stack)
+    fx_offload.offload(model, ["layers.*"], device="cpu")
+    x = torch.randn(4, 8)
+    plain(x).square().sum().backward()
+    _compiled(model)(x).square().sum().backward()
+    for (name, p), q in zip(plain.named_parameters(), model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
+    fx_offload.restore(model)
+
+
+def test_frozen_offloaded_parameters_beside_trained_ones():
+    plain, model = seeded(Nested), seeded(Nested)
+    for m in (plain, model):
+        m.thinker.visual.requires_grad_(False)
+    fx_offload.offload(model, ["visual"], device="cpu")
+    x = torch.randn(4, 8)
+    plain(x).sum().backward()
+    _compiled(model)(x).sum().backward()
+    for (name, p), q in zip(plain.named_parameters(), model.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
+        else:
+            assert q.grad is None
+    fx_offload.restore(model)
+
+
+class Tree(nn.Module):
+    """A random tree of residual linear leaves, named a, b, c... at each level."""
+
+    def __init__(self, shape: list, dim: int) -> None:
+        super().__init__()
+        self.kids = nn.ModuleDict()
+        for i, child in enumerate(shape):
+            name = "abcdefgh"[i]
+            self.kids[name] = Tree(child, dim) if isinstance(child, list) else nn.Linear(dim, dim, bias=child)
+
+    def forward(self, x):
+        for kid in self.kids.values():
+            x = x + torch.tanh(kid(x)) if isinstance(kid, nn.Linear) else kid(x)
+        return x
+
+
+trees = st.recursive(st.booleans(), lambda kids: st.lists(kids, min_size=1, max_size=3), max_leaves=8).filter(
+    lambda t: isinstance(t, list)
+)
+
+
+@settings(max_examples=15, deadline=None)
+@given(shape=trees, rows=st.integers(1, 5), data=st.data())
+def test_random_trees_and_patterns_match_eager_and_fetch_exactly_the_matched(shape, rows, data):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Tree(shape, 4).eval()
+    modules = [name for name, m in model.named_modules() if name and any(True for _ in m.parameters())]
+    chosen = data.draw(st.lists(st.sampled_from(modules), min_size=1, max_size=3, unique=True))
+    x = torch.randn(rows, 4)
+    with torch.no_grad():
+        expected = model(x)
+    plan = fx_offload.offload(model, chosen, device="cpu")
+    try:
+        with recording() as graphs, torch.no_grad():
+            out = _compiled(model)(x)
+        assert torch.equal(out, expected)
+        lines = [line for graph in graphs for line in graph.splitlines()]
+        named = {line.split(": ", 1)[1] for line in lines if line.startswith("# arg")}
+        matched = {n for n, _ in model.named_parameters() if any(n.startswith(c + ".") for c in chosen)}
+        assert named == matched == {r.names[0] for r in plan.records}
+    finally:
+        fx_offload.restore(model)
+
+
+def test_write_through_data_outside_the_first_region_is_seen():
+    model = seeded(Stack)
+    fx_offload.offload(model, ["layers.*"], device="cpu")
+    compiled = _compiled(model)
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        compiled(x)
+        model.layers[2].fc2.weight.data.copy_(torch.randn(8, 16))
+        assert torch.equal(compiled(x), model(x))
+    fx_offload.restore(model)
