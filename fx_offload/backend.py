@@ -155,7 +155,8 @@ def graph_plan(gm: fx.GraphModule, example_inputs: list, options: BackendOptions
         for key in node.meta.get("nn_module_stack") or {}:
             if placement.is_region_module(key):
                 region_modules.add(key.split("@")[0])
-    if not offloaded and options.offload is None and not placement._records:
+    _refuse_resident_in_offloaded(gm, placeholders, example_inputs, offloaded)
+    if not offloaded and options.offload is None and not placement._records and not region_modules:
         raise ValueError(
             "offload_inductor has nothing to offload: call fx_offload.offload(model, patterns) "
             "before compiling, or pass torch.compile(..., options={'offload': ['visual']})"
@@ -163,6 +164,25 @@ def graph_plan(gm: fx.GraphModule, example_inputs: list, options: BackendOptions
     return GraphPlan(
         offloaded, frozenset(region_modules), options.prefetch, device_type, options.prefetch_head
     )
+
+
+def _refuse_resident_in_offloaded(gm, placeholders, example_inputs, offloaded) -> None:
+    """A parameter read inside an offloaded module must be offloaded: else it was swapped in later."""
+    position = {node: i for i, node in enumerate(placeholders)}
+    for node in gm.graph.nodes:
+        stack = list((node.meta.get("nn_module_stack") or {}).items())
+        if node.op == "placeholder" or not stack or not placement.is_region_module(stack[-1][0]):
+            continue
+        for arg in node.all_input_nodes:
+            i = position.get(arg)
+            example = example_inputs[i] if i is not None else None
+            if isinstance(example, nn.Parameter) and example.numel() and i not in offloaded:
+                raise ValueError(
+                    f"module {module_name(stack[-1][1][0])!r} is offloaded but reads a resident "
+                    f"{tuple(example.shape)} parameter: a parameter was replaced after offload "
+                    "(load_state_dict(assign=True), a new nn.Parameter?). Call "
+                    "fx_offload.restore(model) first, change the model, then offload it again"
+                )
 
 
 def _place_by_patterns(gm, placeholders, example_inputs, patterns) -> set[str]:

@@ -8,6 +8,11 @@ host and device are the same memory and the alias is the host tensor itself.
 
 The compiled graph never reads the alias: ``fetch`` copies from the host tensor, which it finds
 here by the alias's address.
+
+An offloaded ``nn.Parameter`` also changes class, to a subclass of its own (``OffloadedParameter``
+for a plain one). Dynamo guards on a tensor's type, so a graph compiled for an offloaded block is
+never reused for a resident one, or the other way round: after a graph break, Dynamo otherwise
+reuses one graph for every block of a stack with that block's weights as inputs.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ class HostParameter:
     device: torch.device
     pinned: bool
     param: weakref.ref = field(repr=False)
+    original_class: type = field(default=torch.Tensor, repr=False)
 
     @property
     def nbytes(self) -> int:
@@ -74,7 +80,9 @@ def place(
             continue
         host, pinned = _host_copy(param.data, device, pin_memory, names[0])
         param.data = _device_alias(host, device)
-        record = HostParameter(names, host, device, pinned, weakref.ref(param))
+        record = HostParameter(names, host, device, pinned, weakref.ref(param), type(param))
+        if isinstance(param, nn.Parameter):
+            param.__class__ = _offloaded_class(type(param))
         key = param.data.data_ptr()
         _records[key] = record
         _placed[param] = record
@@ -89,6 +97,8 @@ def unplace(record: HostParameter) -> None:
     if param is not None and lookup(param.data) is record:
         # on the CPU the host tensor already is device memory
         param.data = record.host if record.device.type == "cpu" else record.host.to(record.device)
+    if param is not None and type(param) is _offloaded_classes.get(record.original_class):
+        param.__class__ = record.original_class
     for key, value in list(_records.items()):
         if value is record:
             del _records[key]
@@ -100,6 +110,25 @@ def replaced(tensor: torch.Tensor) -> HostParameter | None:
     """The record of a parameter that was offloaded but whose data was since replaced."""
     record = _placed.get(tensor) if isinstance(tensor, nn.Parameter) else None
     return record if record is not None and lookup(tensor) is not record else None
+
+
+class OffloadedParameter(nn.Parameter):
+    """The class an offloaded ``nn.Parameter`` takes while offloaded (Dynamo guards on it)."""
+
+
+_offloaded_classes: dict[type, type] = {nn.Parameter: OffloadedParameter}
+
+
+def _offloaded_class(cls: type) -> type:
+    if cls in _offloaded_classes.values():
+        return cls
+    if cls not in _offloaded_classes:
+        # e.g. vLLM's parameter classes; made importable so an offloaded model still pickles
+        name = f"Offloaded{cls.__name__}"
+        made = type(name, (cls,), {"__module__": __name__, "__qualname__": name})
+        globals()[name] = made
+        _offloaded_classes[cls] = made
+    return _offloaded_classes[cls]
 
 
 def _forget(key: int, record: HostParameter) -> None:

@@ -107,3 +107,23 @@ class CpuHop(nn.Module):
 def seeded(cls, *args, seed: int = 0, **kwargs) -> nn.Module:
     torch.manual_seed(seed)
     return cls(*args, **kwargs).eval()
+
+
+class BreakingBlock(Block):
+    """A block whose forward breaks the graph: Dynamo compiles it once and reuses it per block."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(x))
+        torch._dynamo.graph_break()
+        return x + self.fc2(h)
+
+
+class BreakingStack(nn.Module):
+    def __init__(self, n: int = 4, dim: int = 8) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([BreakingBlock(dim) for _ in range(n)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fx_offload.explain import recording
-from tests.models import Broken, CalledTwice, Nested, Stack, Tied, seeded
+from tests.models import BreakingStack, Broken, CalledTwice, Nested, Stack, Tied, seeded
 
 CASES = {
     "nested_visual": (Nested, ["visual"], lambda: (torch.randn(3, 8),)),
@@ -13,6 +13,9 @@ CASES = {
     "tied": (Tied, ["embed"], lambda: (torch.randint(0, 16, (2, 5)),)),
     "graph_break": (Broken, ["first", "second"], lambda: (torch.randn(3, 8),)),
     "everything": (Stack, ["*"], lambda: (torch.randn(3, 8),)),
+    # one graph per block kind after a break: first-traced block offloaded, then resident
+    "reused_graph_even": (BreakingStack, ["re:layers\\.[02]"], lambda: (torch.randn(3, 8),)),
+    "reused_graph_odd": (BreakingStack, ["re:layers\\.[13]"], lambda: (torch.randn(3, 8),)),
 }
 
 

@@ -11,6 +11,7 @@ from torch import nn
 import fx_offload
 from fx_offload import placement
 from fx_offload.explain import recording
+from fx_offload.matching import pattern_matches
 from tests.models import Block, Nested, Stack, seeded
 
 
@@ -57,19 +58,29 @@ def test_load_state_dict_in_place_is_seen_by_the_next_call():
     fx_offload.restore(model)
 
 
-def test_replacing_a_submodule_after_offload_raises_then_recovers_after_restore():
+def test_replacing_a_submodule_after_offload_runs_the_new_one_resident_and_correct():
     model = seeded(Stack)
     fx_offload.offload(model, ["layers.*"], device="cpu")
     compiled = _compiled(model)
     x = torch.randn(2, 8)
     with torch.no_grad():
         compiled(x)
-        model.layers[1] = seeded(Block, seed=9)  # same shapes: Dynamo reuses the graph
+        model.layers[1] = seeded(Block, seed=9)  # a new module, never offloaded: Dynamo recompiles
+        assert torch.equal(compiled(x), model(x))
+    assert all(placement.lookup(p) is None for p in model.layers[1].parameters())
+    fx_offload.restore(model)
+
+
+def test_swapping_in_new_data_after_offload_raises_naming_restore():
+    model = seeded(Stack)
+    fx_offload.offload(model, ["layers.*"], device="cpu")
+    compiled = _compiled(model)
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        compiled(x)
+        model.layers[1].fc1.weight.data = torch.randn(16, 8)  # same class, new memory: no recompile
         with pytest.raises(RuntimeError, match="restore"):
             compiled(x)
-        fx_offload.restore(model)
-        fx_offload.offload(model, ["layers.*"], device="cpu")
-        assert torch.equal(compiled(x), model(x))
     fx_offload.restore(model)
 
 
@@ -164,6 +175,12 @@ def test_frozen_offloaded_parameters_beside_trained_ones():
     fx_offload.restore(model)
 
 
+def _owners(name: str) -> list[str]:
+    """The modules that hold parameter ``name``: every proper prefix of its path."""
+    parts = name.split(".")[:-1]
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
 class Tree(nn.Module):
     """A random tree of residual linear leaves, named a, b, c... at each level."""
 
@@ -203,7 +220,11 @@ def test_random_trees_and_patterns_match_eager_and_fetch_exactly_the_matched(sha
         assert torch.equal(out, expected)
         lines = [line for graph in graphs for line in graph.splitlines()]
         named = {line.split(": ", 1)[1] for line in lines if line.startswith("# arg")}
-        matched = {n for n, _ in model.named_parameters() if any(n.startswith(c + ".") for c in chosen)}
+        matched = {
+            n
+            for n, _ in model.named_parameters()
+            if any(pattern_matches(c, prefix) for c in chosen for prefix in _owners(n))
+        }
         assert named == matched == {r.names[0] for r in plan.records}
     finally:
         fx_offload.restore(model)

@@ -81,7 +81,8 @@ def test_uuid_changes_with_patterns_and_options():
     base = fx_offload.vllm.OffloadPass(["mlp"]).uuid()
     assert fx_offload.vllm.OffloadPass(["mlp"]).uuid() == base
     assert fx_offload.vllm.OffloadPass(["self_attn"]).uuid() != base
-    assert fx_offload.vllm.OffloadPass(["mlp"], prefetch=2).uuid() != base
+    deeper = fx_offload.backend.DEFAULT_PREFETCH + 1
+    assert fx_offload.vllm.OffloadPass(["mlp"], prefetch=deeper).uuid() != base
     assert fx_offload.vllm.OffloadPass(None).uuid() != base
 
 
