@@ -39,15 +39,21 @@ _inflight: dict[int, torch.cuda.Event] = {}
 
 def fetch(weights: list[torch.Tensor]) -> list[torch.Tensor]:
     """Start copying the host values of ``weights`` into fresh device buffers."""
-    hosts = [_host_of(weight) for weight in weights]
     buffers = [torch.empty(w.shape, dtype=w.dtype, device=w.device) for w in weights]
-    if not buffers:
-        return buffers
-    device = buffers[0].device
-    if device.type != "cuda":
+    _start_copies(buffers, weights)
+    return buffers
+
+
+def _start_copies(buffers: list[torch.Tensor], weights: list[torch.Tensor]) -> None:
+    """Copy the host values of ``weights`` into ``buffers``: on a GPU, on the copy stream, after
+    the compute stream's queued work (the buffers may reuse memory it still reads), ending with
+    an event that ``wait`` joins."""
+    hosts = [_host_of(weight) for weight in weights]
+    if not buffers or buffers[0].device.type != "cuda":
         for buffer, host in zip(buffers, hosts):
             buffer.copy_(host)
-        return buffers
+        return
+    device = buffers[0].device
     compute = torch.cuda.current_stream(device)
     copy = _copy_stream(device)
     copy.wait_stream(compute)
@@ -57,7 +63,6 @@ def fetch(weights: list[torch.Tensor]) -> list[torch.Tensor]:
         done = torch.cuda.Event()
         done.record(copy)
     _inflight[buffers[0].data_ptr()] = done
-    return buffers
 
 
 def wait(fetched: list[torch.Tensor]) -> None:
@@ -140,21 +145,7 @@ def head(weights: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def refill(buffers: list[torch.Tensor], weights: list[torch.Tensor]) -> None:
     """Start copying ``weights`` into their head ``buffers`` for the next call."""
-    hosts = [_host_of(weight) for weight in weights]
-    if not buffers or buffers[0].device.type != "cuda":
-        for buffer, host in zip(buffers, hosts):
-            buffer.copy_(host)
-        return
-    device = buffers[0].device
-    compute = torch.cuda.current_stream(device)
-    copy = _copy_stream(device)
-    copy.wait_stream(compute)
-    with torch.cuda.stream(copy):
-        for buffer, host in zip(buffers, hosts):
-            buffer.copy_(host, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record(copy)
-    _inflight[buffers[0].data_ptr()] = done
+    _start_copies(buffers, weights)
 
 
 def forget_heads(tensors: list[torch.Tensor]) -> None:
