@@ -28,7 +28,7 @@ from fx_offload import runtime
 
 @torch.library.custom_op("fx_offload::fetch", mutates_args=())
 def fetch(weights: list[torch.Tensor], after: list[torch.Tensor], region: str) -> list[torch.Tensor]:
-    return runtime.fetch(weights)
+    return runtime.fetch(weights, region)
 
 
 @fetch.register_fake

@@ -72,23 +72,36 @@ def place(
     Returns:
         The records, in the order given. Parameters already placed are returned as they are.
     """
-    records = []
-    for param, names in params:
-        existing = lookup(param.data)
-        if existing is not None:
-            records.append(existing)
-            continue
-        host, pinned = _host_copy(param.data, device, pin_memory, names[0])
-        param.data = _device_alias(host, device)
-        record = HostParameter(names, host, device, pinned, weakref.ref(param), type(param))
-        if isinstance(param, nn.Parameter):
-            param.__class__ = _offloaded_class(type(param))
-        key = param.data.data_ptr()
-        _records[key] = record
-        _placed[param] = record
-        weakref.finalize(param, _forget, key, record)
-        records.append(record)
+    records: list[HostParameter] = []
+    made: list[HostParameter] = []
+    try:
+        for param, names in params:
+            existing = lookup(param.data)
+            if existing is not None:
+                records.append(existing)
+                continue
+            made.append(_place_one(param, names, device, pin_memory))
+            records.append(made[-1])
+    except BaseException:
+        for record in made:  # all or nothing: no model is left half on each side
+            unplace(record)
+        raise
     return records
+
+
+def _place_one(
+    param: nn.Parameter, names: tuple[str, ...], device: torch.device, pin_memory: bool | None
+) -> HostParameter:
+    host, pinned = _host_copy(param.data, device, pin_memory, names[0])
+    param.data = _device_alias(host, device)
+    record = HostParameter(names, host, device, pinned, weakref.ref(param), type(param))
+    if isinstance(param, nn.Parameter):
+        param.__class__ = _offloaded_class(type(param))
+    key = param.data.data_ptr()
+    _records[key] = record
+    _placed[param] = record
+    weakref.finalize(param, _forget, key, record)
+    return record
 
 
 def unplace(record: HostParameter) -> None:

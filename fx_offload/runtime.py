@@ -37,9 +37,18 @@ _copy_streams: dict[torch.device, torch.cuda.Stream] = {}
 _inflight: dict[int, torch.cuda.Event] = {}
 
 
-def fetch(weights: list[torch.Tensor]) -> list[torch.Tensor]:
+def fetch(weights: list[torch.Tensor], region: str = "") -> list[torch.Tensor]:
     """Start copying the host values of ``weights`` into fresh device buffers."""
-    buffers = [torch.empty(w.shape, dtype=w.dtype, device=w.device) for w in weights]
+    try:
+        buffers = [torch.empty(w.shape, dtype=w.dtype, device=w.device) for w in weights]
+    except torch.OutOfMemoryError as error:
+        nbytes = sum(w.numel() * w.element_size() for w in weights)
+        raise torch.OutOfMemoryError(
+            f"fx_offload could not fetch region {region!r}: {nbytes / 1e6:.1f} MB of weights did not "
+            f"fit on {weights[0].device}. With options['prefetch'] = N, up to N + 1 regions are on "
+            "the device at once (plus each graph's first region with prefetch_head): lower prefetch, "
+            f"set prefetch_head=False, or offload finer modules. ({error})"
+        ) from None
     _start_copies(buffers, weights)
     return buffers
 

@@ -240,3 +240,55 @@ def test_write_through_data_outside_the_first_region_is_seen():
         model.layers[2].fc2.weight.data.copy_(torch.randn(8, 16))
         assert torch.equal(compiled(x), model(x))
     fx_offload.restore(model)
+
+
+def test_out_of_device_memory_during_a_fetch_names_the_region_bytes_and_the_fix(monkeypatch):
+    from fx_offload import runtime
+
+    model = seeded(Stack)
+    fx_offload.offload(model, ["layers.*"], device="cpu")
+    weights = [p.data for p in model.layers[1].parameters()]
+
+    def empty(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(torch, "empty", empty)
+    with pytest.raises(torch.OutOfMemoryError) as info:
+        runtime.fetch(weights, "layers.1")
+    monkeypatch.undo()
+    message = str(info.value)
+    nbytes = sum(w.numel() * w.element_size() for w in weights)
+    assert "'layers.1'" in message and f"{nbytes / 1e6:.1f} MB" in message and "prefetch" in message
+    fx_offload.restore(model)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="pinning only fails where there is no GPU")
+def test_failure_to_pin_names_the_bytes_and_the_fix_and_loses_nothing():
+    model = seeded(Stack)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    weight = model.layers[0].fc1.weight
+    with pytest.raises(RuntimeError, match="could not pin .* bytes .*ulimit -l"):
+        placement._host_copy(weight.data, torch.device("cuda"), None, "layers.0.fc1.weight")
+    with pytest.raises(ValueError, match="pin_memory=True needs an accelerator"):
+        fx_offload.offload(model, ["layers"], device="cpu", pin_memory=True)
+    assert fx_offload.plan_of(model) is None
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_a_placement_that_fails_midway_undoes_what_it_placed(monkeypatch):
+    model = seeded(Stack)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    real = placement._host_copy
+    calls = []
+
+    def failing_second(data, device, pin_memory, name):
+        calls.append(name)
+        if len(calls) == 2:
+            raise RuntimeError("simulated failure to pin")
+        return real(data, device, pin_memory, name)
+
+    monkeypatch.setattr(placement, "_host_copy", failing_second)
+    with pytest.raises(RuntimeError, match="simulated"):
+        fx_offload.offload(model, ["layers"], device="cpu")
+    assert all(placement.lookup(p) is None and type(p) is nn.Parameter for p in model.parameters())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
