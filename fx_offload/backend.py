@@ -28,7 +28,7 @@ from torch import nn
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from fx_offload import matching, placement, runtime
-from fx_offload.regions import GraphPlan, find_regions, module_name
+from fx_offload.regions import GraphPlan, find_regions, module_calls, module_name
 from fx_offload.rewrite import RewrittenRegion, has_barrier, rewrite
 
 DEFAULT_PREFETCH = 2  # H100 decode case: 2.85 ms at 1, 2.69 at 2, 2.62 at 3 (floor 2.43); RESULTS.md
@@ -191,14 +191,10 @@ def _place_by_patterns(gm, placeholders, example_inputs, patterns) -> set[str]:
         grapharg = node.meta.get("grapharg")
         if isinstance(example, nn.Parameter) and grapharg is not None and grapharg.source is not None:
             params.setdefault(module_name(grapharg.source.name), example)
-    calls: dict[str, str] = {}
-    for node in gm.graph.nodes:
-        for key, (path, _cls) in (node.meta.get("nn_module_stack") or {}).items():
-            calls[key.split("@")[0]] = module_name(path)
+    calls = module_calls(gm.graph)
     names = {""} | set(calls.values())
     for name in params:
-        parts = name.split(".")[:-1]
-        names |= {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+        names |= set(matching.prefixes(name.rpartition(".")[0]))
     selected = matching.select(patterns, sorted(names))
     roots = {name for hits in selected.values() for name in hits}
     owned: dict[int, tuple[nn.Parameter, list[str]]] = {}

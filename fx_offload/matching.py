@@ -89,6 +89,12 @@ def is_within(name: str, roots: Iterable[str]) -> bool:
     return any(root == "" or name == root or name.startswith(root + ".") for root in roots)
 
 
+def prefixes(name: str) -> list[str]:
+    """``a.b.c`` -> ``['a', 'a.b', 'a.b.c']``: the module and every module above it."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
 def _no_match_message(pattern: str, names: list[str]) -> str:
     named = [n for n in names if n]
     leaves = sorted({n.rsplit(".", 1)[-1] for n in named})

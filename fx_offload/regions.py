@@ -62,6 +62,15 @@ def module_name(path: str) -> str:
     return path.lstrip(".")
 
 
+def module_calls(graph: fx.Graph) -> dict[str, str]:
+    """Every module called in ``graph``: its ``nn_module_stack`` key (without ``@n``) -> its name."""
+    calls: dict[str, str] = {}
+    for node in graph.nodes:
+        for key, (path, _cls) in (node.meta.get("nn_module_stack") or {}).items():
+            calls[key.split("@")[0]] = module_name(path)
+    return calls
+
+
 def find_regions(graph: fx.Graph, plan: GraphPlan) -> list[Region]:
     """Group the reads of offloaded placeholders by module call, in order of first read."""
     placeholders = [node for node in graph.nodes if node.op == "placeholder"]

@@ -33,7 +33,7 @@ from torch._guards import detect_fake_mode
 from vllm.compilation.passes.inductor_pass import InductorPass
 
 from fx_offload import backend, matching, placement
-from fx_offload.regions import GraphPlan, module_name
+from fx_offload.regions import GraphPlan, module_calls, module_name
 
 ENVIRONMENT = "FX_OFFLOAD_VLLM"
 
@@ -101,13 +101,10 @@ class OffloadPass(InductorPass):
         """Place what this graph's patterns select and say which placeholders are offloaded."""
         placeholders = [node for node in graph.nodes if node.op == "placeholder"]
         reals = _real_tensors(placeholders)
-        calls: dict[str, str] = {}
-        for node in graph.nodes:
-            for key, (path, _cls) in (node.meta.get("nn_module_stack") or {}).items():
-                calls[key.split("@")[0]] = module_name(path)
+        calls = module_calls(graph)
         roots: set[str] = set()
         if self.patterns is not None:
-            names = {""} | {prefix for name in calls.values() for prefix in _prefixes(name)}
+            names = {""} | {prefix for name in calls.values() for prefix in matching.prefixes(name)}
             # VLLM_COMPILE splits the model at attention and runs this pass per piece
             selected = matching.select(self.patterns, sorted(names), strict=not _piecewise())
             roots = {name for hits in selected.values() for name in hits}
@@ -213,11 +210,6 @@ def _innermost(node: fx.Node) -> tuple[str, str] | None:
         return None
     key, (path, _cls) = stack[-1]
     return key.split("@")[0], module_name(path)
-
-
-def _prefixes(name: str) -> list[str]:
-    parts = name.split(".")
-    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
 
 
 def _adopt(param: nn.Parameter, name: str) -> placement.HostParameter:
