@@ -1,0 +1,181 @@
+"""Where the time of one offloaded forward goes: a GPU timeline of one steady-state call.
+
+    python benchmarks/profile_case.py --case decode_T8 [--prefetch N] [--no-head] [--trace t.json]
+
+For fx_offload under ``reduce-overhead`` (and the resident model, for comparison) it prints:
+per-call time with a sync after every call (what ``bench_offload.py`` reports), per-call time of
+50 calls issued back to back, the CPU time to issue one call, and from a torch.profiler trace of
+one call: the host->device copies (start, length, bandwidth), the copy stream's idle gaps, and
+the time from the call's first GPU activity to its last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import bench_offload as bench  # noqa: E402
+
+
+def per_call_ms(fn, x, n: int = 30) -> float:
+    times = []
+    for _ in range(n):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(x)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def back_to_back_ms(fn, x, n: int = 50) -> float:
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        fn(x)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / n
+
+
+def issue_ms(fn, x, n: int = 30) -> float:
+    """CPU milliseconds to issue one call (the GPU is idle before each)."""
+    times = []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn(x)
+        times.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def timeline(fn, x, trace_path: Path | None) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn(x)
+        torch.cuda.synchronize()
+    path = trace_path or Path(tempfile.mkstemp(suffix=".json")[1])
+    prof.export_chrome_trace(str(path))
+    events = json.loads(path.read_text())["traceEvents"]
+    gpu = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
+    if not gpu:
+        return {"error": "no GPU events in the trace"}
+    t0 = min(e["ts"] for e in gpu)
+    end = max(e["ts"] + e["dur"] for e in gpu)
+    copies = sorted((e for e in gpu if e.get("cat") == "gpu_memcpy"), key=lambda e: e["ts"])
+    kernels = [e for e in gpu if e.get("cat") != "gpu_memcpy"]
+    rows = []
+    for e in copies:
+        nbytes = (e.get("args") or {}).get("bytes")
+        rows.append(
+            {
+                "name": e["name"],
+                "stream": (e.get("args") or {}).get("stream"),
+                "start_us": e["ts"] - t0,
+                "us": e["dur"],
+                "bytes": nbytes,
+                "gbs": nbytes / e["dur"] / 1e3 if nbytes and e["dur"] else None,
+            }
+        )
+    gaps = [(b["start_us"] - (a["start_us"] + a["us"])) for a, b in zip(rows, rows[1:])]
+    launches = [e for e in events if e.get("cat") == "cuda_runtime"]
+    return {
+        "span_us": end - t0,
+        "copies": rows,
+        "copy_busy_us": sum(r["us"] for r in rows),
+        "copy_gaps_us": gaps,
+        "kernels": len(kernels),
+        "kernel_busy_us": sum(e["dur"] for e in kernels),
+        "first_copy_at_us": rows[0]["start_us"] if rows else None,
+        "last_gpu_after_last_copy_us": end - (rows[-1]["start_us"] + rows[-1]["us"] + t0) if rows else None,
+        "runtime_calls": sorted({e["name"] for e in launches}),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", default="decode_T8", choices=list(bench.CASES))
+    parser.add_argument("--prefetch", type=int, action="append", help="repeatable; default: the backend's")
+    parser.add_argument("--no-head", action="store_true")
+    parser.add_argument("--trace", help="write the fx_offload call's chrome trace here")
+    parser.add_argument("--json", default="profile_case.json")
+    args = parser.parse_args()
+    case = bench.CASES[args.case]
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    torch.manual_seed(0)
+    with torch.device(device):
+        state = {k: v.to(dtype).cpu() for k, v in bench.Stack(case).state_dict().items()}
+    x = torch.randn(case.tokens, case.dim, device=device, dtype=dtype)
+    block_bytes = 2 * case.dim * case.hidden * 2
+    offloaded = block_bytes * len(bench.offloaded_indices(case))
+    report = {
+        "environment": bench.environment(device),
+        "case": args.case,
+        "offloaded_bytes": offloaded,
+        "bandwidth_gbs": bench.bandwidth(device) / 1e9,
+        "bandwidth_one_parameter_gbs": bench.bandwidth(device, block_bytes // 2) / 1e9,
+        "bandwidth_one_block_gbs": bench.bandwidth(device, block_bytes) / 1e9,
+        "runs": [],
+    }
+    variants = [("resident reduce-overhead", {})]
+    for prefetch in args.prefetch or [None]:
+        options = {} if prefetch is None else {"prefetch": prefetch}
+        if args.no_head:
+            options["prefetch_head"] = False
+        variants.append(("fx_offload reduce-overhead", options))
+    with torch.no_grad():
+        for method, options in variants:
+            torch._dynamo.reset()
+            bench.FX_OPTIONS.clear()
+            bench.FX_OPTIONS.update(options)
+            fn = bench.prepare(method, case, state, device, dtype)
+            for _ in range(5):
+                fn(x)
+            run = {
+                "method": method,
+                "options": dict(options),
+                "per_call_ms": per_call_ms(fn, x),
+                "back_to_back_ms": back_to_back_ms(fn, x),
+                "issue_ms": issue_ms(fn, x),
+            }
+            trace = Path(args.trace) if args.trace and method.startswith("fx") else None
+            run["timeline"] = timeline(fn, x, trace)
+            report["runs"].append(run)
+            tl = run["timeline"]
+            print(
+                f"{method} {options}: per call {run['per_call_ms']:.3f} ms, back to back "
+                f"{run['back_to_back_ms']:.3f} ms, issue {run['issue_ms']:.3f} ms; GPU span "
+                f"{tl.get('span_us', 0) / 1e3:.3f} ms, copies busy {tl.get('copy_busy_us', 0) / 1e3:.3f} ms "
+                f"({len(tl.get('copies', []))} copies), first copy at {tl.get('first_copy_at_us')} us, "
+                f"kernels busy {tl.get('kernel_busy_us', 0) / 1e3:.3f} ms",
+                flush=True,
+            )
+            for row in tl.get("copies", []):
+                print(
+                    f"    copy {row['start_us']:9.1f} us  {row['us']:7.1f} us  {row['gbs'] or 0:5.1f} GB/s  stream {row['stream']}"
+                )
+            print(f"    copy gaps us: {[round(g, 1) for g in tl.get('copy_gaps_us', [])]}")
+            fn = None
+    print(
+        f"bandwidth 1 GiB {report['bandwidth_gbs']:.1f} GB/s, one parameter "
+        f"{report['bandwidth_one_parameter_gbs']:.1f}, one block {report['bandwidth_one_block_gbs']:.1f}; "
+        f"floor {offloaded / report['bandwidth_gbs'] / 1e6:.3f} ms"
+    )
+    Path(args.json).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
