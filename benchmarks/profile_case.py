@@ -165,7 +165,8 @@ def main() -> None:
             )
             for row in tl.get("copies", []):
                 print(
-                    f"    copy {row['start_us']:9.1f} us  {row['us']:7.1f} us  {row['gbs'] or 0:5.1f} GB/s  stream {row['stream']}"
+                    f"    copy {row['start_us']:9.1f} us  {row['us']:7.1f} us  "
+                    f"{row['gbs'] or 0:5.1f} GB/s  stream {row['stream']}"
                 )
             print(f"    copy gaps us: {[round(g, 1) for g in tl.get('copy_gaps_us', [])]}")
             fn = None
