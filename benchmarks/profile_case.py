@@ -60,6 +60,26 @@ def issue_ms(fn, x, n: int = 30) -> float:
     return statistics.median(times)
 
 
+def python_profile(fn, x, n: int = 50) -> str:
+    """cProfile of ``n`` calls (a sync after each): where the CPU time to issue a call goes."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    for _ in range(n):
+        torch.cuda.synchronize()
+        profiler.enable()
+        fn(x)
+        profiler.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    stats.sort_stats("tottime").print_stats(25)
+    stats.sort_stats("cumtime").print_stats(40)
+    return text.getvalue()
+
+
 def timeline(fn, x, trace_path: Path | None) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
@@ -112,6 +132,7 @@ def main() -> None:
     parser.add_argument("--no-head", action="store_true")
     parser.add_argument("--trace", help="write the fx_offload call's chrome trace here")
     parser.add_argument("--json", default="profile_case.json")
+    parser.add_argument("--cprofile", action="store_true", help="print a cProfile of issuing calls")
     args = parser.parse_args()
     case = bench.CASES[args.case]
     device, dtype = torch.device("cuda"), torch.bfloat16
@@ -151,6 +172,8 @@ def main() -> None:
                 "back_to_back_ms": back_to_back_ms(fn, x),
                 "issue_ms": issue_ms(fn, x),
             }
+            if args.cprofile:
+                print(f"== cProfile, {method} {options}\n{python_profile(fn, x)}", flush=True)
             trace = Path(args.trace) if args.trace and method.startswith("fx") else None
             run["timeline"] = timeline(fn, x, trace)
             report["runs"].append(run)
