@@ -27,7 +27,7 @@ import torch.fx as fx
 from torch import nn
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from fx_offload import matching, placement, runtime
+from fx_offload import matching, placement, runtime, swap
 from fx_offload.regions import GraphPlan, find_regions, module_calls, module_name
 from fx_offload.rewrite import RewrittenRegion, has_barrier, rewrite
 
@@ -76,11 +76,12 @@ def offload_inductor(
     plan = graph_plan(gm, example_inputs, parsed)
     patches = dict(list_mode_options(mode)) if mode else {}
     patches.update(parsed.inductor)
-    if plan.offloaded_inputs:
+    if plan.offloaded_inputs or plan.swapped_inputs:
         inner = patches.get("post_grad_custom_post_pass", torch._inductor.config.post_grad_custom_post_pass)
         patches["post_grad_custom_post_pass"] = OffloadPass(plan, inner)
     _make_heads(gm, example_inputs, plan)
-    return _around_calls(compile_fx(gm, example_inputs, config_patches=patches))
+    components = _components(example_inputs, plan)
+    return _around_calls(compile_fx(gm, example_inputs, config_patches=patches), components)
 
 
 def offload_eager(
@@ -97,7 +98,7 @@ def offload_eager(
     plan = graph_plan(gm, example_inputs, BackendOptions.parse(options))
 
     def forward_compiler(aot_gm: fx.GraphModule, _inputs):
-        if plan.offloaded_inputs:
+        if plan.offloaded_inputs or plan.swapped_inputs:
             _run_pass(aot_gm, plan)
         return make_boxed_func(aot_gm.forward)
 
@@ -105,8 +106,9 @@ def offload_eager(
         return make_boxed_func(aot_gm.forward)
 
     _make_heads(gm, example_inputs, plan)
+    components = _components(example_inputs, plan)
     compiled = aot_autograd(fw_compiler=forward_compiler, bw_compiler=backward_compiler)(gm, example_inputs)
-    return _around_calls(compiled)
+    return _around_calls(compiled, components)
 
 
 class OffloadPass(CustomGraphPass):
@@ -137,6 +139,7 @@ def graph_plan(gm: fx.GraphModule, example_inputs: list, options: BackendOptions
     if options.offload is not None:
         region_modules |= _place_by_patterns(gm, placeholders, example_inputs, options.offload)
     offloaded: dict[int, str] = {}
+    swapped: dict[int, tuple[str, str]] = {}
     device_type = "cpu"
     for i, example in enumerate(example_inputs):
         stale = placement.replaced(example) if isinstance(example, torch.Tensor) else None
@@ -148,22 +151,37 @@ def graph_plan(gm: fx.GraphModule, example_inputs: list, options: BackendOptions
                 "fx_offload.restore(model) first, change the model, then offload it again"
             )
         record = placement.lookup(example) if isinstance(example, torch.Tensor) else None
-        if record is not None:
+        if record is not None and record.component is not None:
+            swapped[i] = (record.names[0], record.component.name)
+            device_type = record.device.type
+        elif record is not None:
             offloaded[i] = record.names[0]
             device_type = record.device.type
     for node in gm.graph.nodes:
         for key in node.meta.get("nn_module_stack") or {}:
             if placement.is_region_module(key):
                 region_modules.add(key.split("@")[0])
-    _refuse_resident_in_offloaded(gm, placeholders, example_inputs, offloaded)
+    _refuse_resident_in_offloaded(gm, placeholders, example_inputs, {**offloaded, **swapped})
     if not offloaded and options.offload is None and not placement._records and not region_modules:
         raise ValueError(
             "offload_inductor has nothing to offload: call fx_offload.offload(model, patterns) "
             "before compiling, or pass torch.compile(..., options={'offload': ['visual']})"
         )
-    return GraphPlan(
-        offloaded, frozenset(region_modules), options.prefetch, device_type, options.prefetch_head
+    plan = GraphPlan(
+        offloaded, frozenset(region_modules), options.prefetch, device_type, options.prefetch_head, swapped
     )
+    swap.check_together(_components(example_inputs, plan))
+    return plan
+
+
+def _components(example_inputs: list, plan: GraphPlan) -> list[swap.Component]:
+    """The swapped components a graph reads, in order of their inputs."""
+    found: dict[int, swap.Component] = {}
+    for i in sorted(plan.swapped_inputs):
+        record = placement.lookup(example_inputs[i])
+        if record is not None and record.component is not None:
+            found.setdefault(id(record.component), record.component)
+    return list(found.values())
 
 
 def _refuse_resident_in_offloaded(gm, placeholders, example_inputs, offloaded) -> None:
@@ -226,12 +244,16 @@ def is_backward(graph: fx.Graph) -> bool:
     return any(node.op == "placeholder" and node.name.startswith("tangents") for node in graph.nodes)
 
 
-def _around_calls(compiled):
-    """Wrap a compiled graph so every call (CUDA-graph replays too) refreshes stale head copies."""
+def _around_calls(compiled, components: list[swap.Component] = ()):
+    """Wrap a compiled graph so every call (CUDA-graph replays too) first puts its swapped
+    components on the device and refreshes stale head copies."""
     key = object()
     boxed = getattr(compiled, "_boxed_call", False)
 
     def run(*args):
+        for component in components:
+            if component.arena is not None:
+                component.arena.ensure(component)
         with runtime.running(key):
             return compiled(*args)
 
@@ -256,6 +278,7 @@ def _plan_key(plan: GraphPlan) -> tuple:
         plan.prefetch,
         plan.device_type,
         plan.prefetch_head,
+        sorted(plan.swapped_inputs.items()),
     )
 
 

@@ -59,6 +59,39 @@ def normalize_patterns(patterns: object, *, argument: str = "patterns") -> tuple
     return tuple(result)
 
 
+POLICIES = ("stream", "swap")
+
+
+def normalize_policies(patterns: object, policy: object, *, argument: str = "patterns") -> tuple[str, ...]:
+    """The policy of each pattern of ``normalize_patterns(patterns)``, in the same order.
+
+    ``patterns`` may map each pattern to its policy; then ``policy`` must be left at ``None``.
+    """
+    names = normalize_patterns(patterns, argument=argument)
+    if isinstance(patterns, Mapping):
+        if policy is not None:
+            raise ValueError(
+                f"{argument} is a mapping of pattern to policy, and policy={policy!r} was given too: "
+                "give the policies in the mapping, or a list of patterns with policy="
+            )
+        policies = tuple(patterns[name] for name in names)
+    else:
+        policies = (POLICIES[0] if policy is None else policy,) * len(names)
+    for name, chosen in zip(names, policies):
+        if chosen not in POLICIES:
+            where = (
+                f"pattern {name!r} has policy {chosen!r}"
+                if isinstance(patterns, Mapping)
+                else (f"policy {chosen!r}")
+            )
+            raise ValueError(
+                f"{where}; the policies are {', '.join(repr(p) for p in POLICIES)} ('stream': "
+                "fetched for each call and released after it; 'swap': the whole module kept on "
+                "the device until another swapped module needs the room)"
+            )
+    return policies
+
+
 def pattern_matches(pattern: str, name: str) -> bool:
     """Whether one pattern selects the module called ``name`` (its qualified name)."""
     if pattern.startswith("re:"):

@@ -14,6 +14,10 @@
 ``refill(buffers, weights, after, region)``: start copying ``weights`` into the head ``buffers``
     for the next call, late in this one, so that copy overlaps this call's tail; a ``wait`` at the
     end of the graph joins it.
+``swapped(weights, component) -> buffers``: the fixed device copies of a swapped component's
+    weights (``fx_offload.swap``), which the compiled function's wrapper put there before the call.
+``hold(buffers, readers, component)``: at the end of the graph, keeps those copies alive to the
+    end, so that Inductor never reuses their memory for a later buffer (they persist across calls).
 
 Ordering is carried by data edges and declared mutations only, so no scheduler may move a node
 past what it guards.
@@ -79,8 +83,30 @@ def _(buffers, weights, after, region):
     return None
 
 
+@torch.library.custom_op("fx_offload::swapped", mutates_args=())
+def swapped(weights: list[torch.Tensor], component: str) -> list[torch.Tensor]:
+    return runtime.swapped(weights)
+
+
+@swapped.register_fake
+def _(weights, component):
+    return [torch.empty(w.shape, dtype=w.dtype, device=w.device) for w in weights]
+
+
+@torch.library.custom_op("fx_offload::hold", mutates_args=("buffers",))
+def hold(buffers: list[torch.Tensor], readers: list[torch.Tensor], component: str) -> None:
+    pass
+
+
+@hold.register_fake
+def _(buffers, readers, component):
+    return None
+
+
 FETCH = torch.ops.fx_offload.fetch.default
 WAIT = torch.ops.fx_offload.wait.default
 RELEASE = torch.ops.fx_offload.release.default
 HEAD = torch.ops.fx_offload.head.default
 REFILL = torch.ops.fx_offload.refill.default
+SWAPPED = torch.ops.fx_offload.swapped.default
+HOLD = torch.ops.fx_offload.hold.default

@@ -40,6 +40,8 @@ class HostParameter:
     pinned: bool
     param: weakref.ref = field(repr=False)
     original_class: type = field(default=torch.Tensor, repr=False)
+    policy: str = "stream"  # or "swap" (then ``component`` is its fx_offload.swap.Component)
+    component: object = field(default=None, repr=False)
 
     @property
     def nbytes(self) -> int:

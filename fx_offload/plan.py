@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fx_offload import matching, placement, runtime
+from fx_offload import matching, placement, runtime, swap
 
 _plans: weakref.WeakKeyDictionary[nn.Module, OffloadPlan] = weakref.WeakKeyDictionary()
 
@@ -18,17 +18,21 @@ class ModuleRow:
     name: str
     parameters: int
     nbytes: int
+    policy: str = "stream"
 
 
 @dataclass(frozen=True)
 class OffloadPlan:
-    """What ``offload`` did: the matched modules, their bytes, and where they live."""
+    """What ``offload`` did: the matched modules, their bytes, policies, and where they live."""
 
     patterns: tuple[str, ...]
     device: torch.device
     modules: tuple[ModuleRow, ...]
     records: tuple[placement.HostParameter, ...]
     resident_bytes: int
+    policies: tuple[str, ...] = ()
+    components: tuple[swap.Component, ...] = ()
+    device_budget: int | None = None
 
     @property
     def offloaded_bytes(self) -> int:
@@ -39,14 +43,22 @@ class OffloadPlan:
         where = "pinned host memory" if pinned else "host memory"
         if self.device.type == "cpu":
             where = "host memory (device is cpu)"
-        rows = [(row.name or "<root>", str(row.parameters), _size(row.nbytes), where) for row in self.modules]
-        rows.append(("total offloaded", str(len(self.records)), _size(self.offloaded_bytes), where))
-        rows.append(("resident", "", _size(self.resident_bytes), str(self.device)))
-        header = ("module", "parameters", "bytes", "lives in")
-        widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
+        rows = [
+            (row.name or "<root>", row.policy, str(row.parameters), _size(row.nbytes), where)
+            for row in self.modules
+        ]
+        rows.append(("total offloaded", "", str(len(self.records)), _size(self.offloaded_bytes), where))
+        rows.append(("resident", "", "", _size(self.resident_bytes), str(self.device)))
+        header = ("module", "policy", "parameters", "bytes", "lives in")
+        widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
         lines.insert(1, "  ".join("-" * w for w in widths))
         lines.insert(len(lines) - 2, lines[1])
+        if self.components:
+            lines.append(
+                f"swapped components share {_size(self.device_budget or 0)} of {self.device} "
+                f"(device_budget); each is copied in when a compiled call needs it"
+            )
         return "\n".join(lines)
 
 
@@ -56,24 +68,44 @@ def offload(
     *,
     device: str | torch.device | None = None,
     pin_memory: bool | None = None,
+    policy: str | None = None,
+    device_budget: int | None = None,
 ) -> OffloadPlan:
     """Place the parameters of the modules that ``patterns`` select in host memory.
 
     Args:
         model: the model; changed in place, parameters keep their identity.
-        patterns: module names, globs or ``re:`` regexes (see ``fx_offload.matching``).
+        patterns: module names, globs or ``re:`` regexes (see ``fx_offload.matching``), or a
+            mapping from pattern to policy, e.g. ``{"visual": "stream", "talker": "swap"}``.
+            Where patterns nest, the most specific one decides a parameter's policy.
         device: where the model computes; ``None`` is the device of the unmatched parameters,
             or ``cuda`` when they are on the CPU and a GPU exists.
         pin_memory: pin the host copies; ``None`` pins when ``device`` is an accelerator.
+        policy: for a list of patterns: ``"stream"`` (default; fetched for each region of each
+            call, released after it) or ``"swap"`` (each matched module is a component, copied
+            whole onto the device when a compiled call needs it and kept there until another
+            component needs its bytes).
+        device_budget: bytes of device memory the swapped components share; default: the
+            largest component's, so one is on the device at a time.
     Returns:
         The plan; ``print(plan)`` shows a table.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    policies = matching.normalize_policies(patterns, policy)
     patterns = matching.normalize_patterns(patterns)
+    _check_budget(device_budget, policies)
     modules = dict(model.named_modules(remove_duplicate=False))
     selected = matching.select(patterns, modules)
-    roots = _outermost({name for names in selected.values() for name in names})
+    chosen: dict[str, str] = {}
+    for pattern, chosen_policy in zip(patterns, policies):
+        for name in selected[pattern]:
+            if chosen.setdefault(name, chosen_policy) != chosen_policy:
+                raise ValueError(
+                    f"module {name!r} is selected with policy {chosen[name]!r} and with policy "
+                    f"{chosen_policy!r} (pattern {pattern!r}); give it one policy"
+                )
+    roots = _outermost(set(chosen))
 
     owned: dict[int, tuple[nn.Parameter, list[str]]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -87,11 +119,16 @@ def offload(
             f"patterns {list(patterns)} select modules {sorted(roots)} that hold no parameters; "
             "name the modules whose weights should live in host memory"
         )
+    # each parameter: (its policy, the module that heads its run of that policy)
+    deciding = {key: _decide(names[0].rpartition(".")[0], chosen) for key, (_, names) in owned.items()}
     resolved = _resolve_device(model, device, owned)
+    budget = _budget(device_budget, deciding, owned)
 
     existing = _plans.get(model)
     if existing is not None:
-        if existing.patterns == patterns and existing.device == resolved:
+        if (existing.patterns, existing.policies, existing.device) == (patterns, policies, resolved) and (
+            device_budget is None or existing.device_budget == budget
+        ):
             return existing
         raise ValueError(
             f"model is already offloaded with patterns {list(existing.patterns)} on "
@@ -99,22 +136,98 @@ def offload(
         )
 
     _move_resident(model, resolved, owned)
-    records = placement.place(
-        [(param, tuple(names)) for param, names in owned.values()], resolved, pin_memory
-    )
+    keys = list(owned)
+    records = placement.place([(owned[k][0], tuple(owned[k][1])) for k in keys], resolved, pin_memory)
+    components: dict[str, swap.Component] = {}
+    for key, record in zip(keys, records):
+        record.policy, head = deciding[key]
+        if record.policy == "swap":
+            component = components.setdefault(head, swap.Component(head, []))
+            component.records.append(record)
+            record.component = component
+    ordered = [components[name] for name in modules if name in components]
+    if ordered:
+        for component in ordered:
+            component.nbytes = swap.layout(component.records)[1]
+        try:
+            swap.Arena(ordered, budget, resolved)
+        except BaseException:
+            for record in records:
+                placement.unplace(record)
+            raise
+    streamed = {name for name, chosen_policy in chosen.items() if chosen_policy == "stream"}
     for name, module in modules.items():
-        if matching.is_within(name, roots):
+        if matching.is_within(name, streamed):
             placement.mark_region_module(module)
 
-    offloaded_ids = set(owned)
     rows = []
-    for root in sorted(roots, key=list(modules).index):
-        params = {id(p): p for p in modules[root].parameters() if id(p) in offloaded_ids}
-        rows.append(ModuleRow(root, len(params), sum(p.numel() * p.element_size() for p in params.values())))
-    resident = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in offloaded_ids)
-    plan = OffloadPlan(patterns, resolved, tuple(rows), tuple(records), resident)
+    for head in sorted({head for _, head in deciding.values()}, key=list(modules).index):
+        params = {k: owned[k][0] for k, (_, h) in deciding.items() if h == head}
+        nbytes = sum(p.numel() * p.element_size() for p in params.values())
+        rows.append(ModuleRow(head, len(params), nbytes, chosen[head]))
+    resident = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in owned)
+    plan = OffloadPlan(
+        patterns,
+        resolved,
+        tuple(rows),
+        tuple(records),
+        resident,
+        policies,
+        tuple(ordered),
+        budget if ordered else None,
+    )
     _plans[model] = plan
     return plan
+
+
+def _decide(module: str, chosen: dict[str, str]) -> tuple[str, str]:
+    """The policy of a parameter of ``module``: the deepest selected module above it decides;
+    it belongs to the outermost module of that policy's innermost run on its path."""
+    path = [name for name in ["", *matching.prefixes(module)] if name in chosen]
+    policy = chosen[path[-1]]
+    head = path[-1]
+    for name in reversed(path):
+        if chosen[name] != policy:
+            break
+        head = name
+    return policy, head
+
+
+def _check_budget(device_budget: object, policies: tuple[str, ...]) -> None:
+    if device_budget is None:
+        return
+    if not isinstance(device_budget, int) or isinstance(device_budget, bool) or device_budget <= 0:
+        raise TypeError(
+            f"device_budget must be a positive number of bytes (an int, e.g. 4 << 30), got {device_budget!r}"
+        )
+    if "swap" not in policies:
+        raise ValueError(
+            f"device_budget={device_budget} applies only to 'swap' patterns, and no pattern has that "
+            "policy; drop device_budget or give some patterns policy 'swap'"
+        )
+
+
+def _budget(device_budget: int | None, deciding: dict, owned: dict) -> int:
+    sizes: dict[str, list] = {}
+    for key, (chosen_policy, head) in deciding.items():
+        if chosen_policy == "swap":
+            sizes.setdefault(head, []).append(owned[key][0])
+    if not sizes:
+        return 0
+    totals = {
+        head: sum(-(-p.numel() * p.element_size() // swap.ALIGN) * swap.ALIGN for p in params)
+        for head, params in sizes.items()
+    }
+    largest = max(totals, key=totals.__getitem__)
+    if device_budget is None:
+        return totals[largest]
+    if device_budget < totals[largest]:
+        raise ValueError(
+            f"device_budget={device_budget} bytes is smaller than swapped component {largest!r} "
+            f"({totals[largest]} bytes): give at least {totals[largest]} bytes (the largest "
+            "component), or swap finer modules"
+        )
+    return device_budget
 
 
 def restore(model: nn.Module) -> None:
@@ -131,6 +244,8 @@ def restore(model: nn.Module) -> None:
             "fx_offload.offload(model, patterns) or the backend option 'offload')"
         )
     runtime.forget_heads([param.data for param in model.parameters()])
+    if plan is not None and plan.components and plan.components[0].arena is not None:
+        plan.components[0].arena.release()
     for record in records.values():
         placement.unplace(record)
     for module in model.modules():

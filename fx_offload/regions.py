@@ -35,6 +35,8 @@ class GraphPlan:
         device_type: the device the graph computes on; ops touching other memory are barriers.
         prefetch_head: serve the first region from buffers refilled at the end of the previous
             call (its copy then overlaps that call's tail instead of delaying this one's start).
+        swapped_inputs: placeholder position -> (parameter name, component name) of parameters
+            under the ``swap`` policy: read from their component's fixed device copy.
     """
 
     offloaded_inputs: Mapping[int, str]
@@ -42,6 +44,7 @@ class GraphPlan:
     prefetch: int = 1
     device_type: str = "cpu"
     prefetch_head: bool = True
+    swapped_inputs: Mapping[int, tuple[str, str]] = field(default_factory=dict)
 
 
 @dataclass

@@ -34,7 +34,7 @@ import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
 
-from fx_offload.ops import FETCH, HEAD, REFILL, RELEASE, WAIT
+from fx_offload.ops import FETCH, HEAD, HOLD, REFILL, RELEASE, SWAPPED, WAIT
 from fx_offload.regions import GraphPlan, Region, find_regions
 
 
@@ -60,6 +60,7 @@ def rewrite(graph: fx.Graph, plan: GraphPlan) -> list[RewrittenRegion]:
     _schedule(graph, inserted, plan.prefetch, plan.device_type)
     if plan.prefetch_head and inserted and not has_barrier(graph, plan.device_type):
         _serve_head(graph, inserted, plan.prefetch, plan.device_type)
+    _serve_swapped(graph, plan)
     graph.lint()
     return inserted
 
@@ -140,6 +141,30 @@ def _serve_head(graph: fx.Graph, regions: list[RewrittenRegion], depth: int, dev
     results = [n for n in output.all_input_nodes if isinstance(n.meta.get("val"), torch.Tensor)]
     with graph.inserting_before(output):
         _call(graph, WAIT, (first.items, results, first.region.name), "wait_refill")
+
+
+def _serve_swapped(graph: fx.Graph, plan: GraphPlan) -> None:
+    """Read swapped parameters from their component's fixed device copy, held to the end."""
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+    by_component: dict[str, list[fx.Node]] = {}
+    for i, (_name, component) in sorted(plan.swapped_inputs.items()):
+        if placeholders[i].users:
+            by_component.setdefault(component, []).append(placeholders[i])
+    if not by_component:
+        return
+    first = next(node for node in graph.nodes if node.op != "placeholder")
+    output = next(node for node in graph.nodes if node.op == "output")
+    results = [n for n in output.all_input_nodes if isinstance(n.meta.get("val"), torch.Tensor)]
+    for component, params in by_component.items():
+        with graph.inserting_before(first):
+            node = _call(graph, SWAPPED, (params, component), "swapped")
+            items = [_call(graph, operator.getitem, (node, i), "on_device") for i in range(len(params))]
+        for param, item in zip(params, items):
+            for user in list(param.users):
+                if user is not node and not _escapes(user):
+                    user.replace_input_with(param, item)
+        with graph.inserting_before(output):
+            _call(graph, HOLD, (items, results, component), "hold")
 
 
 def _last_barrier(

@@ -181,6 +181,27 @@ def _new_head(weight: torch.Tensor) -> _HeadBuffer:
     return _HeadBuffer(buffer, record, version)
 
 
+def swapped(weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The device copies of swapped ``weights``, in their component's range of the arena."""
+    buffers = []
+    for weight in weights:
+        record = placement.lookup(weight)
+        component = record.component if record is not None else None
+        if component is None:
+            _host_of(weight)  # raises the error that names the cause
+            raise RuntimeError(
+                f"fx_offload.swapped got a weight of a module that is not swapped: {record.names}"
+            )
+        if not component.resident:
+            raise RuntimeError(
+                f"swapped component {component.name!r} is not on the device: a compiled graph that "
+                "reads it ran without fx_offload's wrapper (which copies it in before each call). "
+                "Call the model through torch.compile(..., backend='offload_inductor')"
+            )
+        buffers.append(component.views[id(record)])
+    return buffers
+
+
 def _host_of(weight: torch.Tensor) -> torch.Tensor:
     record = placement.lookup(weight)
     if record is None:

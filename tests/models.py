@@ -127,3 +127,23 @@ class BreakingStack(nn.Module):
         for layer in self.layers:
             x = layer(x)
         return x
+
+
+class TwoStage(nn.Module):
+    """Shaped like thinker -> talker: a stage that reads the input, then one that decodes from it.
+
+    Each stage is compiled on its own and called in turn: the thinker once, the talker for a few
+    steps, then the thinker again (the next request).
+    """
+
+    def __init__(self, dim: int = 8, hidden: int = 16) -> None:
+        super().__init__()
+        self.thinker = Stack(2, dim, hidden)
+        self.thinker.visual = Tower(dim)
+        self.talker = Stack(2, dim, hidden)
+
+    def think(self, x: torch.Tensor) -> torch.Tensor:
+        return self.thinker(self.thinker.visual(x))
+
+    def talk(self, h: torch.Tensor) -> torch.Tensor:
+        return self.talker(h)

@@ -1,0 +1,174 @@
+"""Policies per pattern: ``stream`` (fetched per region, released after it) and ``swap`` (a whole
+component moved to the device when a graph that needs it starts, kept until another needs the
+room), and ``device_budget``, the bytes swapped components may hold on the device at once."""
+
+import pytest
+import torch
+
+import fx_offload
+from fx_offload import placement
+from fx_offload.explain import recording
+from tests.models import Nested, Stack, TwoStage, seeded
+
+
+def _param_bytes(module):
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def _compiled_stages(model, backend="offload_inductor", **kwargs):
+    think = torch.compile(model.think, backend=backend, **kwargs)
+    talk = torch.compile(model.talk, backend=backend, **kwargs)
+    return think, talk
+
+
+def _rounds(model, think, talk, inputs, steps=3):
+    """thinker once, talker ``steps`` times, per input; every output compared to ``model``'s."""
+    with torch.no_grad():
+        for x in inputs:
+            h_ref, h = model.think(x), think(x)
+            torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-6)
+            for _ in range(steps):
+                h_ref, h = model.talk(h_ref), talk(h)
+                torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_mapping_of_patterns_to_policies_and_plan_shows_them(offloaded):
+    model = seeded(TwoStage)
+    plan = offloaded(model, {"visual": "stream", "thinker": "swap", "talker": "swap"})
+    text = str(plan)
+    assert "policy" in text and "swap" in text and "stream" in text
+    assert {c.name for c in plan.components} == {"thinker", "talker"}
+    # the most specific pattern decides: visual streams inside the swapped thinker
+    visual = {id(p) for p in model.thinker.visual.parameters()}
+    for record in plan.records:
+        expected = "stream" if id(record.param()) in visual else "swap"
+        assert record.policy == expected, record.names
+    thinker = next(c for c in plan.components if c.name == "thinker")
+    assert thinker.nbytes >= _param_bytes(model.thinker) - _param_bytes(model.thinker.visual)
+
+
+def test_policy_argument_applies_to_a_list(offloaded):
+    model = seeded(TwoStage)
+    plan = offloaded(model, ["thinker", "talker"], policy="swap")
+    assert all(record.policy == "swap" for record in plan.records)
+    assert len(plan.components) == 2
+
+
+def test_bad_policy_names_the_pattern_and_the_choices():
+    model = seeded(TwoStage)
+    with pytest.raises(ValueError, match=r"'talker'.*'swapp'.*'stream'.*'swap'"):
+        fx_offload.offload(model, {"talker": "swapp"}, device="cpu")
+    with pytest.raises(ValueError, match=r"policy.*'stream'.*'swap'"):
+        fx_offload.offload(model, ["talker"], policy="fast", device="cpu")
+    with pytest.raises(ValueError, match=r"mapping.*policy="):
+        fx_offload.offload(model, {"talker": "swap"}, policy="stream", device="cpu")
+    assert fx_offload.plan_of(model) is None
+    assert not any(isinstance(p, placement.OffloadedParameter) for p in model.parameters())
+
+
+def test_budget_smaller_than_the_largest_component_is_refused_naming_it():
+    model = seeded(TwoStage, dim=8, hidden=64)
+    with pytest.raises(ValueError, match=r"device_budget=100 .*'thinker'.* bytes"):
+        fx_offload.offload(model, ["thinker", "talker"], policy="swap", device_budget=100, device="cpu")
+    with pytest.raises(ValueError, match=r"device_budget.*only to 'swap'"):
+        fx_offload.offload(model, ["thinker"], device_budget=1 << 20, device="cpu")
+    with pytest.raises(TypeError, match=r"device_budget.*bytes"):
+        fx_offload.offload(model, ["talker"], policy="swap", device_budget="1GB", device="cpu")
+    assert fx_offload.plan_of(model) is None
+    assert not any(isinstance(p, placement.OffloadedParameter) for p in model.parameters())
+
+
+@pytest.mark.parametrize("backend", ["offload_eager", "offload_inductor"])
+def test_alternating_stages_cross_once_per_switch_and_stay_correct(backend, offloaded):
+    model = seeded(TwoStage)
+    plan = offloaded(model, ["thinker", "talker"], policy="swap")  # default budget: one at a time
+    assert plan.device_budget == max(c.nbytes for c in plan.components)
+    think, talk = _compiled_stages(model, backend)
+    _rounds(model, think, talk, [torch.randn(3, 8) for _ in range(3)], steps=4)
+    swaps = {c.name: c.swap_ins for c in plan.components}
+    assert swaps == {"thinker": 3, "talker": 3}  # once per switch, not once per forward (12)
+
+
+def test_a_budget_for_both_keeps_both(offloaded):
+    model = seeded(TwoStage)
+    probe = seeded(TwoStage)
+    sizes = fx_offload.offload(probe, ["thinker", "talker"], policy="swap", device="cpu").components
+    fx_offload.restore(probe)
+    plan = offloaded(
+        model, ["thinker", "talker"], policy="swap", device_budget=sum(c.nbytes for c in sizes)
+    )
+    think, talk = _compiled_stages(model)
+    _rounds(model, think, talk, [torch.randn(3, 8) for _ in range(3)])
+    assert {c.name: c.swap_ins for c in plan.components} == {"thinker": 1, "talker": 1}
+
+
+def test_stream_and_swap_in_one_model_and_graph(offloaded):
+    model = seeded(TwoStage)
+    offloaded(model, {"visual": "stream", "thinker": "swap", "talker": "swap"})
+    think, talk = _compiled_stages(model)
+    with recording() as graphs:
+        _rounds(model, think, talk, [torch.randn(3, 8) for _ in range(2)])
+    thinker_graph = next(g for g in graphs if "fx_offload.fetch" in g or "fx_offload.head" in g)
+    assert "fx_offload.swapped" in thinker_graph and "fx_offload.hold" in thinker_graph
+
+
+def test_one_graph_needing_components_that_share_memory_is_refused(offloaded):
+    model = seeded(TwoStage)
+    offloaded(model, ["thinker", "talker"], policy="swap")
+
+    def both(x):
+        return model.talk(model.think(x))
+
+    with pytest.raises(Exception, match=r"'thinker'.*'talker'.*device_budget"):
+        with torch.no_grad():
+            torch.compile(both, backend="offload_eager")(torch.randn(3, 8))
+
+
+def test_in_place_update_of_a_swapped_component_is_seen(offloaded):
+    model = seeded(TwoStage)
+    reference = seeded(TwoStage)
+    offloaded(model, ["thinker", "talker"], policy="swap")
+    think, talk = _compiled_stages(model)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        think(x)
+        for module in (model, reference):
+            module.thinker.layers[0].fc1.weight.mul_(2)
+        torch.testing.assert_close(think(x), reference.think(x), rtol=1e-5, atol=1e-6)
+        model.load_state_dict(reference.state_dict())  # in place: values change, storage stays
+        torch.testing.assert_close(think(x), reference.think(x), rtol=1e-5, atol=1e-6)
+
+
+def test_swap_survives_state_dict_and_restore():
+    model = seeded(TwoStage)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fx_offload.offload(model, {"visual": "stream", "thinker": "swap", "talker": "swap"}, device="cpu")
+    think, talk = _compiled_stages(model)
+    with torch.no_grad():
+        talk(think(torch.randn(3, 8)))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    fx_offload.restore(model)
+    assert not any(isinstance(p, placement.OffloadedParameter) for p in model.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_swap_on_a_nested_model_with_a_resident_head(offloaded):
+    model = seeded(Nested)
+    offloaded(model, {"thinker": "swap"})
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        expected = model(x)
+        out = torch.compile(model, backend="offload_inductor")(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_swapped_stack_compiled_whole(offloaded):
+    model = seeded(Stack)
+    plan = offloaded(model, {"layers": "swap"})
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        expected = model(x)
+        compiled = torch.compile(model, backend="offload_inductor")
+        for _ in range(3):
+            torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-6)
+    assert [c.swap_ins for c in plan.components] == [1]
