@@ -32,6 +32,10 @@ from fx_offload import placement
 #: Debug switch: fill released buffers with NaN (or the dtype's max) to expose late readers.
 poison_released = False
 
+#: Bytes copied host -> device by fetches, refills and swaps issued from Python. A CUDA graph's
+#: replays run no Python: under ``reduce-overhead`` only the recorded calls are counted.
+copied_bytes = 0
+
 _copy_streams: dict[torch.device, torch.cuda.Stream] = {}
 # data_ptr of a fetched buffer -> the event its copies end with
 _inflight: dict[int, torch.cuda.Event] = {}
@@ -57,7 +61,9 @@ def _start_copies(buffers: list[torch.Tensor], weights: list[torch.Tensor]) -> N
     """Copy the host values of ``weights`` into ``buffers``: on a GPU, on the copy stream, after
     the compute stream's queued work (the buffers may reuse memory it still reads), ending with
     an event that ``wait`` joins."""
+    global copied_bytes
     hosts = [_host_of(weight) for weight in weights]
+    copied_bytes += sum(host.numel() * host.element_size() for host in hosts)
     if not buffers or buffers[0].device.type != "cuda":
         for buffer, host in zip(buffers, hosts):
             buffer.copy_(host)

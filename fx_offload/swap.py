@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fx_offload import placement
+from fx_offload import placement, runtime
 
 ALIGN = 256  # bytes: each weight starts on a boundary kernels like
 
@@ -84,6 +84,7 @@ class Arena:
                 self.resident.discard(other)
         for record in component.records:
             component.views[id(record)].copy_(record.host, non_blocking=True)
+        runtime.copied_bytes += sum(record.nbytes for record in component.records)
         component.versions = versions
         component.swap_ins += 1
         self.resident.add(component)
