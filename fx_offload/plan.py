@@ -155,6 +155,10 @@ def offload(
             for record in records:
                 placement.unplace(record)
             raise
+    placed = {id(record.param()) for record in records}
+    for module in modules.values():
+        if any(id(p) in placed for p in module._parameters.values() if p is not None):
+            placement.install_eager_hooks(module)
     streamed = {name for name, chosen_policy in chosen.items() if chosen_policy == "stream"}
     for name, module in modules.items():
         if matching.is_within(name, streamed):
@@ -250,6 +254,7 @@ def restore(model: nn.Module) -> None:
         placement.unplace(record)
     for module in model.modules():
         placement.unmark_region_module(module)
+        placement.remove_eager_hooks(module)
 
 
 def plan_of(model: nn.Module) -> OffloadPlan | None:

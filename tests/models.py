@@ -147,3 +147,22 @@ class TwoStage(nn.Module):
 
     def talk(self, h: torch.Tensor) -> torch.Tensor:
         return self.talker(h)
+
+
+class EagerFrontEnd(nn.Module):
+    """An offloaded module called from a frame Dynamo leaves to Python (like transformers' audio
+    encoder, whose forward breaks the graph inside a loop), then a compiled block."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.front = nn.Linear(dim, dim)
+        self.block = Block(dim)
+        self.seen: list[torch.Tensor] = []
+
+    @torch._dynamo.disable
+    def _front(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(self.front.weight.data)
+        return self.front(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(self._front(x))

@@ -94,9 +94,7 @@ def test_a_budget_for_both_keeps_both(offloaded):
     probe = seeded(TwoStage)
     sizes = fx_offload.offload(probe, ["thinker", "talker"], policy="swap", device="cpu").components
     fx_offload.restore(probe)
-    plan = offloaded(
-        model, ["thinker", "talker"], policy="swap", device_budget=sum(c.nbytes for c in sizes)
-    )
+    plan = offloaded(model, ["thinker", "talker"], policy="swap", device_budget=sum(c.nbytes for c in sizes))
     think, talk = _compiled_stages(model)
     _rounds(model, think, talk, [torch.randn(3, 8) for _ in range(3)])
     assert {c.name: c.swap_ins for c in plan.components} == {"thinker": 1, "talker": 1}

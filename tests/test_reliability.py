@@ -292,3 +292,22 @@ def test_a_placement_that_fails_midway_undoes_what_it_placed(monkeypatch):
         fx_offload.offload(model, ["layers"], device="cpu")
     assert all(placement.lookup(p) is None and type(p) is nn.Parameter for p in model.parameters())
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_offloaded_module_called_from_an_eager_frame_is_correct_and_hooks_leave_with_restore():
+    from tests.models import EagerFrontEnd
+
+    model = seeded(EagerFrontEnd)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        expected = model(x)
+    fx_offload.offload(model, ["front", "block"], device="cpu")
+    try:
+        with torch.no_grad():
+            out = torch.compile(model, backend="offload_inductor")(x)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+        assert placement.lookup(model.front.weight) is not None  # the alias is back after the call
+        assert hasattr(model.front, "_fx_offload_hooks")
+    finally:
+        fx_offload.restore(model)
+    assert not hasattr(model.front, "_fx_offload_hooks") and not model.front._forward_pre_hooks
