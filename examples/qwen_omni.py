@@ -218,8 +218,14 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5, help="timed forwards per setting")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--part", choices=["all", "towers", "turns"], default="all")
+    parser.add_argument(
+        "--no-eager-copies",
+        action="store_true",
+        help="let frames Dynamo leaves to Python read offloaded weights in place (over the bus)",
+    )
     args = parser.parse_args()
     size = "full" if args.full else "tiny"
+    fx_offload.placement.eager_copies = not args.no_eager_copies
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, inputs = build(size, device, dtype)

@@ -170,18 +170,18 @@ def graph_plan(gm: fx.GraphModule, example_inputs: list, options: BackendOptions
     plan = GraphPlan(
         offloaded, frozenset(region_modules), options.prefetch, device_type, options.prefetch_head, swapped
     )
-    swap.check_together(_components(example_inputs, plan))
+    swap.check_together(list(_components(example_inputs, plan)))
     return plan
 
 
-def _components(example_inputs: list, plan: GraphPlan) -> list[swap.Component]:
-    """The swapped components a graph reads, in order of their inputs."""
-    found: dict[int, swap.Component] = {}
+def _components(example_inputs: list, plan: GraphPlan) -> dict[swap.Component, list]:
+    """The swapped components a graph reads, each with the records of the parameters it reads."""
+    found: dict[swap.Component, list] = {}
     for i in sorted(plan.swapped_inputs):
         record = placement.lookup(example_inputs[i])
         if record is not None and record.component is not None:
-            found.setdefault(id(record.component), record.component)
-    return list(found.values())
+            found.setdefault(record.component, []).append(record)
+    return found
 
 
 def _refuse_resident_in_offloaded(gm, placeholders, example_inputs, offloaded) -> None:
@@ -244,16 +244,17 @@ def is_backward(graph: fx.Graph) -> bool:
     return any(node.op == "placeholder" and node.name.startswith("tangents") for node in graph.nodes)
 
 
-def _around_calls(compiled, components: list[swap.Component] = ()):
+def _around_calls(compiled, components: Mapping[swap.Component, list] | None = None):
     """Wrap a compiled graph so every call (CUDA-graph replays too) first puts its swapped
     components on the device and refreshes stale head copies."""
     key = object()
     boxed = getattr(compiled, "_boxed_call", False)
+    reads = list((components or {}).items())
 
     def run(*args):
-        for component in components:
+        for component, records in reads:
             if component.arena is not None:
-                component.arena.ensure(component)
+                component.arena.ensure(component, records)
         with runtime.running(key):
             return compiled(*args)
 

@@ -217,6 +217,10 @@ def is_region_module(module_key: str) -> bool:
     return ident.isdigit() and int(ident) in _region_modules
 
 
+#: Give modules that own offloaded parameters device copies around eager calls (see below).
+#: Read by ``offload``; off, eager frames read the parameters in place, over the bus.
+eager_copies = True
+
 # Eager code (a frame Dynamo leaves to Python) that calls a module owning offloaded parameters
 # would read them where they live, over the bus, kernel by kernel. Around such a call, the
 # module's parameters hold device copies instead, made with one bulk copy each. Compiled graphs
@@ -242,14 +246,19 @@ def remove_eager_hooks(module: nn.Module) -> None:
 
 
 def _eager_enter(module: nn.Module, args) -> None:
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_dynamo_compiling():
         return
     swapped = []
     for param in module._parameters.values():
         record = lookup(param.data) if param is not None else None
         if record is None or record.device.type == "cpu" or record.param() is not param:
             continue  # on the CPU the host copy already is device memory
-        copy = record.host.to(record.device, non_blocking=True)
+        component = record.component
+        if component is not None and component.resident:  # swapped in: its fixed copy serves
+            component.arena.ensure(component, [record])
+            copy = component.views[id(record)]
+        else:
+            copy = record.host.to(record.device, non_blocking=True)
         _records[copy.data_ptr()] = record  # a compiled call inside still finds its host copy
         swapped.append((param, param.data, copy.data_ptr()))
         param.data = copy
@@ -257,7 +266,7 @@ def _eager_enter(module: nn.Module, args) -> None:
 
 
 def _eager_exit(module: nn.Module, args, output) -> None:
-    if torch.compiler.is_compiling() or not getattr(module, "_fx_offload_eager", None):
+    if torch.compiler.is_dynamo_compiling() or not getattr(module, "_fx_offload_eager", None):
         return
     for param, alias, pointer in module._fx_offload_eager.pop():
         param.data = alias

@@ -156,7 +156,7 @@ def offload(
                 placement.unplace(record)
             raise
     placed = {id(record.param()) for record in records}
-    for module in modules.values():
+    for module in modules.values() if placement.eager_copies else ():
         if any(id(p) in placed for p in module._parameters.values() if p is not None):
             placement.install_eager_hooks(module)
     streamed = {name for name, chosen_policy in chosen.items() if chosen_policy == "stream"}

@@ -36,7 +36,7 @@ class Component:
     swap_ins: int = 0  # times copied onto the device: the bytes that crossed are swap_ins * nbytes
     arena: Arena | None = field(default=None, repr=False)
     views: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)  # id(record) -> view
-    versions: tuple[int, ...] = field(default=(), repr=False)
+    versions: dict[int, int] = field(default_factory=dict, repr=False)  # id(record) -> version
 
     def overlaps(self, other: Component) -> bool:
         return self.offset < other.offset + other.nbytes and other.offset < self.offset + self.nbytes
@@ -74,20 +74,31 @@ class Arena:
             for record, offset in zip(component.records, offsets):
                 component.views[id(record)] = _view(self.memory, component.offset + offset, record.host)
 
-    def ensure(self, component: Component) -> None:
-        """Make ``component``'s range hold its current values (a copy only when it does not)."""
-        versions = _versions(component)
-        if component in self.resident and versions == component.versions:
+    def ensure(self, component: Component, reads: list[placement.HostParameter] = ()) -> None:
+        """Make ``component``'s range hold its values before a call that ``reads`` those records.
+
+        Not on the device: copy it whole, and mark out the components it overlaps. On the device:
+        copy again only the records in ``reads`` written in place since (their version moved), so
+        a call costs a look at the parameters it reads, not at the whole component.
+        """
+        if component not in self.resident:
+            for other in list(self.resident):
+                if other is not component and other.overlaps(component):
+                    self.resident.discard(other)
+            self._copy(component, component.records)
+            component.swap_ins += 1
+            self.resident.add(component)
             return
-        for other in list(self.resident):
-            if other is not component and other.overlaps(component):
-                self.resident.discard(other)
-        for record in component.records:
+        stale = [r for r in reads if component.versions.get(id(r)) != _version(r)]
+        if stale:
+            self._copy(component, stale)
+
+    @staticmethod
+    def _copy(component: Component, records: list[placement.HostParameter]) -> None:
+        for record in records:
             component.views[id(record)].copy_(record.host, non_blocking=True)
-        runtime.copied_bytes += sum(record.nbytes for record in component.records)
-        component.versions = versions
-        component.swap_ins += 1
-        self.resident.add(component)
+            component.versions[id(record)] = _version(record)
+        runtime.copied_bytes += sum(record.nbytes for record in records)
 
     def release(self) -> None:
         """Forget every component (on restore); the memory goes when the last reference does."""
@@ -111,9 +122,9 @@ def check_together(components: list[Component]) -> None:
                 )
 
 
-def _versions(component: Component) -> tuple[int, ...]:
-    params = (record.param() for record in component.records)
-    return tuple(param._version if param is not None else -1 for param in params)
+def _version(record: placement.HostParameter) -> int:
+    param = record.param()
+    return param._version if param is not None else -1
 
 
 def _view(memory: torch.Tensor, offset: int, like: torch.Tensor) -> torch.Tensor:
