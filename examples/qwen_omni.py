@@ -132,9 +132,12 @@ def _bytes(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def run_setting(model, inputs, expected, device, name, patterns, runs, **offload_kwargs) -> dict:
+def run_setting(
+    model, inputs, expected, device, name, patterns, runs, profile=False, **offload_kwargs
+) -> dict:
     """Offload with ``patterns`` (None: resident), compile, time ``runs`` forwards, restore."""
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     _sync(device)
     cuda = device.type == "cuda"
     plan = fx_offload.offload(model, patterns, device=device, **offload_kwargs) if patterns else None
@@ -155,8 +158,26 @@ def run_setting(model, inputs, expected, device, name, patterns, runs, **offload
                 logits, _ = think(inputs)
                 _sync(device)
                 times.append((time.perf_counter() - t0) * 1e3)
+        if profile:
+            import cProfile
+            import pstats
+
+            profiler = cProfile.Profile()
+            with torch.no_grad():
+                profiler.enable()
+                think(inputs)
+                _sync(device)
+                profiler.disable()
+            print(f"== cProfile of one forward, {name}")
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(12)
         swap_ins = {c.name: c.swap_ins for c in plan.components} if plan else {}
+        outside = set(plan.outside_graphs()) if plan else set()
+        outside_bytes = sum(r.nbytes for r in plan.records if r.names[0] in outside) if plan else 0
         return {
+            # offloaded parameters no compiled graph fetched: read in place by code Dynamo left
+            # to Python (over the bus), or not read at all
+            "outside_graphs": sorted(outside),
+            "outside_graphs_mb": outside_bytes / 1e6,
             "setting": name,
             "patterns": patterns,
             "offloaded_gb": plan.offloaded_bytes / 1e9 if plan else 0.0,
@@ -164,6 +185,7 @@ def run_setting(model, inputs, expected, device, name, patterns, runs, **offload
             "peak_gb": torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None,
             "ms": statistics.median(times),
             "first_call_s": compile_s,
+            "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],
             "swap_ins": swap_ins,
             "max_abs_diff": (logits.float() - expected).abs().max().item(),
         }
@@ -218,14 +240,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5, help="timed forwards per setting")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--part", choices=["all", "towers", "turns"], default="all")
-    parser.add_argument(
-        "--no-eager-copies",
-        action="store_true",
-        help="let frames Dynamo leaves to Python read offloaded weights in place (over the bus)",
-    )
+    parser.add_argument("--profile", action="store_true", help="print a cProfile of one forward each")
     args = parser.parse_args()
     size = "full" if args.full else "tiny"
-    fx_offload.placement.eager_copies = not args.no_eager_copies
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, inputs = build(size, device, dtype)
@@ -242,20 +259,37 @@ def main() -> None:
     settings = [
         ("resident", None, {}),
         ("towers stream", {"visual": "stream", "audio_tower": "stream"}, {}),
-        ("towers swap, one at a time", {"visual": "swap", "audio_tower": "swap"}, {}),
-        ("towers swap, both fit", {"visual": "swap", "audio_tower": "swap"},
+        # transformers' audio encoder runs its front end (convolutions) and projection where
+        # Dynamo leaves the code to Python: offloaded, they are read over the bus. Keep them.
+        ("towers stream, front end kept", {"visual": "stream", "audio_tower.layers": "stream"}, {}),
+        ("towers swap, one at a time", {"visual": "swap", "audio_tower.layers": "swap"}, {}),
+        ("towers swap, both fit", {"visual": "swap", "audio_tower.layers": "swap"},
          {"device_budget": sum(towers.values()) + (1 << 20)}),
     ]  # fmt: skip
     print(fx_offload.offload(model, settings[1][1], device=device))
     fx_offload.restore(model)
     if args.part in ("all", "towers"):
-        rows = [run_setting(model, inputs, expected, device, n, p, args.runs, **kw) for n, p, kw in settings]
-    print(f"\n{'setting':28} {'weights GB':>10} {'peak GB':>8} {'ms':>9} {'max |diff|':>10}  swap-ins")
+        rows = [
+            run_setting(model, inputs, expected, device, n, p, args.runs, args.profile, **kw)
+            for n, p, kw in settings
+        ]
+    print(
+        f"\n{'setting':28} {'weights GB':>10} {'peak GB':>8} {'ms':>9} {'max |diff|':>10} "
+        f"{'graphs':>6}  swap-ins"
+    )
+    for row in rows:
+        if row["outside_graphs"]:
+            shown = ", ".join(row["outside_graphs"][:4]) + (", ..." if len(row["outside_graphs"]) > 4 else "")
+            print(
+                f"  {row['setting']}: {len(row['outside_graphs'])} offloaded parameters "
+                f"({row['outside_graphs_mb']:.1f} MB) were read outside compiled graphs: {shown}"
+            )
     for row in rows:
         weights = f"{row['device_weights_gb']:.2f}" if row["device_weights_gb"] is not None else "-"
         peak = f"{row['peak_gb']:.2f}" if row["peak_gb"] is not None else "-"
         print(
-            f"{row['setting']:28} {weights:>10} {peak:>8} {row['ms']:9.2f} {row['max_abs_diff']:10.2e}  "
+            f"{row['setting']:28} {weights:>10} {peak:>8} {row['ms']:9.2f} {row['max_abs_diff']:10.2e} "
+            f"{row['graphs']:6}  "
             f"{row['swap_ins'] or ''}"
         )
 

@@ -42,6 +42,7 @@ class HostParameter:
     original_class: type = field(default=torch.Tensor, repr=False)
     policy: str = "stream"  # or "swap" (then ``component`` is its fx_offload.swap.Component)
     component: object = field(default=None, repr=False)
+    fetched: bool = field(default=False, repr=False)  # a compiled graph has copied it in
 
     @property
     def nbytes(self) -> int:
@@ -215,62 +216,6 @@ def is_region_module(module_key: str) -> bool:
     """Whether an ``nn_module_stack`` key (``str(id(module))``, maybe with ``@n``) is offloaded."""
     ident = module_key.split("@")[0]
     return ident.isdigit() and int(ident) in _region_modules
-
-
-#: Give modules that own offloaded parameters device copies around eager calls (see below).
-#: Read by ``offload``; off, eager frames read the parameters in place, over the bus.
-eager_copies = True
-
-# Eager code (a frame Dynamo leaves to Python) that calls a module owning offloaded parameters
-# would read them where they live, over the bus, kernel by kernel. Around such a call, the
-# module's parameters hold device copies instead, made with one bulk copy each. Compiled graphs
-# never see this: the hooks return at once while Dynamo traces.
-
-
-def install_eager_hooks(module: nn.Module) -> None:
-    """Give ``module`` (which owns offloaded parameters) device copies around eager calls."""
-    if getattr(module, "_fx_offload_hooks", None) is None:
-        module._fx_offload_eager = []
-        module._fx_offload_hooks = (
-            module.register_forward_pre_hook(_eager_enter),
-            module.register_forward_hook(_eager_exit, always_call=True),
-        )
-
-
-def remove_eager_hooks(module: nn.Module) -> None:
-    hooks = getattr(module, "_fx_offload_hooks", None)
-    if hooks is not None:
-        for hook in hooks:
-            hook.remove()
-        del module._fx_offload_hooks, module._fx_offload_eager
-
-
-def _eager_enter(module: nn.Module, args) -> None:
-    if torch.compiler.is_dynamo_compiling():
-        return
-    swapped = []
-    for param in module._parameters.values():
-        record = lookup(param.data) if param is not None else None
-        if record is None or record.device.type == "cpu" or record.param() is not param:
-            continue  # on the CPU the host copy already is device memory
-        component = record.component
-        if component is not None and component.resident:  # swapped in: its fixed copy serves
-            component.arena.ensure(component, [record])
-            copy = component.views[id(record)]
-        else:
-            copy = record.host.to(record.device, non_blocking=True)
-        _records[copy.data_ptr()] = record  # a compiled call inside still finds its host copy
-        swapped.append((param, param.data, copy.data_ptr()))
-        param.data = copy
-    module._fx_offload_eager.append(swapped)
-
-
-def _eager_exit(module: nn.Module, args, output) -> None:
-    if torch.compiler.is_dynamo_compiling() or not getattr(module, "_fx_offload_eager", None):
-        return
-    for param, alias, pointer in module._fx_offload_eager.pop():
-        param.data = alias
-        _records.pop(pointer, None)
 
 
 def adopt(param: nn.Parameter, host: torch.Tensor, names: tuple[str, ...]) -> HostParameter:

@@ -34,6 +34,15 @@ class OffloadPlan:
     components: tuple[swap.Component, ...] = ()
     device_budget: int | None = None
 
+    def outside_graphs(self) -> list[str]:
+        """Offloaded parameters that no compiled graph has copied in yet.
+
+        Ask after a compiled forward: these are read by code that Dynamo left to Python (a
+        frame it skipped, such as a graph break inside a loop), which reads them in place over
+        the bus, kernel by kernel, or not read at all. Keep their modules resident.
+        """
+        return [record.names[0] for record in self.records if not record.fetched]
+
     @property
     def offloaded_bytes(self) -> int:
         return sum(record.nbytes for record in self.records)
@@ -155,10 +164,6 @@ def offload(
             for record in records:
                 placement.unplace(record)
             raise
-    placed = {id(record.param()) for record in records}
-    for module in modules.values() if placement.eager_copies else ():
-        if any(id(p) in placed for p in module._parameters.values() if p is not None):
-            placement.install_eager_hooks(module)
     streamed = {name for name, chosen_policy in chosen.items() if chosen_policy == "stream"}
     for name, module in modules.items():
         if matching.is_within(name, streamed):
@@ -254,7 +259,6 @@ def restore(model: nn.Module) -> None:
         placement.unplace(record)
     for module in model.modules():
         placement.unmark_region_module(module)
-        placement.remove_eager_hooks(module)
 
 
 def plan_of(model: nn.Module) -> OffloadPlan | None:

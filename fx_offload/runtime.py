@@ -204,6 +204,7 @@ def swapped(weights: list[torch.Tensor]) -> list[torch.Tensor]:
                 "reads it ran without fx_offload's wrapper (which copies it in before each call). "
                 "Call the model through torch.compile(..., backend='offload_inductor')"
             )
+        record.fetched = True
         buffers.append(component.views[id(record)])
     return buffers
 
@@ -217,6 +218,7 @@ def _host_of(weight: torch.Tensor) -> torch.Tensor:
             "load_state_dict(assign=True), a new submodule?). Call fx_offload.restore(model), "
             "then offload and compile again"
         )
+    record.fetched = True
     return record.host
 
 

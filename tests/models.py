@@ -149,19 +149,26 @@ class TwoStage(nn.Module):
         return self.talker(h)
 
 
+class RecordingLinear(nn.Linear):
+    """Notes the weight tensor each forward computes with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(self.weight.data)
+        return super().forward(x)
+
+
 class EagerFrontEnd(nn.Module):
     """An offloaded module called from a frame Dynamo leaves to Python (like transformers' audio
     encoder, whose forward breaks the graph inside a loop), then a compiled block."""
 
     def __init__(self, dim: int = 8) -> None:
         super().__init__()
-        self.front = nn.Linear(dim, dim)
+        self.front = RecordingLinear(dim, dim)
+        self.front.seen = []
         self.block = Block(dim)
-        self.seen: list[torch.Tensor] = []
 
     @torch._dynamo.disable
     def _front(self, x: torch.Tensor) -> torch.Tensor:
-        self.seen.append(self.front.weight.data)
         return self.front(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -37,14 +37,14 @@ class Snapshots(TestCase):
             """\
 # graph 1 of 1
 # regions: thinker.visual
-# arg1_1: thinker.visual.proj.weight
-# arg2_1: thinker.visual.proj.bias
+# arg0_1: thinker.visual.proj.weight
+# arg1_1: thinker.visual.proj.bias
 # arg3_1: thinker.visual.block.fc1.weight
 # arg4_1: thinker.visual.block.fc1.bias
 # arg5_1: thinker.visual.block.fc2.weight
 # arg6_1: thinker.visual.block.fc2.bias
-    def forward(self, arg0_1: "f32[2, 8]", arg1_1: "f32[8, 8]", arg2_1: "f32[8]", arg3_1: "f32[16, 8]", arg4_1: "f32[16]", arg5_1: "f32[8, 16]", arg6_1: "f32[8]", arg7_1: "f32[8]", arg8_1: "f32[8]", arg9_1: "f32[4, 8]", arg10_1: "f32[4]"):
-        head = torch.ops.fx_offload.head.default([arg1_1, arg2_1, arg3_1, arg4_1, arg5_1, arg6_1], 'thinker.visual')
+    def forward(self, arg0_1: "f32[8, 8]", arg1_1: "f32[8]", arg2_1: "f32[2, 8]", arg3_1: "f32[16, 8]", arg4_1: "f32[16]", arg5_1: "f32[8, 16]", arg6_1: "f32[8]", arg7_1: "f32[8]", arg8_1: "f32[8]", arg9_1: "f32[4, 8]", arg10_1: "f32[4]"):
+        head = torch.ops.fx_offload.head.default([arg0_1, arg1_1, arg3_1, arg4_1, arg5_1, arg6_1], 'thinker.visual')
         fetched: "f32[8, 8]" = head[0]
         fetched_1: "f32[8]" = head[1]
         fetched_2: "f32[16, 8]" = head[2]
@@ -53,7 +53,7 @@ class Snapshots(TestCase):
         fetched_5: "f32[8]" = head[5];  head = None
         wait = torch.ops.fx_offload.wait.default([fetched, fetched_1, fetched_2, fetched_3, fetched_4, fetched_5], [], 'thinker.visual');  wait = None
         t: "f32[8, 8]" = torch.ops.aten.t.default(fetched)
-        addmm: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_1, arg0_1, t);  arg0_1 = t = None
+        addmm: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_1, arg2_1, t);  arg2_1 = t = None
         tanh: "f32[2, 8]" = torch.ops.aten.tanh.default(addmm)
         t_1: "f32[8, 16]" = torch.ops.aten.t.default(fetched_2)
         addmm_1: "f32[2, 16]" = torch.ops.aten.addmm.default(fetched_3, tanh, t_1);  t_1 = None
@@ -61,7 +61,7 @@ class Snapshots(TestCase):
         t_2: "f32[16, 8]" = torch.ops.aten.t.default(fetched_4)
         addmm_2: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_5, relu, t_2);  relu = t_2 = None
         release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1, fetched_2, fetched_3, fetched_4, fetched_5], [addmm, addmm_1, addmm_2], 'thinker.visual');  addmm = addmm_1 = None
-        refill = torch.ops.fx_offload.refill.default([fetched, fetched_1, fetched_2, fetched_3, fetched_4, fetched_5], [arg1_1, arg2_1, arg3_1, arg4_1, arg5_1, arg6_1], [release], 'thinker.visual');  arg1_1 = arg2_1 = arg3_1 = arg4_1 = arg5_1 = arg6_1 = release = refill = None
+        refill = torch.ops.fx_offload.refill.default([fetched, fetched_1, fetched_2, fetched_3, fetched_4, fetched_5], [arg0_1, arg1_1, arg3_1, arg4_1, arg5_1, arg6_1], [release], 'thinker.visual');  arg0_1 = arg1_1 = arg3_1 = arg4_1 = arg5_1 = arg6_1 = release = refill = None
         add: "f32[2, 8]" = torch.ops.aten.add.Tensor(tanh, addmm_2);  tanh = addmm_2 = None
         native_layer_norm = torch.ops.aten.native_layer_norm.default(add, [8], arg7_1, arg8_1, 1e-05);  add = arg7_1 = arg8_1 = None
         getitem: "f32[2, 8]" = native_layer_norm[0];  native_layer_norm = None
@@ -78,8 +78,8 @@ class Snapshots(TestCase):
             """\
 # graph 1 of 1
 # regions: layers.0, layers.1, layers.2
-# arg1_1: layers.0.fc1.weight
-# arg2_1: layers.0.fc1.bias
+# arg0_1: layers.0.fc1.weight
+# arg1_1: layers.0.fc1.bias
 # arg3_1: layers.0.fc2.weight
 # arg4_1: layers.0.fc2.bias
 # arg5_1: layers.1.fc1.weight
@@ -90,8 +90,8 @@ class Snapshots(TestCase):
 # arg10_1: layers.2.fc1.bias
 # arg11_1: layers.2.fc2.weight
 # arg12_1: layers.2.fc2.bias
-    def forward(self, arg0_1: "f32[2, 8]", arg1_1: "f32[16, 8]", arg2_1: "f32[16]", arg3_1: "f32[8, 16]", arg4_1: "f32[8]", arg5_1: "f32[16, 8]", arg6_1: "f32[16]", arg7_1: "f32[8, 16]", arg8_1: "f32[8]", arg9_1: "f32[16, 8]", arg10_1: "f32[16]", arg11_1: "f32[8, 16]", arg12_1: "f32[8]", arg13_1: "f32[8, 8]"):
-        head = torch.ops.fx_offload.head.default([arg1_1, arg2_1, arg3_1, arg4_1], 'layers.0')
+    def forward(self, arg0_1: "f32[16, 8]", arg1_1: "f32[16]", arg2_1: "f32[2, 8]", arg3_1: "f32[8, 16]", arg4_1: "f32[8]", arg5_1: "f32[16, 8]", arg6_1: "f32[16]", arg7_1: "f32[8, 16]", arg8_1: "f32[8]", arg9_1: "f32[16, 8]", arg10_1: "f32[16]", arg11_1: "f32[8, 16]", arg12_1: "f32[8]", arg13_1: "f32[8, 8]"):
+        head = torch.ops.fx_offload.head.default([arg0_1, arg1_1, arg3_1, arg4_1], 'layers.0')
         fetched: "f32[16, 8]" = head[0]
         fetched_1: "f32[16]" = head[1]
         fetched_2: "f32[8, 16]" = head[2]
@@ -103,7 +103,7 @@ class Snapshots(TestCase):
         fetched_7: "f32[8]" = fetch_1[3];  fetch_1 = None
         wait = torch.ops.fx_offload.wait.default([fetched, fetched_1, fetched_2, fetched_3], [fetched_4], 'layers.0');  wait = None
         t: "f32[8, 16]" = torch.ops.aten.t.default(fetched)
-        addmm: "f32[2, 16]" = torch.ops.aten.addmm.default(fetched_1, arg0_1, t);  t = None
+        addmm: "f32[2, 16]" = torch.ops.aten.addmm.default(fetched_1, arg2_1, t);  t = None
         relu: "f32[2, 16]" = torch.ops.aten.relu.default(addmm)
         t_1: "f32[16, 8]" = torch.ops.aten.t.default(fetched_2)
         addmm_1: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_3, relu, t_1);  relu = t_1 = None
@@ -113,7 +113,7 @@ class Snapshots(TestCase):
         fetched_9: "f32[16]" = fetch_2[1]
         fetched_10: "f32[8, 16]" = fetch_2[2]
         fetched_11: "f32[8]" = fetch_2[3];  fetch_2 = None
-        add: "f32[2, 8]" = torch.ops.aten.add.Tensor(arg0_1, addmm_1);  arg0_1 = addmm_1 = None
+        add: "f32[2, 8]" = torch.ops.aten.add.Tensor(arg2_1, addmm_1);  arg2_1 = addmm_1 = None
         wait_1 = torch.ops.fx_offload.wait.default([fetched_4, fetched_5, fetched_6, fetched_7], [fetched_8], 'layers.1');  wait_1 = None
         t_2: "f32[8, 16]" = torch.ops.aten.t.default(fetched_4)
         addmm_2: "f32[2, 16]" = torch.ops.aten.addmm.default(fetched_5, add, t_2);  t_2 = None
@@ -121,7 +121,7 @@ class Snapshots(TestCase):
         t_3: "f32[16, 8]" = torch.ops.aten.t.default(fetched_6)
         addmm_3: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_7, relu_1, t_3);  relu_1 = t_3 = None
         release_1: "f32[0]" = torch.ops.fx_offload.release.default([fetched_4, fetched_5, fetched_6, fetched_7], [addmm_2, addmm_3], 'layers.1');  fetched_4 = fetched_5 = fetched_6 = fetched_7 = addmm_2 = None
-        refill = torch.ops.fx_offload.refill.default([fetched, fetched_1, fetched_2, fetched_3], [arg1_1, arg2_1, arg3_1, arg4_1], [release_1], 'layers.0');  arg1_1 = arg2_1 = arg3_1 = arg4_1 = release_1 = refill = None
+        refill = torch.ops.fx_offload.refill.default([fetched, fetched_1, fetched_2, fetched_3], [arg0_1, arg1_1, arg3_1, arg4_1], [release_1], 'layers.0');  arg0_1 = arg1_1 = arg3_1 = arg4_1 = release_1 = refill = None
         add_1: "f32[2, 8]" = torch.ops.aten.add.Tensor(add, addmm_3);  add = addmm_3 = None
         wait_2 = torch.ops.fx_offload.wait.default([fetched_8, fetched_9, fetched_10, fetched_11], [fetched], 'layers.2');  wait_2 = None
         t_4: "f32[8, 16]" = torch.ops.aten.t.default(fetched_8)
@@ -144,23 +144,23 @@ class Snapshots(TestCase):
             """\
 # graph 1 of 1
 # regions: layers.0, layers.1
-# arg1_1: layers.0.fc1.weight
-# arg2_1: layers.0.fc1.bias
+# arg0_1: layers.0.fc1.weight
+# arg1_1: layers.0.fc1.bias
 # arg3_1: layers.0.fc2.weight
 # arg4_1: layers.0.fc2.bias
 # arg5_1: layers.1.fc1.weight
 # arg6_1: layers.1.fc1.bias
 # arg7_1: layers.1.fc2.weight
 # arg8_1: layers.1.fc2.bias
-    def forward(self, arg0_1: "f32[2, 8]", arg1_1: "f32[16, 8]", arg2_1: "f32[16]", arg3_1: "f32[8, 16]", arg4_1: "f32[8]", arg5_1: "f32[16, 8]", arg6_1: "f32[16]", arg7_1: "f32[8, 16]", arg8_1: "f32[8]", arg9_1: "f32[8, 8]"):
-        head = torch.ops.fx_offload.head.default([arg1_1, arg2_1, arg3_1, arg4_1], 'layers.0')
+    def forward(self, arg0_1: "f32[16, 8]", arg1_1: "f32[16]", arg2_1: "f32[2, 8]", arg3_1: "f32[8, 16]", arg4_1: "f32[8]", arg5_1: "f32[16, 8]", arg6_1: "f32[16]", arg7_1: "f32[8, 16]", arg8_1: "f32[8]", arg9_1: "f32[8, 8]"):
+        head = torch.ops.fx_offload.head.default([arg0_1, arg1_1, arg3_1, arg4_1], 'layers.0')
         fetched: "f32[16, 8]" = head[0]
         fetched_1: "f32[16]" = head[1]
         fetched_2: "f32[8, 16]" = head[2]
         fetched_3: "f32[8]" = head[3];  head = None
         wait = torch.ops.fx_offload.wait.default([fetched, fetched_1, fetched_2, fetched_3], [], 'layers.0');  wait = None
         t: "f32[8, 16]" = torch.ops.aten.t.default(fetched)
-        addmm: "f32[2, 16]" = torch.ops.aten.addmm.default(fetched_1, arg0_1, t);  t = None
+        addmm: "f32[2, 16]" = torch.ops.aten.addmm.default(fetched_1, arg2_1, t);  t = None
         relu: "f32[2, 16]" = torch.ops.aten.relu.default(addmm)
         t_1: "f32[16, 8]" = torch.ops.aten.t.default(fetched_2)
         addmm_1: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_3, relu, t_1);  relu = t_1 = None
@@ -170,7 +170,7 @@ class Snapshots(TestCase):
         fetched_5: "f32[16]" = fetch_1[1]
         fetched_6: "f32[8, 16]" = fetch_1[2]
         fetched_7: "f32[8]" = fetch_1[3];  fetch_1 = None
-        add: "f32[2, 8]" = torch.ops.aten.add.Tensor(arg0_1, addmm_1);  arg0_1 = addmm_1 = None
+        add: "f32[2, 8]" = torch.ops.aten.add.Tensor(arg2_1, addmm_1);  arg2_1 = addmm_1 = None
         wait_1 = torch.ops.fx_offload.wait.default([fetched_4, fetched_5, fetched_6, fetched_7], [], 'layers.1');  wait_1 = None
         t_2: "f32[8, 16]" = torch.ops.aten.t.default(fetched_4)
         addmm_2: "f32[2, 16]" = torch.ops.aten.addmm.default(fetched_5, add, t_2);  t_2 = None
@@ -178,7 +178,7 @@ class Snapshots(TestCase):
         t_3: "f32[16, 8]" = torch.ops.aten.t.default(fetched_6)
         addmm_3: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_7, relu_1, t_3);  relu_1 = t_3 = None
         release_1: "f32[0]" = torch.ops.fx_offload.release.default([fetched_4, fetched_5, fetched_6, fetched_7], [addmm_2, addmm_3], 'layers.1');  fetched_4 = fetched_5 = fetched_6 = fetched_7 = addmm_2 = None
-        refill = torch.ops.fx_offload.refill.default([fetched, fetched_1, fetched_2, fetched_3], [arg1_1, arg2_1, arg3_1, arg4_1], [release_1], 'layers.0');  arg1_1 = arg2_1 = arg3_1 = arg4_1 = release_1 = refill = None
+        refill = torch.ops.fx_offload.refill.default([fetched, fetched_1, fetched_2, fetched_3], [arg0_1, arg1_1, arg3_1, arg4_1], [release_1], 'layers.0');  arg0_1 = arg1_1 = arg3_1 = arg4_1 = release_1 = refill = None
         add_1: "f32[2, 8]" = torch.ops.aten.add.Tensor(add, addmm_3);  add = addmm_3 = None
         t_4: "f32[8, 8]" = torch.ops.aten.t.default(arg9_1);  arg9_1 = None
         mm: "f32[2, 8]" = torch.ops.aten.mm.default(add_1, t_4);  add_1 = t_4 = None
@@ -193,20 +193,20 @@ class Snapshots(TestCase):
             """\
 # graph 1 of 1
 # regions: shared, shared@1
-# arg1_1: shared.weight
-# arg2_1: shared.bias
-    def forward(self, arg0_1: "f32[2, 8]", arg1_1: "f32[8, 8]", arg2_1: "f32[8]", arg3_1: "f32[8, 8]", arg4_1: "f32[8]"):
-        head = torch.ops.fx_offload.head.default([arg1_1, arg2_1], 'shared')
+# arg0_1: shared.weight
+# arg1_1: shared.bias
+    def forward(self, arg0_1: "f32[8, 8]", arg1_1: "f32[8]", arg2_1: "f32[2, 8]", arg3_1: "f32[8, 8]", arg4_1: "f32[8]"):
+        head = torch.ops.fx_offload.head.default([arg0_1, arg1_1], 'shared')
         fetched: "f32[8, 8]" = head[0]
         fetched_1: "f32[8]" = head[1];  head = None
-        fetch_1 = torch.ops.fx_offload.fetch.default([arg1_1, arg2_1], [], 'shared@1')
+        fetch_1 = torch.ops.fx_offload.fetch.default([arg0_1, arg1_1], [], 'shared@1')
         fetched_2: "f32[8, 8]" = fetch_1[0]
         fetched_3: "f32[8]" = fetch_1[1];  fetch_1 = None
         wait = torch.ops.fx_offload.wait.default([fetched, fetched_1], [fetched_2], 'shared');  wait = None
         t: "f32[8, 8]" = torch.ops.aten.t.default(fetched)
-        addmm: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_1, arg0_1, t);  arg0_1 = t = None
+        addmm: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_1, arg2_1, t);  arg2_1 = t = None
         release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1], [addmm], 'shared')
-        refill = torch.ops.fx_offload.refill.default([fetched, fetched_1], [arg1_1, arg2_1], [release], 'shared');  arg1_1 = arg2_1 = release = refill = None
+        refill = torch.ops.fx_offload.refill.default([fetched, fetched_1], [arg0_1, arg1_1], [release], 'shared');  arg0_1 = arg1_1 = release = refill = None
         t_1: "f32[8, 8]" = torch.ops.aten.t.default(arg3_1);  arg3_1 = None
         addmm_1: "f32[2, 8]" = torch.ops.aten.addmm.default(arg4_1, addmm, t_1);  arg4_1 = addmm = t_1 = None
         wait_1 = torch.ops.fx_offload.wait.default([fetched_2, fetched_3], [fetched], 'shared@1');  wait_1 = None
@@ -224,16 +224,16 @@ class Snapshots(TestCase):
             """\
 # graph 1 of 1
 # regions: embed, lm_head (not offloaded)
-# arg1_1: embed.weight
-    def forward(self, arg0_1: "i64[1, 3]", arg1_1: "f32[16, 8]", arg2_1: "f32[8, 8]", arg3_1: "f32[8]"):
-        head = torch.ops.fx_offload.head.default([arg1_1], 'embed')
+# arg0_1: embed.weight
+    def forward(self, arg0_1: "f32[16, 8]", arg1_1: "i64[1, 3]", arg2_1: "f32[8, 8]", arg3_1: "f32[8]"):
+        head = torch.ops.fx_offload.head.default([arg0_1], 'embed')
         fetched: "f32[16, 8]" = head[0];  head = None
-        fetch_1 = torch.ops.fx_offload.fetch.default([arg1_1], [], 'lm_head (not offloaded)')
+        fetch_1 = torch.ops.fx_offload.fetch.default([arg0_1], [], 'lm_head (not offloaded)')
         fetched_1: "f32[16, 8]" = fetch_1[0];  fetch_1 = None
         wait = torch.ops.fx_offload.wait.default([fetched], [fetched_1], 'embed');  wait = None
-        embedding: "f32[1, 3, 8]" = torch.ops.aten.embedding.default(fetched, arg0_1);  arg0_1 = None
+        embedding: "f32[1, 3, 8]" = torch.ops.aten.embedding.default(fetched, arg1_1);  arg1_1 = None
         release: "f32[0]" = torch.ops.fx_offload.release.default([fetched], [embedding], 'embed')
-        refill = torch.ops.fx_offload.refill.default([fetched], [arg1_1], [release], 'embed');  arg1_1 = release = refill = None
+        refill = torch.ops.fx_offload.refill.default([fetched], [arg0_1], [release], 'embed');  arg0_1 = release = refill = None
         view: "f32[3, 8]" = torch.ops.aten.view.default(embedding, [3, 8]);  embedding = None
         t: "f32[8, 8]" = torch.ops.aten.t.default(arg2_1);  arg2_1 = None
         addmm: "f32[3, 8]" = torch.ops.aten.addmm.default(arg3_1, view, t);  arg3_1 = view = t = None
@@ -256,49 +256,49 @@ class Snapshots(TestCase):
             """\
 # graph 1 of 2
 # regions: first
-# arg1_1: first.fc1.weight
-# arg2_1: first.fc1.bias
+# arg0_1: first.fc1.weight
+# arg1_1: first.fc1.bias
 # arg3_1: first.fc2.weight
 # arg4_1: first.fc2.bias
-    def forward(self, arg0_1: "f32[2, 8]", arg1_1: "f32[16, 8]", arg2_1: "f32[16]", arg3_1: "f32[8, 16]", arg4_1: "f32[8]"):
-        head = torch.ops.fx_offload.head.default([arg1_1, arg2_1, arg3_1, arg4_1], 'first')
+    def forward(self, arg0_1: "f32[16, 8]", arg1_1: "f32[16]", arg2_1: "f32[2, 8]", arg3_1: "f32[8, 16]", arg4_1: "f32[8]"):
+        head = torch.ops.fx_offload.head.default([arg0_1, arg1_1, arg3_1, arg4_1], 'first')
         fetched: "f32[16, 8]" = head[0]
         fetched_1: "f32[16]" = head[1]
         fetched_2: "f32[8, 16]" = head[2]
         fetched_3: "f32[8]" = head[3];  head = None
         wait = torch.ops.fx_offload.wait.default([fetched, fetched_1, fetched_2, fetched_3], [], 'first');  wait = None
         t: "f32[8, 16]" = torch.ops.aten.t.default(fetched)
-        addmm: "f32[2, 16]" = torch.ops.aten.addmm.default(fetched_1, arg0_1, t);  t = None
+        addmm: "f32[2, 16]" = torch.ops.aten.addmm.default(fetched_1, arg2_1, t);  t = None
         relu: "f32[2, 16]" = torch.ops.aten.relu.default(addmm)
         t_1: "f32[16, 8]" = torch.ops.aten.t.default(fetched_2)
         addmm_1: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_3, relu, t_1);  relu = t_1 = None
         release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1, fetched_2, fetched_3], [addmm, addmm_1], 'first');  addmm = None
-        refill = torch.ops.fx_offload.refill.default([fetched, fetched_1, fetched_2, fetched_3], [arg1_1, arg2_1, arg3_1, arg4_1], [release], 'first');  arg1_1 = arg2_1 = arg3_1 = arg4_1 = release = refill = None
-        add: "f32[2, 8]" = torch.ops.aten.add.Tensor(arg0_1, addmm_1);  arg0_1 = addmm_1 = None
+        refill = torch.ops.fx_offload.refill.default([fetched, fetched_1, fetched_2, fetched_3], [arg0_1, arg1_1, arg3_1, arg4_1], [release], 'first');  arg0_1 = arg1_1 = arg3_1 = arg4_1 = release = refill = None
+        add: "f32[2, 8]" = torch.ops.aten.add.Tensor(arg2_1, addmm_1);  arg2_1 = addmm_1 = None
         wait_refill = torch.ops.fx_offload.wait.default([fetched, fetched_1, fetched_2, fetched_3], [add], 'first');  fetched = fetched_1 = fetched_2 = fetched_3 = wait_refill = None
         return (add,)
 
 # graph 2 of 2
 # regions: second
-# arg1_1: second.fc1.weight
-# arg2_1: second.fc1.bias
+# arg0_1: second.fc1.weight
+# arg1_1: second.fc1.bias
 # arg3_1: second.fc2.weight
 # arg4_1: second.fc2.bias
-    def forward(self, arg0_1: "f32[2, 8]", arg1_1: "f32[16, 8]", arg2_1: "f32[16]", arg3_1: "f32[8, 16]", arg4_1: "f32[8]"):
-        head = torch.ops.fx_offload.head.default([arg1_1, arg2_1, arg3_1, arg4_1], 'second')
+    def forward(self, arg0_1: "f32[16, 8]", arg1_1: "f32[16]", arg2_1: "f32[2, 8]", arg3_1: "f32[8, 16]", arg4_1: "f32[8]"):
+        head = torch.ops.fx_offload.head.default([arg0_1, arg1_1, arg3_1, arg4_1], 'second')
         fetched: "f32[16, 8]" = head[0]
         fetched_1: "f32[16]" = head[1]
         fetched_2: "f32[8, 16]" = head[2]
         fetched_3: "f32[8]" = head[3];  head = None
         wait = torch.ops.fx_offload.wait.default([fetched, fetched_1, fetched_2, fetched_3], [], 'second');  wait = None
         t: "f32[8, 16]" = torch.ops.aten.t.default(fetched)
-        addmm: "f32[2, 16]" = torch.ops.aten.addmm.default(fetched_1, arg0_1, t);  t = None
+        addmm: "f32[2, 16]" = torch.ops.aten.addmm.default(fetched_1, arg2_1, t);  t = None
         relu: "f32[2, 16]" = torch.ops.aten.relu.default(addmm)
         t_1: "f32[16, 8]" = torch.ops.aten.t.default(fetched_2)
         addmm_1: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_3, relu, t_1);  relu = t_1 = None
         release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1, fetched_2, fetched_3], [addmm, addmm_1], 'second');  addmm = None
-        refill = torch.ops.fx_offload.refill.default([fetched, fetched_1, fetched_2, fetched_3], [arg1_1, arg2_1, arg3_1, arg4_1], [release], 'second');  arg1_1 = arg2_1 = arg3_1 = arg4_1 = release = refill = None
-        add: "f32[2, 8]" = torch.ops.aten.add.Tensor(arg0_1, addmm_1);  arg0_1 = addmm_1 = None
+        refill = torch.ops.fx_offload.refill.default([fetched, fetched_1, fetched_2, fetched_3], [arg0_1, arg1_1, arg3_1, arg4_1], [release], 'second');  arg0_1 = arg1_1 = arg3_1 = arg4_1 = release = refill = None
+        add: "f32[2, 8]" = torch.ops.aten.add.Tensor(arg2_1, addmm_1);  arg2_1 = addmm_1 = None
         wait_refill = torch.ops.fx_offload.wait.default([fetched, fetched_1, fetched_2, fetched_3], [add], 'second');  fetched = fetched_1 = fetched_2 = fetched_3 = wait_refill = None
         return (add,)""",
         )
