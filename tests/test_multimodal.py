@@ -95,3 +95,32 @@ def test_offloaded_towers_and_language_model_equal_the_model_without_offload(bui
         assert torch.equal(out, expected)
     finally:
         fx_offload.restore(model)
+
+
+POLICY_CASES = [
+    (_qwen2_5_omni_thinker, {"visual": "stream", "audio_tower": "stream", "model": "swap"}),
+    (_qwen2_5_omni_thinker, {"visual": "swap", "audio_tower": "swap"}),  # one tower at a time
+    (_qwen2_5_vl, {"visual": "swap", "language_model": "swap"}),
+]
+
+
+@pytest.mark.parametrize(
+    ("build", "patterns"), POLICY_CASES, ids=[f"{b.__name__[1:]}-{p}" for b, p in POLICY_CASES]
+)
+def test_policies_on_real_architectures_under_inductor_equal_inductor_without_offload(build, patterns):
+    model, inputs = build()
+    with torch.no_grad():
+        eager = model(**inputs).logits
+        plain = torch.compile(model, backend="inductor")(**inputs).logits
+    torch._dynamo.reset()
+    plan = fx_offload.offload(model, patterns, device="cpu")
+    try:
+        compiled = torch.compile(model, backend="offload_inductor")
+        with torch.no_grad():
+            outs = [compiled(**inputs).logits for _ in range(2)]
+        for out in outs:
+            assert torch.equal(out, plain)
+            torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-5)
+        assert all(c.swap_ins >= 1 for c in plan.components)
+    finally:
+        fx_offload.restore(model)
