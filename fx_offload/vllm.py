@@ -59,6 +59,12 @@ class OffloadPass(InductorPass):
         prefetch_head: bool = False,
         adopt_vllm_offloaded: bool = True,
     ) -> None:
+        if patterns is not None and "swap" in matching.normalize_policies(patterns, None):
+            raise ValueError(
+                f"patterns {dict(patterns)!r} ask for policy 'swap', which vLLM cannot run: a swap "
+                "happens between compiled calls, and vLLM calls its compiled pieces itself. Use "
+                "'stream' (a list of patterns) under vLLM"
+            )
         self.patterns = None if patterns is None else matching.normalize_patterns(patterns)
         options = backend.BackendOptions.parse({"prefetch": prefetch, "prefetch_head": prefetch_head})
         self.prefetch = options.prefetch

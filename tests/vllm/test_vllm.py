@@ -111,6 +111,14 @@ def test_json_form_resolves_the_pass_with_patterns_from_the_environment():
     assert name == "OffloadPass" and config["patterns"] == ["mlp"] and config["prefetch"] == 2
 
 
+def test_swap_policy_is_refused_under_vllm_naming_it():
+    from fx_offload.vllm import OffloadPass
+
+    with pytest.raises(ValueError, match=r"'swap'.*vLLM.*'stream'"):
+        OffloadPass({"talker": "swap"})
+    assert OffloadPass({"mlp": "stream"}).patterns == ("mlp",)
+
+
 def test_bad_environment_json_names_the_variable(monkeypatch):
     monkeypatch.setenv("FX_OFFLOAD_VLLM", "{patterns: mlp}")
     with pytest.raises(ValueError, match="FX_OFFLOAD_VLLM"):
