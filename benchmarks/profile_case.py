@@ -37,17 +37,6 @@ def per_call_ms(fn, x, n: int = 30) -> float:
     return statistics.median(times)
 
 
-def back_to_back_ms(fn, x, n: int = 50) -> float:
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(n):
-        fn(x)
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / n
-
-
 def issue_ms(fn, x, n: int = 30) -> float:
     """CPU milliseconds to issue one call (the GPU is idle before each)."""
     times = []
@@ -169,7 +158,7 @@ def main() -> None:
                 "method": method,
                 "options": dict(options),
                 "per_call_ms": per_call_ms(fn, x),
-                "back_to_back_ms": back_to_back_ms(fn, x),
+                "back_to_back_ms": bench.time_back_to_back(fn, x, calls=50),
                 "issue_ms": issue_ms(fn, x),
             }
             if args.cprofile:

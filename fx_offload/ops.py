@@ -35,9 +35,13 @@ def fetch(weights: list[torch.Tensor], after: list[torch.Tensor], region: str) -
     return runtime.fetch(weights, region)
 
 
+def _like(weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [torch.empty(w.shape, dtype=w.dtype, device=w.device) for w in weights]
+
+
 @fetch.register_fake
 def _(weights, after, region):
-    return [torch.empty(w.shape, dtype=w.dtype, device=w.device) for w in weights]
+    return _like(weights)
 
 
 @torch.library.custom_op("fx_offload::wait", mutates_args=("fetched",))
@@ -68,7 +72,7 @@ def head(weights: list[torch.Tensor], region: str) -> list[torch.Tensor]:
 
 @head.register_fake
 def _(weights, region):
-    return [torch.empty(w.shape, dtype=w.dtype, device=w.device) for w in weights]
+    return _like(weights)
 
 
 @torch.library.custom_op("fx_offload::refill", mutates_args=("buffers",))
@@ -90,7 +94,7 @@ def swapped(weights: list[torch.Tensor], component: str) -> list[torch.Tensor]:
 
 @swapped.register_fake
 def _(weights, component):
-    return [torch.empty(w.shape, dtype=w.dtype, device=w.device) for w in weights]
+    return _like(weights)
 
 
 @torch.library.custom_op("fx_offload::hold", mutates_args=("buffers",))
