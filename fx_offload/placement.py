@@ -40,9 +40,12 @@ class HostParameter:
     pinned: bool
     param: weakref.ref = field(repr=False)
     original_class: type = field(default=torch.Tensor, repr=False)
-    policy: str = "stream"  # or "swap" (then ``component`` is its fx_offload.swap.Component)
-    component: object = field(default=None, repr=False)
+    component: object = field(default=None, repr=False)  # its fx_offload.swap.Component, if swapped
     fetched: bool = field(default=False, repr=False)  # a compiled graph has copied it in
+
+    @property
+    def policy(self) -> str:
+        return "stream" if self.component is None else "swap"
 
     @property
     def nbytes(self) -> int:

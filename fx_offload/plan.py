@@ -149,8 +149,8 @@ def offload(
     records = placement.place([(owned[k][0], tuple(owned[k][1])) for k in keys], resolved, pin_memory)
     components: dict[str, swap.Component] = {}
     for key, record in zip(keys, records):
-        record.policy, head = deciding[key]
-        if record.policy == "swap":
+        policy_of, head = deciding[key]
+        if policy_of == "swap":
             component = components.setdefault(head, swap.Component(head, []))
             component.records.append(record)
             record.component = component
@@ -224,7 +224,7 @@ def _budget(device_budget: int | None, deciding: dict, owned: dict) -> int:
     if not sizes:
         return 0
     totals = {
-        head: sum(-(-p.numel() * p.element_size() // swap.ALIGN) * swap.ALIGN for p in params)
+        head: sum(swap.aligned(p.numel() * p.element_size()) for p in params)
         for head, params in sizes.items()
     }
     largest = max(totals, key=totals.__getitem__)

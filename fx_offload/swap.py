@@ -46,12 +46,17 @@ class Component:
         return self.arena is not None and self in self.arena.resident
 
 
+def aligned(nbytes: int) -> int:
+    """``nbytes`` rounded up to the alignment every weight in the arena starts on."""
+    return -(-nbytes // ALIGN) * ALIGN
+
+
 def layout(records: list[placement.HostParameter]) -> tuple[list[int], int]:
     """Byte offsets of ``records`` packed one after another, aligned, and the total."""
     offsets, total = [], 0
     for record in records:
         offsets.append(total)
-        total += -(-record.nbytes // ALIGN) * ALIGN
+        total += aligned(record.nbytes)
     return offsets, total
 
 
