@@ -53,7 +53,16 @@ CASES = {
 }
 SMOKE = {"smoke": Case(4, 64, 128, 2, 8)}
 
-FX_OPTIONS: dict = {}  # --prefetch / --no-head
+FX_OPTIONS: dict = {}  # --prefetch / --head
+
+
+def parse_head(text: str) -> bool | int:
+    """``--head``: true, false or a count of a graph's first regions kept in persistent buffers."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    return int(lowered)
+
 
 METHODS = [
     "resident eager",
@@ -103,20 +112,21 @@ def build(case: Case, state: dict, device: torch.device, dtype: torch.dtype) -> 
 
 
 def bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
-    """Pinned host -> device copy bandwidth in bytes per second (median of 5)."""
+    """Pinned host -> device copy bandwidth in bytes per second: the best of 10 copies after a
+    warm-up (the floor is the fastest the bus went: a slow reading would flatter every row)."""
     if device.type != "cuda":
         return float("nan")
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     dest = torch.empty(nbytes, dtype=torch.uint8, device=device)
     times = []
-    for _ in range(6):
+    for _ in range(11):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         dest.copy_(host, non_blocking=True)
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
-    return nbytes / statistics.median(times[1:])
+    return nbytes / min(times[1:])
 
 
 def host_rss() -> int:
@@ -271,6 +281,8 @@ def run_case(name: str, case: Case, device: torch.device, methods: list[str]) ->
         for r in rows
         if "ms" in r and r["method"] in ("resident compiled", "resident reduce-overhead")
     ]
+    bw_after = bandwidth(device)  # the bus may have been slower or faster while the rows ran
+    bw = max(bw, bw_after)
     transfer_ms = offloaded_bytes / bw * 1e3 if bw == bw else float("nan")
     best_resident = min(resident) if resident else float("nan")
     floor = max(best_resident, transfer_ms) if not math.isnan(transfer_ms) else best_resident
@@ -286,6 +298,7 @@ def run_case(name: str, case: Case, device: torch.device, methods: list[str]) ->
         "shape": asdict(case),
         "offloaded_bytes": offloaded_bytes,
         "bandwidth_gbs": bw / 1e9,
+        "bandwidth_after_gbs": bw_after / 1e9,
         "bandwidth_one_parameter_gbs": bw_region / 1e9,
         "fx_offload_options": FX_OPTIONS,
         "transfer_ms": transfer_ms,
@@ -341,12 +354,12 @@ def main() -> None:
     parser.add_argument("--json", default="bench_offload.json", help="where to write the results")
     parser.add_argument("--in-process", action="store_true", help="run the cases in this process")
     parser.add_argument("--prefetch", type=int, default=None, help="fx_offload's prefetch option")
-    parser.add_argument("--no-head", action="store_true", help="fx_offload with prefetch_head=False")
+    parser.add_argument("--head", help="fx_offload's prefetch_head: true, false or a count")
     args = parser.parse_args()
     if args.prefetch is not None:
         FX_OPTIONS["prefetch"] = args.prefetch
-    if args.no_head:
-        FX_OPTIONS["prefetch_head"] = False
+    if args.head is not None:
+        FX_OPTIONS["prefetch_head"] = parse_head(args.head)
     cases = SMOKE if args.smoke else CASES
     names = args.case or list(cases)
     methods = args.method or METHODS
@@ -359,7 +372,7 @@ def main() -> None:
             command = [sys.executable, __file__, "--case", name, "--json", str(part), "--in-process"]
             command += ["--smoke"] if args.smoke else []
             command += ["--prefetch", str(args.prefetch)] if args.prefetch is not None else []
-            command += ["--no-head"] if args.no_head else []
+            command += ["--head", args.head] if args.head is not None else []
             for method in methods:
                 command += ["--method", method]
             subprocess.run(command, check=False)

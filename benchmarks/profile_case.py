@@ -1,6 +1,6 @@
 """Where the time of one offloaded forward goes: a GPU timeline of one steady-state call.
 
-    python benchmarks/profile_case.py --case decode_T8 [--prefetch N] [--no-head] [--trace t.json]
+    python benchmarks/profile_case.py --case decode_T8 [--prefetch N] [--head H] [--trace t.json]
 
 For fx_offload under ``reduce-overhead`` (and the resident model, for comparison) it prints:
 per-call time with a sync after every call (what ``bench_offload.py`` reports), per-call time of
@@ -118,7 +118,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", default="decode_T8", choices=list(bench.CASES))
     parser.add_argument("--prefetch", type=int, action="append", help="repeatable; default: the backend's")
-    parser.add_argument("--no-head", action="store_true")
+    parser.add_argument(
+        "--head",
+        action="append",
+        help="prefetch_head: true, false or a count (repeatable); default: the backend's",
+    )
     parser.add_argument("--trace", help="write the fx_offload call's chrome trace here")
     parser.add_argument("--json", default="profile_case.json")
     parser.add_argument("--cprofile", action="store_true", help="print a cProfile of issuing calls")
@@ -142,10 +146,11 @@ def main() -> None:
     }
     variants = [("resident reduce-overhead", {})]
     for prefetch in args.prefetch or [None]:
-        options = {} if prefetch is None else {"prefetch": prefetch}
-        if args.no_head:
-            options["prefetch_head"] = False
-        variants.append(("fx_offload reduce-overhead", options))
+        for head in args.head or [None]:
+            options = {} if prefetch is None else {"prefetch": prefetch}
+            if head is not None:
+                options["prefetch_head"] = bench.parse_head(head)
+            variants.append(("fx_offload reduce-overhead", options))
     with torch.no_grad():
         for method, options in variants:
             torch._dynamo.reset()

@@ -10,8 +10,10 @@ which module calls are regions (a ``GraphPlan``), then:
   graph without Inductor (fast to compile: for tests and ``explain``).
 
 ``options`` are those of ``torch.compile``: ``prefetch`` (regions fetched ahead, default 2),
-``prefetch_head`` (refill the first region during the previous call, default True) and
-``offload`` (patterns placed at the first compile) are ours; every other key goes to Inductor.
+``prefetch_head`` (serve a graph's first regions from persistent buffers: the first refilled
+during the previous call, the next copied before the call is launched; True, False or a count,
+default True: the first, then on a GPU the next up to ``rewrite.AHEAD_BYTES``) and ``offload`` (patterns
+placed at the first compile) are ours; every other key goes to Inductor.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from fx_offload import matching, placement, runtime, swap
 from fx_offload.regions import GraphPlan, find_regions, module_calls, module_name
-from fx_offload.rewrite import RewrittenRegion, has_barrier, rewrite
+from fx_offload.rewrite import RewrittenRegion, has_barrier, head_count, rewrite
 
 DEFAULT_PREFETCH = 2  # H100 decode case: 2.85 ms at 1, 2.69 at 2, 2.62 at 3 (floor 2.43); RESULTS.md
 
@@ -41,7 +43,7 @@ listeners: list[Callable[[fx.GraphModule, GraphPlan, list[RewrittenRegion]], Non
 class BackendOptions:
     prefetch: int = DEFAULT_PREFETCH
     offload: tuple[str, ...] | None = None
-    prefetch_head: bool = True
+    prefetch_head: bool | int = True
     inductor: tuple[tuple[str, object], ...] = ()
 
     @classmethod
@@ -56,8 +58,11 @@ class BackendOptions:
         if patterns is not None:
             patterns = matching.normalize_patterns(patterns, argument="options['offload']")
         head = options.pop("prefetch_head", True)
-        if not isinstance(head, bool):
-            raise ValueError(f"options['prefetch_head'] must be True or False, got {head!r}")
+        if not isinstance(head, (bool, int)) or (not isinstance(head, bool) and head < 0):
+            raise ValueError(
+                "options['prefetch_head'] must be True, False or a count >= 0 of a graph's first "
+                f"regions served from persistent buffers, got {head!r}"
+            )
         return cls(prefetch, patterns, head, tuple(options.items()))
 
 
@@ -79,9 +84,9 @@ def offload_inductor(
     if plan.offloaded_inputs or plan.swapped_inputs:
         inner = patches.get("post_grad_custom_post_pass", torch._inductor.config.post_grad_custom_post_pass)
         patches["post_grad_custom_post_pass"] = OffloadPass(plan, inner)
-    _make_heads(gm, example_inputs, plan)
+    key = _make_heads(gm, example_inputs, plan)
     components = _components(example_inputs, plan)
-    return _around_calls(compile_fx(gm, example_inputs, config_patches=patches), components)
+    return _around_calls(compile_fx(gm, example_inputs, config_patches=patches), key, components)
 
 
 def offload_eager(
@@ -105,10 +110,10 @@ def offload_eager(
     def backward_compiler(aot_gm: fx.GraphModule, _inputs):
         return make_boxed_func(aot_gm.forward)
 
-    _make_heads(gm, example_inputs, plan)
+    key = _make_heads(gm, example_inputs, plan)
     components = _components(example_inputs, plan)
     compiled = aot_autograd(fw_compiler=forward_compiler, bw_compiler=backward_compiler)(gm, example_inputs)
-    return _around_calls(compiled, components)
+    return _around_calls(compiled, key, components)
 
 
 class OffloadPass(CustomGraphPass):
@@ -225,18 +230,23 @@ def _place_by_patterns(gm, placeholders, example_inputs, patterns) -> set[str]:
     return {key for key, name in calls.items() if matching.is_within(name, roots)}
 
 
-def _make_heads(gm: fx.GraphModule, example_inputs: list, plan: GraphPlan) -> None:
-    """Create the first region's persistent copies now, at compile time.
+def _make_heads(gm: fx.GraphModule, example_inputs: list, plan: GraphPlan) -> object:
+    """Create the first regions' persistent copies now, at compile time; return the key under
+    which the graph's wrapper finds the ahead regions it fills before each call.
 
     Made at the first call instead, they would land in the memory pool of a CUDA graph tree
     that is warming up, which refuses live allocations it does not own.
     """
+    key = object()
     if not (plan.prefetch_head and plan.offloaded_inputs) or has_barrier(gm.graph, plan.device_type):
-        return
+        return key
     regions = find_regions(gm.graph, plan)
     if regions:
         position = {node: i for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
-        runtime.head([example_inputs[position[param]] for param in regions[0].params])
+        weights = [[example_inputs[position[param]] for param in region.params] for region in regions]
+        runtime.head(weights[0])
+        runtime.declare_aheads(key, weights[1 : head_count(regions, plan)])
+    return key
 
 
 def is_backward(graph: fx.Graph) -> bool:
@@ -244,10 +254,9 @@ def is_backward(graph: fx.Graph) -> bool:
     return any(node.op == "placeholder" and node.name.startswith("tangents") for node in graph.nodes)
 
 
-def _around_calls(compiled, components: Mapping[swap.Component, list] | None = None):
+def _around_calls(compiled, key: object, components: Mapping[swap.Component, list] | None = None):
     """Wrap a compiled graph so every call (CUDA-graph replays too) first puts its swapped
-    components on the device and refreshes stale head copies."""
-    key = object()
+    components on the device, refreshes stale head copies and starts its ahead copies."""
     boxed = getattr(compiled, "_boxed_call", False)
     reads = list((components or {}).items())
 

@@ -183,3 +183,30 @@ def test_an_eager_frame_reads_in_place_correctly_and_is_named():
         assert sorted(plan.outside_graphs()) == ["front.bias", "front.weight"]
     finally:
         fx_offload.restore(model)
+
+
+@pytest.mark.parametrize("head", [1, 3])
+def test_ahead_regions_replay_weights_written_between_calls(head):
+    """Regions served ahead are copied by the wrapper before each replay, on the copy stream, and
+    the replayed graph waits for those copies (external events): new values are read at once."""
+    model = _on_gpu(seeded(Stack, n=6, dim=1024, hidden=4096), torch.float32)  # 33.6 MB a block
+    plain = _on_gpu(seeded(Stack, n=6, dim=1024, hidden=4096), torch.float32)
+    x = torch.randn(16, 1024, device="cuda")
+    fx_offload.offload(model, ["layers.*"])
+    try:
+        options = {"prefetch_head": head, "triton.cudagraphs": True}
+        compiled = torch.compile(model, backend="offload_inductor", options=options)
+        with _Recordings() as graphs, torch.no_grad():
+            for step in range(5):
+                for m in (model, plain):
+                    for layer in m.layers:
+                        layer.fc1.weight.mul_(0.9)
+                        layer.fc2.bias.add_(0.01)
+                out = compiled(x)  # no sync between the writes and the call
+                torch.testing.assert_close(out, plain(x), **TOLERANCE[torch.float32])
+                if step == 2:
+                    recorded = graphs.records
+            assert graphs.skips == 0, "Inductor skipped CUDA graphs"
+            assert recorded >= 1 and graphs.records == recorded, "re-recorded on a later call"
+    finally:
+        fx_offload.restore(model)
