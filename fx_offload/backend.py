@@ -230,22 +230,18 @@ def _place_by_patterns(gm, placeholders, example_inputs, patterns) -> set[str]:
     return {key for key, name in calls.items() if matching.is_within(name, roots)}
 
 
-def _make_heads(gm: fx.GraphModule, example_inputs: list, plan: GraphPlan) -> object:
-    """Create the first regions' persistent copies now, at compile time; return the key under
-    which the graph's wrapper finds the ahead regions it fills before each call.
-
-    Made at the first call instead, they would land in the memory pool of a CUDA graph tree
-    that is warming up, which refuses live allocations it does not own.
-    """
-    key = object()
+def _make_heads(gm: fx.GraphModule, example_inputs: list, plan: GraphPlan) -> runtime.GraphKey:
+    """Make the persistent buffers of the graph's first regions now, at compile time (made at the
+    first call, they would land in the pool of a CUDA graph tree that is warming up); return the
+    key under which the graph's wrapper fills them before each call."""
+    key = runtime.GraphKey()
     if not (plan.prefetch_head and plan.offloaded_inputs) or has_barrier(gm.graph, plan.device_type):
         return key
     regions = find_regions(gm.graph, plan)
     if regions:
         position = {node: i for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
-        weights = [[example_inputs[position[param]] for param in region.params] for region in regions]
-        runtime.head(weights[0])
-        runtime.declare_aheads(key, weights[1 : head_count(regions, plan)])
+        served = regions[: head_count(regions, plan)]
+        runtime.declare_slots(key, example_inputs, [[position[p] for p in r.params] for r in served])
     return key
 
 
@@ -254,7 +250,7 @@ def is_backward(graph: fx.Graph) -> bool:
     return any(node.op == "placeholder" and node.name.startswith("tangents") for node in graph.nodes)
 
 
-def _around_calls(compiled, key: object, components: Mapping[swap.Component, list] | None = None):
+def _around_calls(compiled, key: runtime.GraphKey, components: Mapping[swap.Component, list] | None = None):
     """Wrap a compiled graph so every call (CUDA-graph replays too) first puts its swapped
     components on the device, refreshes stale head copies and starts its ahead copies."""
     boxed = getattr(compiled, "_boxed_call", False)
@@ -264,7 +260,9 @@ def _around_calls(compiled, key: object, components: Mapping[swap.Component, lis
         for component, records in reads:
             if component.arena is not None:
                 component.arena.ensure(component, records)
-        with runtime.running(key):
+        # a boxed call passes one list of inputs (whether Dynamo boxes depends on the path)
+        inputs = args[0] if len(args) == 1 and isinstance(args[0], list) else args
+        with runtime.running(key, inputs):
             return compiled(*args)
 
     if boxed:

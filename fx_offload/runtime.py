@@ -26,8 +26,9 @@ graph contains both ends of each copy.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -94,10 +95,8 @@ def wait(fetched: list[torch.Tensor]) -> None:
     if not fetched or fetched[0].device.type != "cuda":
         return
     done = _inflight.pop(fetched[0].data_ptr(), None)
-    if done is None and any(h.buffer.data_ptr() == fetched[0].data_ptr() for h in _heads.values()):
+    if done is None and fetched[0].data_ptr() in _persistent:
         return  # a head region's buffers: ready when the call started, nothing in flight
-    if done is None and any(a.buffers[0].data_ptr() == fetched[0].data_ptr() for a in _aheads.values()):
-        return  # an ahead region copied by ``ahead`` itself, on this stream
     if done is None:
         raise RuntimeError(
             "fx_offload.wait found no copy in flight for its buffers: the graph's fetch and wait "
@@ -115,157 +114,112 @@ def release(fetched: list[torch.Tensor]) -> torch.Tensor:
     return torch.empty(0, device=device)
 
 
-@dataclass(eq=False)
-class _HeadBuffer:
-    """A persistent device copy of one head weight, and the version of the values it holds."""
+class GraphKey:
+    """Names one compiled graph; its persistent buffers live as long as it does."""
 
-    buffer: torch.Tensor
-    record: placement.HostParameter
-    version: int
-
-
-# data_ptr of a head weight -> its persistent copy
-_heads: dict[int, _HeadBuffer] = {}
-# compiled-graph key -> data_ptrs of the head weights that graph reads (learned at its first run)
-_graph_heads: dict[object, set[int]] = {}
-_running: list[object] = []
+    __slots__ = ("__weakref__",)
 
 
 @dataclass(eq=False)
-class _Ahead:
-    """Persistent device copies of one region's weights, refilled before every call of a graph."""
+class _Slot:
+    """Persistent device buffers for one of a compiled graph's first regions.
+
+    One set per graph, whatever weights a call passes: a graph that Dynamo reuses for every block
+    of a stack (a graph break inside the block) keeps one set, not one per block, and the wrapper
+    fills it with the weights of the call about to run. The head (the first region) is refilled by
+    the graph at its end for the next call; the wrapper copies it again, on the compute stream,
+    only when a call passes other weights or their values changed in place. An ahead slot is
+    copied by the wrapper before every call, on the copy stream, ending with ``done``: an external
+    event that the graph's ``wait`` joins, and that a captured graph waits on at every replay.
+    """
 
     buffers: list[torch.Tensor]
-    records: list[placement.HostParameter]
-    # external: a captured graph's wait on it waits, at each replay, for the copy issued before it
-    done: torch.cuda.Event | None
-    started: bool = False  # copies issued for the call about to run, not yet served
+    positions: list[int]  # where the region's weights are among the graph's inputs
+    head: bool
+    done: torch.cuda.Event | None = None  # ahead slots on a GPU
+    current: tuple[int, ...] = ()  # data_ptrs of the weights of the call running
+    records: list = field(default_factory=list)  # their records
+    holds: tuple = ()  # head: (data_ptrs, versions) of the values in its buffers
+    served: set[int] = field(default_factory=set)  # data_ptrs of every weight it held
 
 
-# data_ptrs of a region's weights -> that region's persistent copies
-_aheads: dict[tuple[int, ...], _Ahead] = {}
-# compiled-graph key -> the ahead regions it reads (declared at compile time, learned at run time)
-_graph_aheads: dict[object, list[_Ahead]] = {}
+_slots: weakref.WeakKeyDictionary[GraphKey, list[_Slot]] = weakref.WeakKeyDictionary()
+_persistent: set[int] = set()  # data_ptrs of the first buffer of every slot and loose head
+_running: list[GraphKey] = []
+
+
+def declare_slots(graph_key: GraphKey, example_inputs: list, regions: list[list[int]]) -> None:
+    """At compile time: make the buffers of a graph's first regions, given the positions of their
+    weights among its inputs (the first region is the head). Made at the first run instead, they
+    would land in the memory pool of a CUDA graph tree that is warming up, which refuses them."""
+    slots = []
+    for i, positions in enumerate(regions):
+        weights = [example_inputs[p] for p in positions]
+        buffers = [torch.empty(w.shape, dtype=w.dtype, device=w.device) for w in weights]
+        done = torch.cuda.Event(external=True) if i and weights[0].device.type == "cuda" else None
+        slots.append(_Slot(buffers, list(positions), head=i == 0, done=done))
+        _persistent.add(buffers[0].data_ptr())
+    _slots[graph_key] = slots
 
 
 @contextlib.contextmanager
-def running(graph_key: object) -> Iterator[None]:
-    """Around one call of a compiled graph: refresh its head copies and start its ahead copies
-    before it, note its refills after.
+def running(graph_key: GraphKey, args: list) -> Iterator[None]:
+    """Around one call of a compiled graph: fill its slots with this call's weights before it,
+    note what its head holds after it.
 
     Runs in Python on every call, CUDA-graph replays included, outside the captured graph.
     """
-    for pointer in _graph_heads.get(graph_key, ()):
-        head = _heads.get(pointer)
-        param = head.record.param() if head is not None else None
-        if param is not None and param._version != head.version:
-            # written in place since the last refill (load_state_dict, mul_ under no_grad)
-            head.buffer.copy_(head.record.host, non_blocking=True)
-            head.version = param._version
-    for region in _graph_aheads.get(graph_key, ()):
-        _start_ahead(region)
+    slots = _slots.get(graph_key, ())
+    for slot in slots:
+        _fill(slot, [args[p] for p in slot.positions])
     _running.append(graph_key)
     try:
         yield
     finally:
         _running.pop()
-    for pointer in _graph_heads.get(graph_key, ()):
-        head = _heads.get(pointer)
-        param = head.record.param() if head is not None else None
-        if param is not None:
-            head.version = param._version  # this call's refill copied the values as they are now
+    for slot in slots:
+        if slot.head:  # this call's refill copied its weights as they are now
+            slot.holds = (slot.current, _versions(slot.records))
 
 
-def head(weights: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The persistent copies of ``weights``, made (synchronously) at their first use."""
-    if _running:
-        _graph_heads.setdefault(_running[-1], set()).update(w.data_ptr() for w in weights)
-    buffers = []
-    for weight in weights:
-        found = _heads.get(weight.data_ptr())
-        if found is None or placement.lookup(weight) is not found.record:
-            found = _heads[weight.data_ptr()] = _new_head(weight)
-        buffers.append(found.buffer)
-    return buffers
-
-
-def refill(buffers: list[torch.Tensor], weights: list[torch.Tensor]) -> None:
-    """Start copying ``weights`` into their head ``buffers`` for the next call."""
-    _start_copies(buffers, weights)
-
-
-def ahead(weights: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The persistent copies of one ahead region's ``weights``, whose copies the wrapper started.
-
-    Made at their first use (the backend calls this at compile time), and then filled here,
-    on the current stream. A call whose wrapper did not start them copies them here too.
-    """
-    key = tuple(w.data_ptr() for w in weights)
-    region = _aheads.get(key)
-    if region is None or any(placement.lookup(w) is not r for w, r in zip(weights, region.records)):
-        region = _aheads[key] = _new_ahead(weights)
-    if _running:
-        known = _graph_aheads.setdefault(_running[-1], [])
-        if region not in known:
-            known.append(region)
-    if not region.started:
-        if region.done is not None and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                "fx_offload.ahead: a captured graph reads an ahead region whose copies were not "
-                "started before the call; call the model through the compiled function "
-                "torch.compile(..., backend='offload_inductor') returns"
-            )
-        for buffer, record in zip(region.buffers, region.records):
-            buffer.copy_(record.host, non_blocking=True)
-        _count(region.records)
-    region.started = False
-    return region.buffers
-
-
-def declare_aheads(graph_key: object, weights: list[list[torch.Tensor]]) -> None:
-    """At compile time: make the ahead regions of one graph and let its wrapper fill them."""
-    _graph_aheads[graph_key] = [_aheads_region(w) for w in weights]
-
-
-def _aheads_region(weights: list[torch.Tensor]) -> _Ahead:
-    ahead(weights)  # makes (and fills) it outside any graph
-    return _aheads[tuple(w.data_ptr() for w in weights)]
-
-
-def _new_ahead(weights: list[torch.Tensor]) -> _Ahead:
-    records = []
-    for weight in weights:
-        record = placement.lookup(weight)
-        if record is None:
-            _host_of(weight)  # raises the error that names the cause
-        records.append(record)
-    if weights and weights[0].device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(
-            "fx_offload.ahead met a new region while a CUDA graph is being captured; run the "
-            "compiled model once without capture first (torch.compile's reduce-overhead does)"
-        )
-    buffers = [torch.empty(w.shape, dtype=w.dtype, device=w.device) for w in weights]
-    done = torch.cuda.Event(external=True) if buffers and buffers[0].device.type == "cuda" else None
-    return _Ahead(buffers, records, done)
-
-
-def _start_ahead(region: _Ahead) -> None:
-    """Before a call: copy one ahead region's host values in, on the copy stream when on a GPU."""
-    _count(region.records)
-    region.started = True
-    if region.done is None:
-        for buffer, record in zip(region.buffers, region.records):
+def _fill(slot: _Slot, weights: list[torch.Tensor]) -> None:
+    pointers = tuple(w.data_ptr() for w in weights)
+    if pointers != slot.current:
+        records = [placement.lookup(w) for w in weights]
+        for weight, record in zip(weights, records):
+            if record is None:
+                _host_of(weight)  # raises the error that names the cause
+        slot.current, slot.records = pointers, records
+        slot.served.update(pointers)
+    records = slot.records
+    if slot.head:
+        state = (pointers, _versions(records))
+        if slot.holds == state:
+            return  # the previous call refilled it with these values
+        for buffer, record in zip(slot.buffers, records):
+            buffer.copy_(record.host, non_blocking=True)  # on the compute stream, before the call
+        _count(records)
+        slot.holds = state
+        return
+    _count(records)
+    if slot.done is None:
+        for buffer, record in zip(slot.buffers, records):
             buffer.copy_(record.host)
         return
-    device = region.buffers[0].device
+    device = slot.buffers[0].device
     copy = _copy_stream(device)
     copy.wait_stream(torch.cuda.current_stream(device))  # earlier calls may still read them
     with torch.cuda.stream(copy):
-        for buffer, record in zip(region.buffers, region.records):
+        for buffer, record in zip(slot.buffers, records):
             buffer.copy_(record.host, non_blocking=True)
-        region.done.record(copy)
-    _inflight[region.buffers[0].data_ptr()] = region.done
-    _ahead_issued[device] = region.done
+        slot.done.record(copy)
+    _inflight[slot.buffers[0].data_ptr()] = slot.done
+    _ahead_issued[device] = slot.done
+
+
+def _versions(records: list) -> tuple[int, ...]:
+    params = [record.param() for record in records]
+    return tuple(param._version if param is not None else 0 for param in params)
 
 
 def _count(records: list[placement.HostParameter]) -> None:
@@ -275,34 +229,95 @@ def _count(records: list[placement.HostParameter]) -> None:
         copied_bytes += record.host.numel() * record.host.element_size()
 
 
+def _slot_of(weights: list[torch.Tensor]) -> _Slot | None:
+    if not _running:
+        return None
+    pointers = tuple(w.data_ptr() for w in weights)
+    return next((s for s in _slots.get(_running[-1], ()) if s.current == pointers), None)
+
+
+def head(weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The head buffers of the graph running, which hold ``weights``' values."""
+    slot = _slot_of(weights)
+    return slot.buffers if slot is not None else _loose_head(weights)
+
+
+def ahead(weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The ahead buffers of the graph running, into which its wrapper started copying ``weights``."""
+    slot = _slot_of(weights)
+    if slot is None:
+        raise RuntimeError(
+            "fx_offload.ahead: no buffers were prepared for this region before the call. Call the "
+            "model through what torch.compile(..., backend='offload_inductor') returns, or pass "
+            "options={'prefetch_head': 1}"
+        )
+    return slot.buffers
+
+
+def refill(buffers: list[torch.Tensor], weights: list[torch.Tensor]) -> None:
+    """Start copying ``weights`` into their head ``buffers`` for the next call."""
+    _start_copies(buffers, weights)
+
+
+@dataclass(eq=False)
+class _HeadBuffer:
+    """A head buffer of a graph run without fx_offload's wrapper (vLLM): one per weight."""
+
+    buffer: torch.Tensor
+    record: placement.HostParameter
+    version: int
+
+
+_heads: dict[int, _HeadBuffer] = {}  # data_ptr of a weight -> its persistent copy
+
+
+def _loose_head(weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Without the wrapper: one persistent copy per weight, copied again here (outside capture)
+    when its version counter moved."""
+    buffers = []
+    capturing = weights and weights[0].device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    for weight in weights:
+        record = placement.lookup(weight)
+        if record is None:
+            _host_of(weight)  # raises the error that names the cause
+        found = _heads.get(weight.data_ptr())
+        if found is None or found.record is not record:
+            if capturing:
+                raise RuntimeError(
+                    "fx_offload.head met a new weight while a CUDA graph is being captured; run "
+                    "the compiled model once without capture first"
+                )
+            buffer = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+            found = _heads[weight.data_ptr()] = _HeadBuffer(buffer, record, -1)
+            _persistent.add(buffer.data_ptr())
+        version = _versions([record])[0]
+        if found.version != version and not capturing:
+            found.buffer.copy_(record.host, non_blocking=True)
+            _count([record])
+            found.version = version
+        buffers.append(found.buffer)
+    return buffers
+
+
+def persistent_bytes() -> int:
+    """Device bytes held between calls by head and ahead buffers (every live compiled graph)."""
+    buffers = [b for slots in _slots.values() for slot in slots for b in slot.buffers]
+    buffers += [head.buffer for head in _heads.values()]
+    return sum(b.numel() * b.element_size() for b in buffers)
+
+
 def forget_heads(tensors: list[torch.Tensor]) -> None:
-    """Free the head and ahead copies of ``tensors`` (on restore)."""
+    """Free the persistent copies that held ``tensors`` (on restore)."""
     pointers = {tensor.data_ptr() for tensor in tensors}
     for pointer in pointers:
-        _heads.pop(pointer, None)
-    for key in [key for key in _aheads if pointers.intersection(key)]:
-        region = _aheads.pop(key)
-        for known in _graph_aheads.values():
-            if region in known:
-                known.remove(region)
-
-
-def _new_head(weight: torch.Tensor) -> _HeadBuffer:
-    record = placement.lookup(weight)
-    if record is None:
-        _host_of(weight)  # raises the error that names the cause
-    param = record.param()
-    version = param._version if param is not None else 0
-    if weight.device.type != "cuda":
-        return _HeadBuffer(record.host.clone(), record, version)
-    if torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(
-            "fx_offload.head met a new weight while a CUDA graph is being captured; run the "
-            "compiled model once without capture first (torch.compile's reduce-overhead does)"
-        )
-    buffer = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-    buffer.copy_(record.host, non_blocking=True)
-    return _HeadBuffer(buffer, record, version)
+        found = _heads.pop(pointer, None)
+        if found is not None:
+            _persistent.discard(found.buffer.data_ptr())
+    for key, slots in list(_slots.items()):
+        if any(pointers & slot.served for slot in slots):
+            for slot in slots:
+                _persistent.discard(slot.buffers[0].data_ptr())
+            del _slots[key]
 
 
 def swapped(weights: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -9,7 +9,7 @@ from fx_offload import runtime
 from fx_offload.explain import recording
 from fx_offload.regions import GraphPlan, Region
 from fx_offload.rewrite import AHEAD_BYTES, head_count
-from tests.models import Broken, Stack, seeded
+from tests.models import BreakingStack, Broken, Stack, seeded
 
 
 def _compiled(model, backend, **options):
@@ -115,3 +115,21 @@ def test_head_count_default_covers_the_launch_on_a_gpu_only():
     assert head_count(regions, GraphPlan({}, prefetch_head=False, device_type="cuda")) == 0
     assert head_count(regions, GraphPlan({}, prefetch_head=5, device_type="cpu")) == 5
     assert head_count(regions[:2], GraphPlan({}, prefetch_head=5)) == 2
+
+
+@pytest.mark.parametrize("backend", ["offload_eager", "offload_inductor"])
+def test_a_graph_reused_for_every_block_keeps_one_set_of_persistent_buffers(backend, offloaded):
+    """BreakingStack breaks the graph inside each block, so Dynamo reuses one graph for every
+    block, each call with other weights: the head is one block's worth, not the whole stack."""
+    model = seeded(BreakingStack, n=4)
+    inputs = [torch.randn(3, 8) for _ in range(3)]
+    with torch.no_grad():
+        expected = [model(x) for x in inputs]
+    plan = offloaded(model, ["layers.*"])
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        outs = [compiled(x) for x in inputs]
+    for out, ref in zip(outs, expected):
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    block = plan.offloaded_bytes // 4
+    assert 0 < runtime.persistent_bytes() <= block, (runtime.persistent_bytes(), block)
