@@ -11,9 +11,9 @@ which module calls are regions (a ``GraphPlan``), then:
 
 ``options`` are those of ``torch.compile``: ``prefetch`` (regions fetched ahead, default 2),
 ``prefetch_head`` (serve a graph's first regions from persistent buffers: the first refilled
-during the previous call, the next copied before the call is launched; True, False or a count,
-default True: the first, then on a GPU the next up to ``rewrite.AHEAD_BYTES``) and ``offload`` (patterns
-placed at the first compile) are ours; every other key goes to Inductor.
+during the previous call, the next copied before the call is launched; True (the first), False
+or a count, default True) and ``offload`` (patterns placed at the first compile) are ours; every
+other key goes to Inductor.
 """
 
 from __future__ import annotations

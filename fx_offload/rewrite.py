@@ -145,38 +145,17 @@ def _serve_head(graph: fx.Graph, regions: list[RewrittenRegion], depth: int, dev
         _call(graph, WAIT, (first.items, results, first.region.name), "wait_refill")
 
 
-#: With ``prefetch_head=True`` on a GPU, the regions after the first are served ahead while
-#: together they hold at most this many bytes: about 0.9 ms of copying at 55 GB/s, more than the
-#: 0.1 to 0.5 ms it takes the CPU to launch a call's CUDA graph (RESULTS.md), and small beside a
-#: large layer, whose own copy covers the launch.
-AHEAD_BYTES = 48 << 20
-
-
 def head_count(regions: list[Region], plan: GraphPlan) -> int:
     """How many of a graph's first regions are served from persistent buffers: the first
     (``head``, refilled by the previous call) and the ones after it (``ahead``, filled before the
-    call by its wrapper). ``plan.prefetch_head`` is False, a count, or True: the first region,
-    then, on a GPU, the next ones while they hold at most ``AHEAD_BYTES`` and fit in the prefetch
-    window (``prefetch + 1`` regions, which are on the device at the start of a call anyway)."""
+    call by its wrapper). ``plan.prefetch_head`` is False (none), True (the first) or a count.
+
+    Ahead regions are not the default: each costs its bytes on the device between calls, and
+    they bought 0.07 to 0.12 ms of a 2.5 ms decode call on an H100 (RESULTS.md)."""
     setting = plan.prefetch_head
     if setting is False or not regions:
         return 0
-    if setting is not True:
-        return min(int(setting), len(regions))
-    count, total = 1, 0
-    if plan.device_type != "cuda":
-        return count  # nothing to overlap: no graph launch, no copy stream
-    for region in regions[1 : plan.prefetch + 1]:
-        total += sum(_nbytes(param) for param in region.params)
-        if total > AHEAD_BYTES:
-            break
-        count += 1
-    return count
-
-
-def _nbytes(node: fx.Node) -> int:
-    value = _value(node)
-    return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
+    return 1 if setting is True else min(int(setting), len(regions))
 
 
 def _serve_ahead(graph: fx.Graph, regions: list[RewrittenRegion]) -> None:

@@ -13,11 +13,12 @@ of this one. ``running`` (entered by the compiled function's wrapper around ever
 any CUDA graph) fills them again before a call whenever a weight's version counter moved since
 the last refill. A write through ``.data`` bypasses that counter: see the README's guarantees.
 
-The next few regions (``prefetch_head``) are served by ``ahead``: persistent buffers whose copies
-``running`` starts before every call, so the bus is busy while the CPU is still launching the
-call (0.1 to 0.5 ms for a CUDA graph); the graph's ``wait`` joins them through external events,
-which a captured graph waits on again at every replay. The backend makes both kinds when it
-compiles (made at the first run, they would land in a CUDA graph tree's pool, which refuses them).
+With ``prefetch_head=n`` the next ``n - 1`` regions are served by ``ahead``: persistent buffers
+whose copies ``running`` starts before every call, so the bus is busy while the CPU is still
+launching the call (0.1 to 0.5 ms for a CUDA graph); the graph's ``wait`` joins them through
+external events, which a captured graph waits on again at every replay. The backend makes both
+kinds when it compiles (made at the first run, they would land in a CUDA graph tree's pool,
+which refuses them).
 
 Every other stream fork and join of one forward happens inside that forward, so a captured CUDA
 graph contains both ends of each copy.

@@ -8,7 +8,7 @@ import torch.fx as fx
 from fx_offload import runtime
 from fx_offload.explain import recording
 from fx_offload.regions import GraphPlan, Region
-from fx_offload.rewrite import AHEAD_BYTES, head_count
+from fx_offload.rewrite import head_count
 from tests.models import BreakingStack, Broken, Stack, seeded
 
 
@@ -103,15 +103,9 @@ def _regions(sizes: list[int]) -> list[Region]:
     return regions
 
 
-def test_head_count_default_covers_the_launch_on_a_gpu_only():
-    mib16 = 8 << 20  # bf16 elements in 16 MiB
-    regions = _regions([mib16] * 8)
-    plan = GraphPlan({}, prefetch=2, device_type="cuda", prefetch_head=True)
-    assert head_count(regions, plan) == 3  # the first, then 32 MiB <= AHEAD_BYTES
-    assert head_count(regions, GraphPlan({}, prefetch=1, device_type="cuda")) == 2  # window
-    assert head_count(regions, GraphPlan({}, prefetch=2, device_type="cpu")) == 1
-    big = _regions([AHEAD_BYTES] * 4)  # each region alone holds twice the cap
-    assert head_count(big, plan) == 1
+def test_head_count_is_the_first_region_by_default_or_the_count_asked():
+    regions = _regions([1 << 20] * 8)
+    assert head_count(regions, GraphPlan({}, prefetch=2, device_type="cuda")) == 1
     assert head_count(regions, GraphPlan({}, prefetch_head=False, device_type="cuda")) == 0
     assert head_count(regions, GraphPlan({}, prefetch_head=5, device_type="cpu")) == 5
     assert head_count(regions[:2], GraphPlan({}, prefetch_head=5)) == 2
