@@ -56,12 +56,11 @@ SMOKE = {"smoke": Case(4, 64, 128, 2, 8)}
 FX_OPTIONS: dict = {}  # --prefetch / --head
 
 
-def parse_head(text: str) -> bool | int:
-    """``--head``: true, false or a count of a graph's first regions kept in persistent buffers."""
-    lowered = text.strip().lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    return int(lowered)
+def parse_head(text: str) -> bool:
+    """``--head true|false``: fx_offload's prefetch_head."""
+    if text.strip().lower() not in ("true", "false"):
+        raise SystemExit(f"--head takes true or false, got {text!r}")
+    return text.strip().lower() == "true"
 
 
 METHODS = [
@@ -354,7 +353,7 @@ def main() -> None:
     parser.add_argument("--json", default="bench_offload.json", help="where to write the results")
     parser.add_argument("--in-process", action="store_true", help="run the cases in this process")
     parser.add_argument("--prefetch", type=int, default=None, help="fx_offload's prefetch option")
-    parser.add_argument("--head", help="fx_offload's prefetch_head: true, false or a count")
+    parser.add_argument("--head", help="fx_offload's prefetch_head: true or false")
     args = parser.parse_args()
     if args.prefetch is not None:
         FX_OPTIONS["prefetch"] = args.prefetch

@@ -121,7 +121,7 @@ def main() -> None:
     parser.add_argument(
         "--head",
         action="append",
-        help="prefetch_head: true, false or a count (repeatable); default: the backend's",
+        help="prefetch_head: true or false (repeatable); default: the backend's",
     )
     parser.add_argument("--trace", help="write the fx_offload call's chrome trace here")
     parser.add_argument("--json", default="profile_case.json")

@@ -10,10 +10,8 @@ which module calls are regions (a ``GraphPlan``), then:
   graph without Inductor (fast to compile: for tests and ``explain``).
 
 ``options`` are those of ``torch.compile``: ``prefetch`` (regions fetched ahead, default 2),
-``prefetch_head`` (serve a graph's first regions from persistent buffers: the first refilled
-during the previous call, the next copied before the call is launched; True (the first), False
-or a count, default True) and ``offload`` (patterns placed at the first compile) are ours; every
-other key goes to Inductor.
+``prefetch_head`` (refill the first region during the previous call, default True) and
+``offload`` (patterns placed at the first compile) are ours; every other key goes to Inductor.
 """
 
 from __future__ import annotations
@@ -31,7 +29,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from fx_offload import matching, placement, runtime, swap
 from fx_offload.regions import GraphPlan, find_regions, module_calls, module_name
-from fx_offload.rewrite import RewrittenRegion, has_barrier, head_count, rewrite
+from fx_offload.rewrite import RewrittenRegion, has_barrier, rewrite
 
 DEFAULT_PREFETCH = 2  # H100 decode case: 2.85 ms at 1, 2.69 at 2, 2.62 at 3 (floor 2.43); RESULTS.md
 
@@ -43,7 +41,7 @@ listeners: list[Callable[[fx.GraphModule, GraphPlan, list[RewrittenRegion]], Non
 class BackendOptions:
     prefetch: int = DEFAULT_PREFETCH
     offload: tuple[str, ...] | None = None
-    prefetch_head: bool | int = True
+    prefetch_head: bool = True
     inductor: tuple[tuple[str, object], ...] = ()
 
     @classmethod
@@ -58,11 +56,8 @@ class BackendOptions:
         if patterns is not None:
             patterns = matching.normalize_patterns(patterns, argument="options['offload']")
         head = options.pop("prefetch_head", True)
-        if not isinstance(head, (bool, int)) or (not isinstance(head, bool) and head < 0):
-            raise ValueError(
-                "options['prefetch_head'] must be True, False or a count >= 0 of a graph's first "
-                f"regions served from persistent buffers, got {head!r}"
-            )
+        if not isinstance(head, bool):
+            raise ValueError(f"options['prefetch_head'] must be True or False, got {head!r}")
         return cls(prefetch, patterns, head, tuple(options.items()))
 
 
@@ -231,17 +226,16 @@ def _place_by_patterns(gm, placeholders, example_inputs, patterns) -> set[str]:
 
 
 def _make_heads(gm: fx.GraphModule, example_inputs: list, plan: GraphPlan) -> runtime.GraphKey:
-    """Make the persistent buffers of the graph's first regions now, at compile time (made at the
-    first call, they would land in the pool of a CUDA graph tree that is warming up); return the
-    key under which the graph's wrapper fills them before each call."""
+    """Make the graph's head buffers now, at compile time (made at the first call, they would land
+    in the pool of a CUDA graph tree that is warming up); return the key under which the graph's
+    wrapper finds them before each call."""
     key = runtime.GraphKey()
     if not (plan.prefetch_head and plan.offloaded_inputs) or has_barrier(gm.graph, plan.device_type):
         return key
     regions = find_regions(gm.graph, plan)
     if regions:
         position = {node: i for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
-        served = regions[: head_count(regions, plan)]
-        runtime.declare_slots(key, example_inputs, [[position[p] for p in r.params] for r in served])
+        runtime.declare_head(key, example_inputs, [position[p] for p in regions[0].params])
     return key
 
 
@@ -252,7 +246,7 @@ def is_backward(graph: fx.Graph) -> bool:
 
 def _around_calls(compiled, key: runtime.GraphKey, components: Mapping[swap.Component, list] | None = None):
     """Wrap a compiled graph so every call (CUDA-graph replays too) first puts its swapped
-    components on the device, refreshes stale head copies and starts its ahead copies."""
+    components on the device and makes its head hold the call's weights."""
     boxed = getattr(compiled, "_boxed_call", False)
     reads = list((components or {}).items())
 

@@ -11,17 +11,13 @@
     (their contents are undefined afterwards), which also keeps it out of dead-code elimination.
 ``head(weights, region) -> buffers``: the first region's weights, already on the device: persistent
     buffers that the previous call refilled (or the compiled function's wrapper filled).
-``ahead(weights, region) -> buffers``: one of the next regions' weights (``prefetch_head``), in
-    persistent buffers whose copies the compiled function's wrapper started before the call; the
-    region's ``wait`` joins them.
 ``refill(buffers, weights, after, region)``: start copying ``weights`` into the head ``buffers``
     for the next call, late in this one, so that copy overlaps this call's tail; a ``wait`` at the
     end of the graph joins it.
 ``swapped(weights, component) -> buffers``: the fixed device copies of a swapped component's
     weights (``fx_offload.swap``), which the compiled function's wrapper put there before the call.
-``hold(buffers, readers, name)``: at the end of the graph, keeps persistent copies (a swapped
-    component's, an ahead region's) alive to the end, so that Inductor never reuses their memory
-    for a later buffer (they persist across calls).
+``hold(buffers, readers, component)``: at the end of the graph, keeps those copies alive to the
+    end, so that Inductor never reuses their memory for a later buffer (they persist across calls).
 
 Ordering is carried by data edges and declared mutations only, so no scheduler may move a node
 past what it guards.
@@ -83,11 +79,6 @@ _define(
     lambda weights, region: _like(weights),
 )
 _define(
-    "ahead(Tensor[] weights, str region) -> Tensor[]",
-    lambda weights, region: runtime.ahead(weights),
-    lambda weights, region: _like(weights),
-)
-_define(
     "refill(Tensor(a!)[] buffers, Tensor[] weights, Tensor[] after, str region) -> ()",
     lambda buffers, weights, after, region: runtime.refill(buffers, weights),
     _nothing,
@@ -107,7 +98,6 @@ FETCH = torch.ops.fx_offload.fetch.default
 WAIT = torch.ops.fx_offload.wait.default
 RELEASE = torch.ops.fx_offload.release.default
 HEAD = torch.ops.fx_offload.head.default
-AHEAD = torch.ops.fx_offload.ahead.default
 REFILL = torch.ops.fx_offload.refill.default
 SWAPPED = torch.ops.fx_offload.swapped.default
 HOLD = torch.ops.fx_offload.hold.default

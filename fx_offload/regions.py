@@ -33,10 +33,8 @@ class GraphPlan:
         region_modules: ``nn_module_stack`` keys (without ``@n``) of offloaded modules.
         prefetch: how many regions ahead a fetch is started (0: just before its region).
         device_type: the device the graph computes on; ops touching other memory are barriers.
-        prefetch_head: serve the first regions from persistent buffers: the first refilled at the
-            end of the previous call (its copy then overlaps that call's tail instead of delaying
-            this one's start), the next filled before the call is launched (their copies overlap
-            the launch). True, False or a count (``rewrite.head_count``).
+        prefetch_head: serve the first region from buffers refilled at the end of the previous
+            call (its copy then overlaps that call's tail instead of delaying this one's start).
         swapped_inputs: placeholder position -> (parameter name, component name) of parameters
             under the ``swap`` policy: read from their component's fixed device copy.
     """
@@ -45,7 +43,7 @@ class GraphPlan:
     region_modules: frozenset[str] = frozenset()
     prefetch: int = 1
     device_type: str = "cpu"
-    prefetch_head: bool | int = True
+    prefetch_head: bool = True
     swapped_inputs: Mapping[int, tuple[str, str]] = field(default_factory=dict)
 
 

@@ -34,7 +34,7 @@ import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
 
-from fx_offload.ops import AHEAD, FETCH, HEAD, HOLD, REFILL, RELEASE, SWAPPED, WAIT
+from fx_offload.ops import FETCH, HEAD, HOLD, REFILL, RELEASE, SWAPPED, WAIT
 from fx_offload.regions import GraphPlan, Region, find_regions
 
 
@@ -60,8 +60,6 @@ def rewrite(graph: fx.Graph, plan: GraphPlan) -> list[RewrittenRegion]:
     _schedule(graph, inserted, plan.prefetch, plan.device_type)
     if plan.prefetch_head and inserted and not has_barrier(graph, plan.device_type):
         _serve_head(graph, inserted, plan.prefetch, plan.device_type)
-        count = head_count([r.region for r in inserted], plan)
-        _serve_ahead(graph, inserted[1:count])
     _serve_swapped(graph, plan)
     graph.lint()
     return inserted
@@ -143,34 +141,6 @@ def _serve_head(graph: fx.Graph, regions: list[RewrittenRegion], depth: int, dev
     results = [n for n in output.all_input_nodes if isinstance(n.meta.get("val"), torch.Tensor)]
     with graph.inserting_before(output):
         _call(graph, WAIT, (first.items, results, first.region.name), "wait_refill")
-
-
-def head_count(regions: list[Region], plan: GraphPlan) -> int:
-    """How many of a graph's first regions are served from persistent buffers: the first
-    (``head``, refilled by the previous call) and the ones after it (``ahead``, filled before the
-    call by its wrapper). ``plan.prefetch_head`` is False (none), True (the first) or a count.
-
-    Ahead regions are not the default: each costs its bytes on the device between calls, and
-    they bought 0.07 to 0.12 ms of a 2.5 ms decode call on an H100 (RESULTS.md)."""
-    setting = plan.prefetch_head
-    if setting is False or not regions:
-        return 0
-    return 1 if setting is True else min(int(setting), len(regions))
-
-
-def _serve_ahead(graph: fx.Graph, regions: list[RewrittenRegion]) -> None:
-    """Serve the regions after the first from persistent buffers that the compiled function's
-    wrapper fills before each call, held to the end of the graph like a swapped component."""
-    output = next(node for node in graph.nodes if node.op == "output")
-    results = [n for n in output.all_input_nodes if isinstance(n.meta.get("val"), torch.Tensor)]
-    for current in regions:
-        with graph.inserting_before(current.fetch):
-            node = _call(graph, AHEAD, (list(current.region.params), current.region.name), "ahead")
-        current.fetch.replace_all_uses_with(node)
-        graph.erase_node(current.fetch)
-        current.fetch = node
-        with graph.inserting_before(output):
-            _call(graph, HOLD, (current.items, results, current.region.name), "hold")
 
 
 def _serve_swapped(graph: fx.Graph, plan: GraphPlan) -> None:

@@ -13,15 +13,12 @@ of this one. ``running`` (entered by the compiled function's wrapper around ever
 any CUDA graph) fills them again before a call whenever a weight's version counter moved since
 the last refill. A write through ``.data`` bypasses that counter: see the README's guarantees.
 
-With ``prefetch_head=n`` the next ``n - 1`` regions are served by ``ahead``: persistent buffers
-whose copies ``running`` starts before every call, so the bus is busy while the CPU is still
-launching the call (0.1 to 0.5 ms for a CUDA graph); the graph's ``wait`` joins them through
-external events, which a captured graph waits on again at every replay. The backend makes both
-kinds when it compiles (made at the first run, they would land in a CUDA graph tree's pool,
-which refuses them).
+The backend makes the head buffers when it compiles: made at the first run, they would land in
+a CUDA graph tree's pool, which refuses them. A graph Dynamo reuses for several blocks keeps one
+set of head buffers (``_Head``).
 
-Every other stream fork and join of one forward happens inside that forward, so a captured CUDA
-graph contains both ends of each copy.
+Every stream fork and join of one forward happens inside that forward, so a captured CUDA graph
+contains both ends of each copy.
 """
 
 from __future__ import annotations
@@ -45,8 +42,6 @@ copied_bytes = 0
 _copy_streams: dict[torch.device, torch.cuda.Stream] = {}
 # data_ptr of a fetched buffer -> the event its copies end with
 _inflight: dict[int, torch.cuda.Event] = {}
-# device -> the event the last ahead copies issued before a call end with, until a fetch follows
-_ahead_issued: dict[torch.device, torch.cuda.Event] = {}
 
 
 def fetch(weights: list[torch.Tensor], region: str = "") -> list[torch.Tensor]:
@@ -80,9 +75,6 @@ def _start_copies(buffers: list[torch.Tensor], weights: list[torch.Tensor]) -> N
     compute = torch.cuda.current_stream(device)
     copy = _copy_stream(device)
     copy.wait_stream(compute)
-    ahead_done = _ahead_issued.pop(device, None)
-    if ahead_done is not None:  # a captured copy would not queue behind them: keep the bus FIFO
-        copy.wait_event(ahead_done)
     with torch.cuda.stream(copy):
         for buffer, host in zip(buffers, hosts):
             buffer.copy_(host, non_blocking=True)
@@ -122,100 +114,73 @@ class GraphKey:
 
 
 @dataclass(eq=False)
-class _Slot:
-    """Persistent device buffers for one of a compiled graph's first regions.
+class _Head:
+    """The persistent device buffers of a compiled graph's first region.
 
     One set per graph, whatever weights a call passes: a graph that Dynamo reuses for every block
-    of a stack (a graph break inside the block) keeps one set, not one per block, and the wrapper
-    fills it with the weights of the call about to run. The head (the first region) is refilled by
-    the graph at its end for the next call; the wrapper copies it again, on the compute stream,
-    only when a call passes other weights or their values changed in place. An ahead slot is
-    copied by the wrapper before every call, on the copy stream, ending with ``done``: an external
-    event that the graph's ``wait`` joins, and that a captured graph waits on at every replay.
+    of a stack (a graph break inside the block) keeps one set, not one per block. The graph refills
+    it at its end for the next call; the wrapper copies it again before a call, on the compute
+    stream, only when the call passes other weights or their values changed in place.
     """
 
     buffers: list[torch.Tensor]
     positions: list[int]  # where the region's weights are among the graph's inputs
-    head: bool
-    done: torch.cuda.Event | None = None  # ahead slots on a GPU
     current: tuple[int, ...] = ()  # data_ptrs of the weights of the call running
     records: list = field(default_factory=list)  # their records
-    holds: tuple = ()  # head: (data_ptrs, versions) of the values in its buffers
+    holds: tuple = ()  # (data_ptrs, versions) of the values in the buffers
     served: set[int] = field(default_factory=set)  # data_ptrs of every weight it held
 
 
-_slots: weakref.WeakKeyDictionary[GraphKey, list[_Slot]] = weakref.WeakKeyDictionary()
-_persistent: set[int] = set()  # data_ptrs of the first buffer of every slot and loose head
+_graph_heads: weakref.WeakKeyDictionary[GraphKey, _Head] = weakref.WeakKeyDictionary()
+_persistent: set[int] = set()  # data_ptrs of the first buffer of every head
 _running: list[GraphKey] = []
 
 
-def declare_slots(graph_key: GraphKey, example_inputs: list, regions: list[list[int]]) -> None:
-    """At compile time: make the buffers of a graph's first regions, given the positions of their
-    weights among its inputs (the first region is the head). Made at the first run instead, they
-    would land in the memory pool of a CUDA graph tree that is warming up, which refuses them."""
-    slots = []
-    for i, positions in enumerate(regions):
-        weights = [example_inputs[p] for p in positions]
-        buffers = [torch.empty(w.shape, dtype=w.dtype, device=w.device) for w in weights]
-        done = torch.cuda.Event(external=True) if i and weights[0].device.type == "cuda" else None
-        slots.append(_Slot(buffers, list(positions), head=i == 0, done=done))
-        _persistent.add(buffers[0].data_ptr())
-    _slots[graph_key] = slots
+def declare_head(graph_key: GraphKey, example_inputs: list, positions: list[int]) -> None:
+    """At compile time: make the head buffers of a graph, given the positions of its first
+    region's weights among its inputs. Made at the first run instead, they would land in the
+    memory pool of a CUDA graph tree that is warming up, which refuses them."""
+    weights = [example_inputs[p] for p in positions]
+    buffers = [torch.empty(w.shape, dtype=w.dtype, device=w.device) for w in weights]
+    _graph_heads[graph_key] = _Head(buffers, list(positions))
+    _persistent.add(buffers[0].data_ptr())
 
 
 @contextlib.contextmanager
 def running(graph_key: GraphKey, args: list) -> Iterator[None]:
-    """Around one call of a compiled graph: fill its slots with this call's weights before it,
-    note what its head holds after it.
+    """Around one call of a compiled graph: make its head hold this call's weights before it,
+    note what the head holds after it (the graph's refill copied them).
 
     Runs in Python on every call, CUDA-graph replays included, outside the captured graph.
     """
-    slots = _slots.get(graph_key, ())
-    for slot in slots:
-        _fill(slot, [args[p] for p in slot.positions])
+    found = _graph_heads.get(graph_key)
+    if found is not None:
+        _fill(found, [args[p] for p in found.positions])
     _running.append(graph_key)
     try:
         yield
     finally:
         _running.pop()
-    for slot in slots:
-        if slot.head:  # this call's refill copied its weights as they are now
-            slot.holds = (slot.current, _versions(slot.records))
+    if found is not None:
+        found.holds = (found.current, _versions(found.records))
 
 
-def _fill(slot: _Slot, weights: list[torch.Tensor]) -> None:
+def _fill(found: _Head, weights: list[torch.Tensor]) -> None:
     pointers = tuple(w.data_ptr() for w in weights)
-    if pointers != slot.current:
+    if pointers != found.current:
         records = [placement.lookup(w) for w in weights]
         for weight, record in zip(weights, records):
             if record is None:
                 _host_of(weight)  # raises the error that names the cause
-        slot.current, slot.records = pointers, records
-        slot.served.update(pointers)
-    records = slot.records
-    if slot.head:
-        state = (pointers, _versions(records))
-        if slot.holds == state:
-            return  # the previous call refilled it with these values
-        for buffer, record in zip(slot.buffers, records):
-            buffer.copy_(record.host, non_blocking=True)  # on the compute stream, before the call
-        _count(records)
-        slot.holds = state
-        return
-    _count(records)
-    if slot.done is None:
-        for buffer, record in zip(slot.buffers, records):
-            buffer.copy_(record.host)
-        return
-    device = slot.buffers[0].device
-    copy = _copy_stream(device)
-    copy.wait_stream(torch.cuda.current_stream(device))  # earlier calls may still read them
-    with torch.cuda.stream(copy):
-        for buffer, record in zip(slot.buffers, records):
-            buffer.copy_(record.host, non_blocking=True)
-        slot.done.record(copy)
-    _inflight[slot.buffers[0].data_ptr()] = slot.done
-    _ahead_issued[device] = slot.done
+        found.current, found.records = pointers, records
+        found.served.update(pointers)
+    state = (pointers, _versions(found.records))
+    if found.holds == state:
+        return  # the previous call refilled it with these values
+    for buffer, record in zip(found.buffers, found.records):
+        buffer.copy_(record.host, non_blocking=True)  # on the compute stream, before the call
+    _count(found.records)
+    found.holds = state
 
 
 def _versions(records: list) -> tuple[int, ...]:
@@ -230,29 +195,12 @@ def _count(records: list[placement.HostParameter]) -> None:
         copied_bytes += record.host.numel() * record.host.element_size()
 
 
-def _slot_of(weights: list[torch.Tensor]) -> _Slot | None:
-    if not _running:
-        return None
-    pointers = tuple(w.data_ptr() for w in weights)
-    return next((s for s in _slots.get(_running[-1], ()) if s.current == pointers), None)
-
-
 def head(weights: list[torch.Tensor]) -> list[torch.Tensor]:
     """The head buffers of the graph running, which hold ``weights``' values."""
-    slot = _slot_of(weights)
-    return slot.buffers if slot is not None else _loose_head(weights)
-
-
-def ahead(weights: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The ahead buffers of the graph running, into which its wrapper started copying ``weights``."""
-    slot = _slot_of(weights)
-    if slot is None:
-        raise RuntimeError(
-            "fx_offload.ahead: no buffers were prepared for this region before the call. Call the "
-            "model through what torch.compile(..., backend='offload_inductor') returns, or pass "
-            "options={'prefetch_head': 1}"
-        )
-    return slot.buffers
+    found = _graph_heads.get(_running[-1]) if _running else None
+    if found is not None and found.current == tuple(w.data_ptr() for w in weights):
+        return found.buffers
+    return _loose_head(weights)
 
 
 def refill(buffers: list[torch.Tensor], weights: list[torch.Tensor]) -> None:
@@ -301,9 +249,9 @@ def _loose_head(weights: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def persistent_bytes() -> int:
-    """Device bytes held between calls by head and ahead buffers (every live compiled graph)."""
-    buffers = [b for slots in _slots.values() for slot in slots for b in slot.buffers]
-    buffers += [head.buffer for head in _heads.values()]
+    """Device bytes held between calls by head buffers (of every live compiled graph)."""
+    buffers = [b for found in _graph_heads.values() for b in found.buffers]
+    buffers += [loose.buffer for loose in _heads.values()]
     return sum(b.numel() * b.element_size() for b in buffers)
 
 
@@ -314,11 +262,10 @@ def forget_heads(tensors: list[torch.Tensor]) -> None:
         found = _heads.pop(pointer, None)
         if found is not None:
             _persistent.discard(found.buffer.data_ptr())
-    for key, slots in list(_slots.items()):
-        if any(pointers & slot.served for slot in slots):
-            for slot in slots:
-                _persistent.discard(slot.buffers[0].data_ptr())
-            del _slots[key]
+    for key, found in list(_graph_heads.items()):
+        if pointers & found.served:
+            _persistent.discard(found.buffers[0].data_ptr())
+            del _graph_heads[key]
 
 
 def swapped(weights: list[torch.Tensor]) -> list[torch.Tensor]:

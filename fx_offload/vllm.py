@@ -67,15 +67,8 @@ class OffloadPass(InductorPass):
             )
         self.patterns = None if patterns is None else matching.normalize_patterns(patterns)
         options = backend.BackendOptions.parse({"prefetch": prefetch, "prefetch_head": prefetch_head})
-        if options.prefetch_head not in (True, False, 0, 1):
-            raise ValueError(
-                f"prefetch_head={prefetch_head!r}: under vLLM only the first region can be served "
-                "from persistent buffers (True); the regions after it are copied before a call by "
-                "the wrapper torch.compile's backend puts around it, and vLLM calls its compiled "
-                "pieces itself"
-            )
         self.prefetch = options.prefetch
-        self.prefetch_head = bool(options.prefetch_head)
+        self.prefetch_head = options.prefetch_head
         self.adopt_vllm_offloaded = bool(adopt_vllm_offloaded)
 
     @classmethod
@@ -151,9 +144,7 @@ class OffloadPass(InductorPass):
             for i, record in zip(positions, placement.place(to_place, device, None)):
                 offloaded[i] = record.names[0]
         device_type = next((placement.lookup(reals[i]).device.type for i in offloaded), "cpu")
-        # the first region only (a count of 1): vLLM runs no wrapper to fill ahead regions
-        head = int(self.prefetch_head)
-        return GraphPlan(offloaded, frozenset(region_modules), self.prefetch, device_type, head)
+        return GraphPlan(offloaded, frozenset(region_modules), self.prefetch, device_type, self.prefetch_head)
 
 
 def compilation_config(patterns: Sequence[str] | None, *, mode: int | None = None, **options) -> dict:
