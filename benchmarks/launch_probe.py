@@ -11,9 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import bench_offload as bench  # noqa: E402
 
 REGIONS, KERNELS, NUMEL = 8, 30, 4 << 20  # 2 x 8.4 MB bf16 per region
 
@@ -81,18 +86,9 @@ def main() -> None:
     parser.add_argument("--json", default="launch_probe.json")
     args = parser.parse_args()
     variants = ["two edges per region (fx_offload)", "one edge per region", "copies only", "compute only"]
-    host = torch.empty(1 << 30, dtype=torch.uint8).pin_memory()
-    dest = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    times = []
-    for _ in range(6):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dest.copy_(host, non_blocking=True)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    floor = 2 * REGIONS * NUMEL * 2 / ((1 << 30) / min(times[1:]))
-    print(f"bandwidth {(1 << 30) / min(times[1:]) / 1e6:.1f} GB/s: the copies alone take {floor:.3f} ms")
+    bandwidth = bench.bandwidth(torch.device("cuda"))  # bytes per second, best of 10 GiB copies
+    floor = 2 * REGIONS * NUMEL * 2 / bandwidth * 1e3
+    print(f"bandwidth {bandwidth / 1e9:.1f} GB/s: the copies alone take {floor:.3f} ms")
     rows = []
     for variant in variants:
         row = {"variant": variant, **measure(build(variant))}

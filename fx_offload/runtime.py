@@ -64,9 +64,9 @@ def _start_copies(buffers: list[torch.Tensor], weights: list[torch.Tensor]) -> N
     """Copy the host values of ``weights`` into ``buffers``: on a GPU, on the copy stream, after
     the compute stream's queued work (the buffers may reuse memory it still reads), ending with
     an event that ``wait`` joins."""
-    global copied_bytes
-    hosts = [_host_of(weight) for weight in weights]
-    copied_bytes += sum(host.numel() * host.element_size() for host in hosts)
+    records = [_record_of(weight) for weight in weights]
+    _count(records)
+    hosts = [record.host for record in records]
     if not buffers or buffers[0].device.type != "cuda":
         for buffer, host in zip(buffers, hosts):
             buffer.copy_(host)
@@ -168,10 +168,7 @@ def running(graph_key: GraphKey, args: list) -> Iterator[None]:
 def _fill(found: _Head, weights: list[torch.Tensor]) -> None:
     pointers = tuple(w.data_ptr() for w in weights)
     if pointers != found.current:
-        records = [placement.lookup(w) for w in weights]
-        for weight, record in zip(weights, records):
-            if record is None:
-                _host_of(weight)  # raises the error that names the cause
+        records = [_record_of(w) for w in weights]
         found.current, found.records = pointers, records
         found.served.update(pointers)
     state = (pointers, _versions(found.records))
@@ -226,9 +223,7 @@ def _loose_head(weights: list[torch.Tensor]) -> list[torch.Tensor]:
     buffers = []
     capturing = weights and weights[0].device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     for weight in weights:
-        record = placement.lookup(weight)
-        if record is None:
-            _host_of(weight)  # raises the error that names the cause
+        record = _record_of(weight)
         found = _heads.get(weight.data_ptr())
         if found is None or found.record is not record:
             if capturing:
@@ -272,10 +267,9 @@ def swapped(weights: list[torch.Tensor]) -> list[torch.Tensor]:
     """The device copies of swapped ``weights``, in their component's range of the arena."""
     buffers = []
     for weight in weights:
-        record = placement.lookup(weight)
-        component = record.component if record is not None else None
+        record = _record_of(weight)
+        component = record.component
         if component is None:
-            _host_of(weight)  # raises the error that names the cause
             raise RuntimeError(
                 f"fx_offload.swapped got a weight of a module that is not swapped: {record.names}"
             )
@@ -290,7 +284,8 @@ def swapped(weights: list[torch.Tensor]) -> list[torch.Tensor]:
     return buffers
 
 
-def _host_of(weight: torch.Tensor) -> torch.Tensor:
+def _record_of(weight: torch.Tensor) -> placement.HostParameter:
+    """The record of the offloaded parameter ``weight`` is, or the error that names the cause."""
     record = placement.lookup(weight)
     if record is None:
         raise RuntimeError(
@@ -299,8 +294,7 @@ def _host_of(weight: torch.Tensor) -> torch.Tensor:
             "load_state_dict(assign=True), a new submodule?). Call fx_offload.restore(model), "
             "then offload and compile again"
         )
-    record.fetched = True
-    return record.host
+    return record
 
 
 def _copy_stream(device: torch.device) -> torch.cuda.Stream:
