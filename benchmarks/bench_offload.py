@@ -229,7 +229,72 @@ def time_forward(fn, x: torch.Tensor, budget_s: float) -> tuple[float, int]:
     return statistics.median(times), len(times)
 
 
-def run_case(name: str, case: Case, device: torch.device, methods: list[str]) -> dict:
+def _measure(
+    method: str,
+    case: Case,
+    state: dict,
+    device: torch.device,
+    dtype: torch.dtype,
+    x: torch.Tensor,
+    reference: torch.Tensor,
+) -> dict:
+    """One row, once: prepare ``method`` (alone on the device), time it, free it."""
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    row: dict = {"method": method}
+    rss = host_rss()
+    fn = None
+    try:
+        fn = prepare(method, case, state, device, dtype)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = fn(x).float()
+        row["first_call_s"] = time.perf_counter() - t0
+        row["ms"], row["iterations"] = time_forward(fn, x, budget_s=1.0)
+        row["ms_back_to_back"] = time_back_to_back(fn, x)
+        row["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None
+        row["host_gb"] = max(host_rss() - rss, 0) / 1e9
+        row["rel_err"] = ((out - reference).norm() / reference.norm()).item()
+    except ImportError as error:
+        row["error"] = f"not installed: {error.name}"
+    except Exception as error:  # a peer that fails is a result too
+        row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+        traceback.print_exc()
+    del fn
+    return row
+
+
+def _merge(runs: list[dict]) -> dict:
+    """One row from its rounds: the median of the rounds' medians, with every round kept."""
+    row = dict(runs[0])
+    if "error" in row or len(runs) == 1:
+        return row
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return failed[0]
+    row["ms_rounds"] = [r["ms"] for r in runs]
+    row["ms_back_to_back_rounds"] = [r["ms_back_to_back"] for r in runs]
+    row["ms"] = statistics.median(row["ms_rounds"])
+    row["ms_back_to_back"] = statistics.median(row["ms_back_to_back_rounds"])
+    if row["peak_gb"] is not None:
+        row["peak_gb"] = max(r["peak_gb"] for r in runs)
+    row["host_gb"] = max(r["host_gb"] for r in runs)
+    row["rel_err"] = max(r["rel_err"] for r in runs)
+    return row
+
+
+def _is_peer(method: str) -> bool:
+    return not method.startswith(("resident", "fx_offload"))
+
+
+def run_case(name: str, case: Case, device: torch.device, methods: list[str], rounds: int = 1) -> dict:
+    """Time every method of one case. With ``rounds`` > 1 the resident and fx_offload rows are
+    timed again in each later round, interleaved (the floor and fx_offload drift together with
+    the machine); the peers once, in the first."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     with torch.device(device):  # made on the device (fast init), kept on the host (honest peaks)
@@ -241,45 +306,23 @@ def run_case(name: str, case: Case, device: torch.device, methods: list[str]) ->
     offloaded_bytes = block_bytes * len(offloaded_indices(case))
     bw = bandwidth(device)
     bw_region = bandwidth(device, block_bytes // 2)  # one parameter of one block per copy
-    rows = []
-    for method in methods:
-        torch._dynamo.reset()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-        row = {"method": method}
-        rss = host_rss()
-        try:
-            fn = prepare(method, case, state, device, dtype)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                out = fn(x).float()
-            row["first_call_s"] = time.perf_counter() - t0
-            row["ms"], row["iterations"] = time_forward(fn, x, budget_s=1.0)
-            row["ms_back_to_back"] = time_back_to_back(fn, x)
-            row["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None
-            row["host_gb"] = max(host_rss() - rss, 0) / 1e9
-            row["rel_err"] = ((out - reference).norm() / reference.norm()).item()
-        except ImportError as error:
-            row["error"] = f"not installed: {error.name}"
-        except Exception as error:  # a peer that fails is a result too
-            row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
-            traceback.print_exc()
-        rows.append(row)
-        del row
-        fn = None
-    resident = [
-        r["ms"]
-        for r in rows
-        if "ms" in r and r["method"] in ("resident compiled", "resident reduce-overhead")
+    runs: dict[str, list[dict]] = {method: [] for method in methods}
+    for round_ in range(rounds):
+        for method in methods:
+            if round_ and _is_peer(method):
+                continue
+            runs[method].append(_measure(method, case, state, device, dtype, x, reference))
+    rows = [_merge(runs[method]) for method in methods]
+    # the floor from the best resident round: a slow round of the resident model must not
+    # flatter the offloaded rows
+    resident_runs = [
+        r
+        for method in ("resident compiled", "resident reduce-overhead")
+        for r in runs.get(method, [])
+        if "ms" in r
     ]
-    resident_b2b = [
-        r["ms_back_to_back"]
-        for r in rows
-        if "ms" in r and r["method"] in ("resident compiled", "resident reduce-overhead")
-    ]
+    resident = [r["ms"] for r in resident_runs]
+    resident_b2b = [r["ms_back_to_back"] for r in resident_runs]
     bw_after = bandwidth(device)  # the bus may have been slower or faster while the rows ran
     bw = max(bw, bw_after)
     transfer_ms = offloaded_bytes / bw * 1e3 if bw == bw else float("nan")
@@ -292,6 +335,9 @@ def run_case(name: str, case: Case, device: torch.device, methods: list[str]) ->
         if "ms" in row:
             row["x_floor"] = row["ms"] / floor
             row["x_floor_back_to_back"] = row["ms_back_to_back"] / floor_b2b
+        if "ms_rounds" in row:  # every round against the same floor (the best resident of all)
+            row["x_floor_rounds"] = [ms / floor for ms in row["ms_rounds"]]
+            row["x_floor_back_to_back_rounds"] = [ms / floor_b2b for ms in row["ms_back_to_back_rounds"]]
     return {
         "case": name,
         "shape": asdict(case),
@@ -301,6 +347,7 @@ def run_case(name: str, case: Case, device: torch.device, methods: list[str]) ->
         "bandwidth_one_parameter_gbs": bw_region / 1e9,
         "fx_offload_options": FX_OPTIONS,
         "transfer_ms": transfer_ms,
+        "rounds": rounds,
         "best_resident_compiled_ms": best_resident,
         "floor_ms": floor,
         "best_resident_back_to_back_ms": best_b2b,
@@ -331,6 +378,10 @@ def table(result: dict) -> str:
             f"{row['x_floor_back_to_back']:8.2f} {peak:>8} "
             f"{row['host_gb']:8.2f} {row['rel_err']:9.1e}"
         )
+        if "x_floor_rounds" in row:
+            per_call = " ".join(f"{r:.3f}" for r in row["x_floor_rounds"])
+            b2b = " ".join(f"{r:.3f}" for r in row["x_floor_back_to_back_rounds"])
+            lines.append(f"{'':28}   rounds x floor: per call {per_call}; back to back {b2b}")
     return "\n".join(lines)
 
 
@@ -354,6 +405,12 @@ def main() -> None:
     parser.add_argument("--in-process", action="store_true", help="run the cases in this process")
     parser.add_argument("--prefetch", type=int, default=None, help="fx_offload's prefetch option")
     parser.add_argument("--head", help="fx_offload's prefetch_head: true or false")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="time the resident and fx_offload rows this many times, interleaved (peers once)",
+    )
     args = parser.parse_args()
     if args.prefetch is not None:
         FX_OPTIONS["prefetch"] = args.prefetch
@@ -372,6 +429,7 @@ def main() -> None:
             command += ["--smoke"] if args.smoke else []
             command += ["--prefetch", str(args.prefetch)] if args.prefetch is not None else []
             command += ["--head", args.head] if args.head is not None else []
+            command += ["--rounds", str(args.rounds)]
             for method in methods:
                 command += ["--method", method]
             subprocess.run(command, check=False)
@@ -380,7 +438,7 @@ def main() -> None:
     else:
         results = []
         for name in names:
-            results.append(run_case(name, cases[name], device, methods))
+            results.append(run_case(name, cases[name], device, methods, args.rounds))
             print(table(results[-1]), flush=True)
     report = {"environment": environment(device), "results": results}
     Path(args.json).write_text(json.dumps(report, indent=2))

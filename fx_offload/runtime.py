@@ -7,18 +7,25 @@ and copies the pinned host tensors on the copy stream. ``wait`` makes the comput
 those copies. ``release`` ends the buffers' life; with ``poison_released`` it overwrites them, so
 a reader scheduled after its release reads NaN instead of passing by luck.
 
-The first region of a graph is served by ``head``: persistent buffers refilled by ``refill`` at
-the end of the previous call, so its copy overlaps that call's tail instead of stalling the start
-of this one. ``running`` (entered by the compiled function's wrapper around every call, outside
-any CUDA graph) fills them again before a call whenever a weight's version counter moved since
-the last refill. A write through ``.data`` bypasses that counter: see the README's guarantees.
+The first region of a graph is served by ``head``: persistent buffers refilled for the next call,
+so that copy overlaps the end of this call and the gap before the next one instead of stalling
+the start of the next one. Under fx_offload's wrapper (``running``, entered around every call,
+outside any CUDA graph) the graph's ``refill`` only marks, on the copy stream, where the refill
+may start (an external event: after the graph's last fetch, once the first region's readers are
+done); the wrapper issues the copies when the call returns, after that mark, and the next call's
+graph waits for them (another external event) before its first region. So a call ends when its
+outputs are ready, not when the next call's head has landed, and a captured graph contains both
+ends of every stream fork it makes. Without the wrapper (vLLM) ``refill`` copies inside the graph
+and a ``wait`` at its end joins it. ``running`` also fills the head again before a call whenever
+the call passes other weights or a weight's version counter moved since the last refill. A write
+through ``.data`` bypasses that counter: see the README's guarantees.
 
 The backend makes the head buffers when it compiles: made at the first run, they would land in
 a CUDA graph tree's pool, which refuses them. A graph Dynamo reuses for several blocks keeps one
 set of head buffers (``_Head``).
 
-Every stream fork and join of one forward happens inside that forward, so a captured CUDA graph
-contains both ends of each copy.
+Every stream fork of one forward is joined inside that forward, so a captured CUDA graph contains
+both ends of each copy; the head's refill crosses calls only through the two external events.
 """
 
 from __future__ import annotations
@@ -88,6 +95,13 @@ def wait(fetched: list[torch.Tensor]) -> None:
     if not fetched or fetched[0].device.type != "cuda":
         return
     done = _inflight.pop(fetched[0].data_ptr(), None)
+    if done is None:
+        found = _serving(fetched)
+        if found is not None and found.refilled is not None:
+            # the wrapper's refill after the previous call (an external event: captured as a
+            # wait on whatever it last recorded when this graph replays)
+            torch.cuda.current_stream(fetched[0].device).wait_event(found.refilled)
+            return
     if done is None and fetched[0].data_ptr() in _persistent:
         return  # a head region's buffers: ready when the call started, nothing in flight
     if done is None:
@@ -129,6 +143,10 @@ class _Head:
     records: list = field(default_factory=list)  # their records
     holds: tuple = ()  # (data_ptrs, versions) of the values in the buffers
     served: set[int] = field(default_factory=set)  # data_ptrs of every weight it held
+    # on a GPU, external events: where the graph lets the refill start; when the refill is done
+    mark: torch.cuda.Event | None = None
+    refilled: torch.cuda.Event | None = None
+    deferred: bool = False  # the graph's refill left the copies to the wrapper
 
 
 _graph_heads: weakref.WeakKeyDictionary[GraphKey, _Head] = weakref.WeakKeyDictionary()
@@ -142,8 +160,14 @@ def declare_head(graph_key: GraphKey, example_inputs: list, positions: list[int]
     memory pool of a CUDA graph tree that is warming up, which refuses them."""
     weights = [example_inputs[p] for p in positions]
     buffers = [torch.empty(w.shape, dtype=w.dtype, device=w.device) for w in weights]
-    _graph_heads[graph_key] = _Head(buffers, list(positions))
+    found = _graph_heads[graph_key] = _Head(buffers, list(positions))
     _persistent.add(buffers[0].data_ptr())
+    if buffers[0].device.type == "cuda":
+        found.mark = torch.cuda.Event(external=True)
+        found.refilled = torch.cuda.Event(external=True)
+        copy = _copy_stream(buffers[0].device)
+        for buffer in buffers:  # the copy stream writes them: freed, wait for it before reuse
+            buffer.record_stream(copy)
 
 
 @contextlib.contextmanager
@@ -162,7 +186,26 @@ def running(graph_key: GraphKey, args: list) -> Iterator[None]:
     finally:
         _running.pop()
     if found is not None:
+        if found.deferred:
+            _refill_after(found)
         found.holds = (found.current, _versions(found.records))
+
+
+def _refill_after(found: _Head) -> None:
+    """After a call: copy its head weights into the head buffers for the next call, on the copy
+    stream, after the mark the graph recorded there; the next call's graph waits for them."""
+    _count(found.records)
+    hosts = [record.host for record in found.records]
+    if found.mark is None:
+        for buffer, host in zip(found.buffers, hosts):
+            buffer.copy_(host)
+        return
+    copy = _copy_stream(found.buffers[0].device)
+    copy.wait_event(found.mark)
+    with torch.cuda.stream(copy):
+        for buffer, host in zip(found.buffers, hosts):
+            buffer.copy_(host, non_blocking=True)
+        found.refilled.record(copy)
 
 
 def _fill(found: _Head, weights: list[torch.Tensor]) -> None:
@@ -174,6 +217,8 @@ def _fill(found: _Head, weights: list[torch.Tensor]) -> None:
     state = (pointers, _versions(found.records))
     if found.holds == state:
         return  # the previous call refilled it with these values
+    if found.refilled is not None:  # after the previous call's refill, which writes them too
+        torch.cuda.current_stream(found.buffers[0].device).wait_event(found.refilled)
     for buffer, record in zip(found.buffers, found.records):
         buffer.copy_(record.host, non_blocking=True)  # on the compute stream, before the call
     _count(found.records)
@@ -200,9 +245,33 @@ def head(weights: list[torch.Tensor]) -> list[torch.Tensor]:
     return _loose_head(weights)
 
 
+def _serving(buffers: list[torch.Tensor]) -> _Head | None:
+    """The head of the graph running, if ``buffers`` are its buffers."""
+    found = _graph_heads.get(_running[-1]) if _running else None
+    if found is None or not buffers or found.buffers[0].data_ptr() != buffers[0].data_ptr():
+        return None
+    return found
+
+
 def refill(buffers: list[torch.Tensor], weights: list[torch.Tensor]) -> None:
-    """Start copying ``weights`` into their head ``buffers`` for the next call."""
-    _start_copies(buffers, weights)
+    """Refill the head ``buffers`` with ``weights`` for the next call. A graph's own head (under
+    its wrapper): mark the copy stream here and leave the copies to the wrapper, after the call.
+    A loose head (no wrapper): copy now, on the copy stream; the graph's last ``wait`` joins it."""
+    found = _serving(buffers)
+    if found is None:
+        _start_copies(buffers, weights)
+        return
+    found.deferred = True
+    if found.mark is None:
+        return
+    device = buffers[0].device
+    copy = _copy_stream(device)
+    copy.wait_stream(torch.cuda.current_stream(device))  # after the head's readers and the fetches
+    with torch.cuda.stream(copy):
+        found.mark.record(copy)
+        joined = torch.cuda.Event()  # what the graph's last wait joins: no copy left unjoined
+        joined.record(copy)
+    _inflight[buffers[0].data_ptr()] = joined
 
 
 @dataclass(eq=False)

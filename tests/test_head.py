@@ -1,6 +1,6 @@
-"""The head: each compiled graph's first region, served from persistent buffers that the graph
-refills at its end for the next call, and that its wrapper fills again when a call passes other
-weights or their values changed in place."""
+"""The head: each compiled graph's first region, served from persistent buffers refilled for the
+next call (by the graph's wrapper when the call returns, after the point the graph marks), and
+filled again by the wrapper when a call passes other weights or their values changed in place."""
 
 import pytest
 import torch
@@ -62,6 +62,31 @@ def test_a_graph_reused_for_every_block_keeps_one_set_of_head_buffers(backend, o
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     block = plan.offloaded_bytes // 4
     assert 0 < runtime.persistent_bytes() <= block, (runtime.persistent_bytes(), block)
+
+
+@pytest.mark.parametrize("backend", ["offload_eager", "offload_inductor"])
+def test_the_wrapper_refills_the_head_once_per_call_after_the_graph(backend, offloaded, monkeypatch):
+    """Under its wrapper a graph's ``refill`` only marks where the refill may start; the wrapper
+    copies when the call has returned, so a call ends without waiting for the next call's head."""
+    model = seeded(Stack, n=4)
+    offloaded(model, ["layers.*"])
+    compiled = _compiled(model, backend)
+    events = []
+    monkeypatch.setattr(runtime, "_refill_after", lambda found: events.append(("refill", found.records)))
+    original = runtime.refill
+
+    def refill(*args):
+        events.append(("graph",))
+        original(*args)
+
+    monkeypatch.setattr(runtime, "refill", refill)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        for _ in range(3):
+            compiled(x)
+    assert [e[0] for e in events] == ["graph", "refill"] * 3, events
+    names = [record.names for record in events[1][1]]
+    assert names and all(name[0].startswith("layers.0.") for name in names), names
 
 
 @pytest.mark.parametrize("bad", [2, "true", None])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fx_offload
-from fx_offload import placement
+from fx_offload import placement, runtime
 from fx_offload.explain import recording
 from tests.models import Broken, CpuHop, Stack, seeded
 
@@ -208,5 +208,42 @@ def test_weights_written_between_calls_are_read_by_the_next_replay(head):
                     recorded = graphs.records
             assert graphs.skips == 0, "Inductor skipped CUDA graphs"
             assert recorded >= 1 and graphs.records == recorded, "re-recorded on a later call"
+    finally:
+        fx_offload.restore(model)
+
+
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_the_next_call_waits_for_the_refill_of_its_head(mode):
+    """The head's refill is issued when a call returns, on the copy stream, and the next call's
+    graph waits for it. Here each refill is delayed (~25 ms asleep on the copy stream) and the head
+    buffers are poisoned before it: a call that read them without waiting would read NaN."""
+    model = _on_gpu(seeded(Stack, n=4, dim=256, hidden=1024), torch.float32)
+    inputs = [torch.randn(32, 256, device="cuda") for _ in range(3)]
+    with torch.no_grad():
+        expected = [model(x) for x in inputs]
+    fx_offload.offload(model, ["layers.*"])
+    original, refills = runtime._refill_after, []
+
+    def late(found):
+        compute = torch.cuda.current_stream()
+        for buffer in found.buffers:  # after this call's kernels, which read them
+            buffer.fill_(float("nan"))
+        copy = runtime._copy_stream(found.buffers[0].device)
+        copy.wait_stream(compute)
+        with torch.cuda.stream(copy):
+            torch.cuda._sleep(50_000_000)
+        refills.append(found)
+        original(found)
+
+    try:
+        compiled = torch.compile(model, backend="offload_inductor", mode=mode)
+        with mock.patch.object(runtime, "_refill_after", late), _Recordings() as graphs, torch.no_grad():
+            outs = [compiled(x).clone() for x in inputs * 3]  # no sync between calls
+        torch.cuda.synchronize()
+        assert len(refills) == len(outs), "the wrapper did not refill the head after every call"
+        for out, ref in zip(outs, expected * 3):
+            torch.testing.assert_close(out, ref, **TOLERANCE[torch.float32])
+        if mode == "reduce-overhead":
+            assert graphs.skips == 0, "Inductor skipped CUDA graphs"
     finally:
         fx_offload.restore(model)
