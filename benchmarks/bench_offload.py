@@ -56,11 +56,14 @@ SMOKE = {"smoke": Case(4, 64, 128, 2, 8)}
 FX_OPTIONS: dict = {}  # --prefetch / --head
 
 
-def parse_head(text: str) -> bool:
-    """``--head true|false``: fx_offload's prefetch_head."""
-    if text.strip().lower() not in ("true", "false"):
-        raise SystemExit(f"--head takes true or false, got {text!r}")
-    return text.strip().lower() == "true"
+def parse_head(text: str) -> bool | int:
+    """``--head true|false|N``: fx_offload's prefetch_head (N: that many first regions)."""
+    word = text.strip().lower()
+    if word in ("true", "false"):
+        return word == "true"
+    if word.isdigit():
+        return int(word)
+    raise SystemExit(f"--head takes true, false or a count, got {text!r}")
 
 
 METHODS = [
@@ -404,7 +407,7 @@ def main() -> None:
     parser.add_argument("--json", default="bench_offload.json", help="where to write the results")
     parser.add_argument("--in-process", action="store_true", help="run the cases in this process")
     parser.add_argument("--prefetch", type=int, default=None, help="fx_offload's prefetch option")
-    parser.add_argument("--head", help="fx_offload's prefetch_head: true or false")
+    parser.add_argument("--head", help="fx_offload's prefetch_head: true, false or a count")
     parser.add_argument(
         "--rounds",
         type=int,

@@ -69,12 +69,18 @@ def python_profile(fn, x, n: int = 50) -> str:
     return text.getvalue()
 
 
-def timeline(fn, x, trace_path: Path | None) -> dict:
+def timeline(fn, x, trace_path: Path | None, calls: int = 1) -> dict:
+    """The GPU timeline of ``calls`` calls timed as ``bench_offload`` times them (each waited for on
+    the compute stream only, the way a caller waits for its outputs), then a device sync."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        fn(x)
+        for _ in range(calls):
+            end = torch.cuda.Event()
+            fn(x)
+            end.record()
+            end.synchronize()
         torch.cuda.synchronize()
     path = trace_path or Path(tempfile.mkstemp(suffix=".json")[1])
     prof.export_chrome_trace(str(path))
@@ -101,7 +107,16 @@ def timeline(fn, x, trace_path: Path | None) -> dict:
         )
     gaps = [(b["start_us"] - (a["start_us"] + a["us"])) for a, b in zip(rows, rows[1:])]
     launches = [e for e in events if e.get("cat") == "cuda_runtime"]
+    busy: dict = {}  # stream -> [[start, end]] of kernels, merged across gaps under 20 us
+    for e in sorted(kernels, key=lambda e: e["ts"]):
+        spans = busy.setdefault((e.get("args") or {}).get("stream"), [])
+        start, stop = e["ts"] - t0, e["ts"] + e["dur"] - t0
+        if spans and start - spans[-1][1] < 20:
+            spans[-1][1] = max(spans[-1][1], stop)
+        else:
+            spans.append([start, stop])
     return {
+        "kernel_spans_us": {str(k): v for k, v in busy.items()},
         "span_us": end - t0,
         "copies": rows,
         "copy_busy_us": sum(r["us"] for r in rows),
@@ -121,11 +136,12 @@ def main() -> None:
     parser.add_argument(
         "--head",
         action="append",
-        help="prefetch_head: true or false (repeatable); default: the backend's",
+        help="prefetch_head: true, false or a count (repeatable); default: the backend's",
     )
     parser.add_argument("--trace", help="write the fx_offload call's chrome trace here")
     parser.add_argument("--json", default="profile_case.json")
     parser.add_argument("--cprofile", action="store_true", help="print a cProfile of issuing calls")
+    parser.add_argument("--calls", type=int, default=1, help="calls in the profiled timeline")
     args = parser.parse_args()
     case = bench.CASES[args.case]
     device, dtype = torch.device("cuda"), torch.bfloat16
@@ -169,7 +185,7 @@ def main() -> None:
             if args.cprofile:
                 print(f"== cProfile, {method} {options}\n{python_profile(fn, x)}", flush=True)
             trace = Path(args.trace) if args.trace and method.startswith("fx") else None
-            run["timeline"] = timeline(fn, x, trace)
+            run["timeline"] = timeline(fn, x, trace, args.calls)
             report["runs"].append(run)
             tl = run["timeline"]
             print(
@@ -186,6 +202,8 @@ def main() -> None:
                     f"{row['gbs'] or 0:5.1f} GB/s  stream {row['stream']}"
                 )
             print(f"    copy gaps us: {[round(g, 1) for g in tl.get('copy_gaps_us', [])]}")
+            for stream, spans in tl.get("kernel_spans_us", {}).items():
+                print(f"    kernels on stream {stream}: {[[round(a), round(b)] for a, b in spans]}")
             fn = None
     print(
         f"bandwidth 1 GiB {report['bandwidth_gbs']:.1f} GB/s, one parameter "

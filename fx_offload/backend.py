@@ -10,7 +10,8 @@ which module calls are regions (a ``GraphPlan``), then:
   graph without Inductor (fast to compile: for tests and ``explain``).
 
 ``options`` are those of ``torch.compile``: ``prefetch`` (regions fetched ahead, default 2),
-``prefetch_head`` (refill the first region during the previous call, default True) and
+``prefetch_head`` (how many first regions are refilled during the previous call; True, the
+default, is one) and
 ``offload`` (patterns placed at the first compile) are ours; every other key goes to Inductor.
 """
 
@@ -41,7 +42,7 @@ listeners: list[Callable[[fx.GraphModule, GraphPlan, list[RewrittenRegion]], Non
 class BackendOptions:
     prefetch: int = DEFAULT_PREFETCH
     offload: tuple[str, ...] | None = None
-    prefetch_head: bool = True
+    prefetch_head: int = 1
     inductor: tuple[tuple[str, object], ...] = ()
 
     @classmethod
@@ -56,9 +57,12 @@ class BackendOptions:
         if patterns is not None:
             patterns = matching.normalize_patterns(patterns, argument="options['offload']")
         head = options.pop("prefetch_head", True)
-        if not isinstance(head, bool):
-            raise ValueError(f"options['prefetch_head'] must be True or False, got {head!r}")
-        return cls(prefetch, patterns, head, tuple(options.items()))
+        if not isinstance(head, int) or head < 0:
+            raise ValueError(
+                "options['prefetch_head'] must be True, False or an int >= 0 (how many of each "
+                f"graph's first regions are refilled during the previous call), got {head!r}"
+            )
+        return cls(prefetch, patterns, int(head), tuple(options.items()))
 
 
 def offload_inductor(
@@ -232,10 +236,9 @@ def _make_heads(gm: fx.GraphModule, example_inputs: list, plan: GraphPlan) -> ru
     key = runtime.GraphKey()
     if not (plan.prefetch_head and plan.offloaded_inputs) or has_barrier(gm.graph, plan.device_type):
         return key
-    regions = find_regions(gm.graph, plan)
-    if regions:
-        position = {node: i for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
-        runtime.declare_head(key, example_inputs, [position[p] for p in regions[0].params])
+    position = {node: i for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+    for region in find_regions(gm.graph, plan)[: plan.prefetch_head]:
+        runtime.declare_head(key, example_inputs, [position[p] for p in region.params])
     return key
 
 

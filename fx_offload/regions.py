@@ -33,8 +33,9 @@ class GraphPlan:
         region_modules: ``nn_module_stack`` keys (without ``@n``) of offloaded modules.
         prefetch: how many regions ahead a fetch is started (0: just before its region).
         device_type: the device the graph computes on; ops touching other memory are barriers.
-        prefetch_head: serve the first region from buffers refilled at the end of the previous
-            call (its copy then overlaps that call's tail instead of delaying this one's start).
+        prefetch_head: how many of the graph's first regions are served from persistent buffers
+            refilled for the next call at the end of this one (their copies then overlap this
+            call's tail and the gap before the next call instead of delaying its start).
         swapped_inputs: placeholder position -> (parameter name, component name) of parameters
             under the ``swap`` policy: read from their component's fixed device copy.
     """
@@ -43,7 +44,7 @@ class GraphPlan:
     region_modules: frozenset[str] = frozenset()
     prefetch: int = 1
     device_type: str = "cpu"
-    prefetch_head: bool = True
+    prefetch_head: int = 1
     swapped_inputs: Mapping[int, tuple[str, str]] = field(default_factory=dict)
 
 

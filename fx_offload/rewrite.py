@@ -59,7 +59,7 @@ def rewrite(graph: fx.Graph, plan: GraphPlan) -> list[RewrittenRegion]:
     inserted = [_insert(graph, region) for region in find_regions(graph, plan)]
     _schedule(graph, inserted, plan.prefetch, plan.device_type)
     if plan.prefetch_head and inserted and not has_barrier(graph, plan.device_type):
-        _serve_head(graph, inserted, plan.prefetch, plan.device_type)
+        _serve_head(graph, inserted, plan.prefetch, plan.device_type, int(plan.prefetch_head))
     _serve_swapped(graph, plan)
     graph.lint()
     return inserted
@@ -114,33 +114,45 @@ def _schedule(graph: fx.Graph, regions: list[RewrittenRegion], depth: int, devic
             pin.update_arg(1, [*pin.args[1], current.items[0]])
 
 
-def _serve_head(graph: fx.Graph, regions: list[RewrittenRegion], depth: int, device_type: str) -> None:
-    """Serve the first region from persistent buffers, refilled late in the call for the next one."""
-    first = regions[0]
-    with graph.inserting_before(first.fetch):
-        head = _call(graph, HEAD, (list(first.region.params), first.region.name), "head")
-    first.fetch.replace_all_uses_with(head)
-    graph.erase_node(first.fetch)
-    first.fetch = head
+def _serve_head(
+    graph: fx.Graph, regions: list[RewrittenRegion], depth: int, device_type: str, count: int
+) -> None:
+    """Serve the first ``count`` regions from persistent buffers, refilled late in the call (or,
+    under fx_offload's wrapper, after it) for the next one."""
+    heads = regions[:count]
+    for first in heads:
+        with graph.inserting_before(first.fetch):
+            head = _call(graph, HEAD, (list(first.region.params), first.region.name), "head")
+        first.fetch.replace_all_uses_with(head)
+        graph.erase_node(first.fetch)
+        first.fetch = head
 
-    order = {node: i for i, node in enumerate(graph.nodes)}
     output = next(node for node in graph.nodes if node.op == "output")
-    # the refill is one more region, after the last: issued like its fetch would be
-    token = regions[max(len(regions) - 1 - depth, 0)].release
-    if order[token] < order[first.release]:
-        token = first.release
-    anchor = _last_barrier(graph, order, token, output, device_type) or token
-    with graph.inserting_after(anchor):
-        refill = _call(
-            graph, REFILL, (first.items, list(first.region.params), [token], first.region.name), "refill"
-        )
-    order = {node: i for i, node in enumerate(graph.nodes)}
-    pin = min((r.wait for r in regions if order[r.wait] > order[refill]), key=order.__getitem__, default=None)
-    if pin is not None:  # reading the refilled buffers orders this wait after the refill
-        pin.update_arg(1, [*pin.args[1], first.items[0]])
+    previous = None
+    for j, first in enumerate(heads):
+        order = {node: i for i, node in enumerate(graph.nodes)}
+        # the refill of head j is one more region after the last: issued like the fetch of region
+        # len(regions) + j would be, after the release of its own region, and after the refill
+        # before it (the copy stream is FIFO)
+        token = regions[min(max(len(regions) + j - 1 - depth, 0), len(regions) - 1)].release
+        if order[token] < order[first.release]:
+            token = first.release
+        after = previous if previous is not None and order[previous] > order[token] else token
+        anchor = _last_barrier(graph, order, after, output, device_type) or after
+        with graph.inserting_after(anchor):
+            refill = _call(
+                graph, REFILL, (first.items, list(first.region.params), [token], first.region.name), "refill"
+            )
+        previous = refill
+        order = {node: i for i, node in enumerate(graph.nodes)}
+        later = [r.wait for r in regions if order[r.wait] > order[refill]]
+        pin = min(later, key=order.__getitem__, default=None)
+        if pin is not None:  # reading the refilled buffers orders this wait after the refill
+            pin.update_arg(1, [*pin.args[1], first.items[0]])
     results = [n for n in output.all_input_nodes if isinstance(n.meta.get("val"), torch.Tensor)]
-    with graph.inserting_before(output):
-        _call(graph, WAIT, (first.items, results, first.region.name), "wait_refill")
+    for first in heads:
+        with graph.inserting_before(output):
+            _call(graph, WAIT, (first.items, results, first.region.name), "wait_refill")
 
 
 def _serve_swapped(graph: fx.Graph, plan: GraphPlan) -> None:

@@ -7,22 +7,23 @@ and copies the pinned host tensors on the copy stream. ``wait`` makes the comput
 those copies. ``release`` ends the buffers' life; with ``poison_released`` it overwrites them, so
 a reader scheduled after its release reads NaN instead of passing by luck.
 
-The first region of a graph is served by ``head``: persistent buffers refilled for the next call,
-so that copy overlaps the end of this call and the gap before the next one instead of stalling
-the start of the next one. Under fx_offload's wrapper (``running``, entered around every call,
-outside any CUDA graph) the graph's ``refill`` only marks, on the copy stream, where the refill
-may start (an external event: after the graph's last fetch, once the first region's readers are
-done); the wrapper issues the copies when the call returns, after that mark, and the next call's
-graph waits for them (another external event) before its first region. So a call ends when its
-outputs are ready, not when the next call's head has landed, and a captured graph contains both
-ends of every stream fork it makes. Without the wrapper (vLLM) ``refill`` copies inside the graph
-and a ``wait`` at its end joins it. ``running`` also fills the head again before a call whenever
-the call passes other weights or a weight's version counter moved since the last refill. A write
-through ``.data`` bypasses that counter: see the README's guarantees.
+A graph's first region (its first ``prefetch_head`` regions) is served by ``head``: persistent
+buffers refilled for the next call, so that copy overlaps the end of this call and the gap before
+the next one instead of stalling the start of the next one. Under fx_offload's wrapper
+(``running``, entered around every call, outside any CUDA graph) the graph's ``refill`` only
+marks, on the copy stream, where the refill may start (an external event: after the graph's last
+fetch, once the head's readers are done); the wrapper issues the copies when the call returns,
+after that mark, and the next call's graph waits for them (another external event) before it
+reads the head. So a call ends when its outputs are ready, not when the next call's head has
+landed, and a captured graph contains both ends of every stream fork it makes. Without the
+wrapper (vLLM) ``refill`` copies inside the graph and a ``wait`` at its end joins it. ``running``
+also fills the head again before a call whenever the call passes other weights or a weight's
+version counter moved since the last refill. A write through ``.data`` bypasses that counter: see
+the README's guarantees.
 
 The backend makes the head buffers when it compiles: made at the first run, they would land in
 a CUDA graph tree's pool, which refuses them. A graph Dynamo reuses for several blocks keeps one
-set of head buffers (``_Head``).
+set of head buffers per head region (``_Head``).
 
 Every stream fork of one forward is joined inside that forward, so a captured CUDA graph contains
 both ends of each copy; the head's refill crosses calls only through the two external events.
@@ -129,12 +130,13 @@ class GraphKey:
 
 @dataclass(eq=False)
 class _Head:
-    """The persistent device buffers of a compiled graph's first region.
+    """The persistent device buffers of one of a compiled graph's first regions (its head).
 
-    One set per graph, whatever weights a call passes: a graph that Dynamo reuses for every block
-    of a stack (a graph break inside the block) keeps one set, not one per block. The graph refills
-    it at its end for the next call; the wrapper copies it again before a call, on the compute
-    stream, only when the call passes other weights or their values changed in place.
+    One set per graph and head region, whatever weights a call passes: a graph that Dynamo reuses
+    for every block of a stack (a graph break inside the block) keeps one set, not one per block.
+    The wrapper refills it after each call for the next one (where the graph's ``refill`` marked),
+    and copies it again before a call, on the compute stream, only when the call passes other
+    weights or their values changed in place.
     """
 
     buffers: list[torch.Tensor]
@@ -149,18 +151,20 @@ class _Head:
     deferred: bool = False  # the graph's refill left the copies to the wrapper
 
 
-_graph_heads: weakref.WeakKeyDictionary[GraphKey, _Head] = weakref.WeakKeyDictionary()
+_graph_heads: weakref.WeakKeyDictionary[GraphKey, list[_Head]] = weakref.WeakKeyDictionary()
 _persistent: set[int] = set()  # data_ptrs of the first buffer of every head
 _running: list[GraphKey] = []
 
 
 def declare_head(graph_key: GraphKey, example_inputs: list, positions: list[int]) -> None:
-    """At compile time: make the head buffers of a graph, given the positions of its first
-    region's weights among its inputs. Made at the first run instead, they would land in the
-    memory pool of a CUDA graph tree that is warming up, which refuses them."""
+    """At compile time: make the buffers of one head region of a graph (the next of its first
+    regions), given the positions of its weights among the graph's inputs. Made at the first run
+    instead, they would land in the memory pool of a CUDA graph tree that is warming up, which
+    refuses them."""
     weights = [example_inputs[p] for p in positions]
     buffers = [torch.empty(w.shape, dtype=w.dtype, device=w.device) for w in weights]
-    found = _graph_heads[graph_key] = _Head(buffers, list(positions))
+    found = _Head(buffers, list(positions))
+    _graph_heads.setdefault(graph_key, []).append(found)
     _persistent.add(buffers[0].data_ptr())
     if buffers[0].device.type == "cuda":
         found.mark = torch.cuda.Event(external=True)
@@ -177,15 +181,15 @@ def running(graph_key: GraphKey, args: list) -> Iterator[None]:
 
     Runs in Python on every call, CUDA-graph replays included, outside the captured graph.
     """
-    found = _graph_heads.get(graph_key)
-    if found is not None:
+    heads = _graph_heads.get(graph_key, ())
+    for found in heads:
         _fill(found, [args[p] for p in found.positions])
     _running.append(graph_key)
     try:
         yield
     finally:
         _running.pop()
-    if found is not None:
+    for found in heads:  # in region order: the copy stream is FIFO
         if found.deferred:
             _refill_after(found)
         found.holds = (found.current, _versions(found.records))
@@ -239,18 +243,19 @@ def _count(records: list[placement.HostParameter]) -> None:
 
 def head(weights: list[torch.Tensor]) -> list[torch.Tensor]:
     """The head buffers of the graph running, which hold ``weights``' values."""
-    found = _graph_heads.get(_running[-1]) if _running else None
-    if found is not None and found.current == tuple(w.data_ptr() for w in weights):
-        return found.buffers
+    pointers = tuple(w.data_ptr() for w in weights)
+    for found in _graph_heads.get(_running[-1], ()) if _running else ():
+        if found.current == pointers:
+            return found.buffers
     return _loose_head(weights)
 
 
 def _serving(buffers: list[torch.Tensor]) -> _Head | None:
     """The head of the graph running, if ``buffers`` are its buffers."""
-    found = _graph_heads.get(_running[-1]) if _running else None
-    if found is None or not buffers or found.buffers[0].data_ptr() != buffers[0].data_ptr():
+    if not _running or not buffers:
         return None
-    return found
+    pointer = buffers[0].data_ptr()
+    return next((h for h in _graph_heads.get(_running[-1], ()) if h.buffers[0].data_ptr() == pointer), None)
 
 
 def refill(buffers: list[torch.Tensor], weights: list[torch.Tensor]) -> None:
@@ -314,7 +319,7 @@ def _loose_head(weights: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def persistent_bytes() -> int:
     """Device bytes held between calls by head buffers (of every live compiled graph)."""
-    buffers = [b for found in _graph_heads.values() for b in found.buffers]
+    buffers = [b for heads in _graph_heads.values() for found in heads for b in found.buffers]
     buffers += [loose.buffer for loose in _heads.values()]
     return sum(b.numel() * b.element_size() for b in buffers)
 
@@ -326,9 +331,10 @@ def forget_heads(tensors: list[torch.Tensor]) -> None:
         found = _heads.pop(pointer, None)
         if found is not None:
             _persistent.discard(found.buffer.data_ptr())
-    for key, found in list(_graph_heads.items()):
-        if pointers & found.served:
-            _persistent.discard(found.buffers[0].data_ptr())
+    for key, heads in list(_graph_heads.items()):
+        if any(pointers & found.served for found in heads):
+            for found in heads:
+                _persistent.discard(found.buffers[0].data_ptr())
             del _graph_heads[key]
 
 

@@ -46,8 +46,9 @@ class OffloadPass(InductorPass):
             (``layers.*.mlp``, ``mlp``, ``re:layers\\.[0-3]``); ``None`` adopts only the
             parameters vLLM's own offload flags placed.
         prefetch: regions fetched ahead.
-        prefetch_head: refill each graph's first region during the previous call. Off by default
-            here: it is verified under Inductor's CUDA graphs, not under vLLM's.
+        prefetch_head: how many of each graph's first regions are refilled during the previous
+            call (True: one). Off by default here: it is verified under Inductor's CUDA graphs,
+            not under vLLM's.
         adopt_vllm_offloaded: also fetch parameters vLLM placed in pinned memory.
     """
 
@@ -56,7 +57,7 @@ class OffloadPass(InductorPass):
         patterns: Sequence[str] | None = None,
         *,
         prefetch: int = backend.DEFAULT_PREFETCH,
-        prefetch_head: bool = False,
+        prefetch_head: bool | int = False,
         adopt_vllm_offloaded: bool = True,
     ) -> None:
         if patterns is not None and "swap" in matching.normalize_policies(patterns, None):

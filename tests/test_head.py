@@ -13,7 +13,7 @@ def _compiled(model, backend, **options):
     return torch.compile(model, backend=backend, options=options)
 
 
-@pytest.mark.parametrize("head", [True, False])
+@pytest.mark.parametrize("head", [True, False, 2, 4])
 def test_every_call_copies_every_offloaded_byte_once(head, offloaded):
     model = seeded(Stack, n=4)
     plan = offloaded(model, ["layers.*"])
@@ -27,12 +27,13 @@ def test_every_call_copies_every_offloaded_byte_once(head, offloaded):
     assert runtime.copied_bytes - before == 2 * plan.offloaded_bytes
 
 
+@pytest.mark.parametrize("head", [True, 2])
 @pytest.mark.parametrize("backend", ["offload_eager", "offload_inductor"])
-def test_weights_written_in_place_are_read_at_the_next_call(backend, offloaded):
+def test_weights_written_in_place_are_read_at_the_next_call(backend, head, offloaded):
     model = seeded(Stack, n=4)
     x = torch.randn(3, 8)
     offloaded(model, ["layers.*"])
-    compiled = _compiled(model, backend)
+    compiled = _compiled(model, backend, prefetch_head=head)
     with torch.no_grad():
         compiled(x)
         for layer in model.layers:  # layers.0 is the head, refilled at the end of that call
@@ -65,12 +66,14 @@ def test_a_graph_reused_for_every_block_keeps_one_set_of_head_buffers(backend, o
 
 
 @pytest.mark.parametrize("backend", ["offload_eager", "offload_inductor"])
-def test_the_wrapper_refills_the_head_once_per_call_after_the_graph(backend, offloaded, monkeypatch):
+@pytest.mark.parametrize("head", [1, 2])
+def test_the_wrapper_refills_the_head_once_per_call_after_the_graph(backend, head, offloaded, monkeypatch):
     """Under its wrapper a graph's ``refill`` only marks where the refill may start; the wrapper
-    copies when the call has returned, so a call ends without waiting for the next call's head."""
+    copies when the call has returned (head regions in order), so a call ends without waiting for
+    the next call's head."""
     model = seeded(Stack, n=4)
     offloaded(model, ["layers.*"])
-    compiled = _compiled(model, backend)
+    compiled = _compiled(model, backend, prefetch_head=head)
     events = []
     monkeypatch.setattr(runtime, "_refill_after", lambda found: events.append(("refill", found.records)))
     original = runtime.refill
@@ -84,13 +87,26 @@ def test_the_wrapper_refills_the_head_once_per_call_after_the_graph(backend, off
     with torch.no_grad():
         for _ in range(3):
             compiled(x)
-    assert [e[0] for e in events] == ["graph", "refill"] * 3, events
-    names = [record.names for record in events[1][1]]
-    assert names and all(name[0].startswith("layers.0.") for name in names), names
+    assert [e[0] for e in events] == (["graph"] * head + ["refill"] * head) * 3, events
+    for i, (_, records) in enumerate(events[head : 2 * head]):
+        names = [record.names[0] for record in records]
+        assert names and all(name.startswith(f"layers.{i}.") for name in names), names
 
 
-@pytest.mark.parametrize("bad", [2, "true", None])
-def test_prefetch_head_must_be_a_bool(bad, offloaded):
+@pytest.mark.parametrize("head", [1, 2, 3])
+def test_the_head_holds_as_many_regions_as_asked_between_calls(head, offloaded):
+    model = seeded(Stack, n=4)
+    plan = offloaded(model, ["layers.*"])
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        expected = model(x)
+        out = _compiled(model, "offload_inductor", prefetch_head=head)(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    assert runtime.persistent_bytes() == head * plan.offloaded_bytes // 4
+
+
+@pytest.mark.parametrize("bad", ["true", None, -1, 1.5])
+def test_prefetch_head_must_be_a_bool_or_a_count(bad, offloaded):
     model = seeded(Stack)
     offloaded(model, ["layers.*"])
     with pytest.raises(Exception, match="prefetch_head"):

@@ -185,7 +185,7 @@ def test_an_eager_frame_reads_in_place_correctly_and_is_named():
         fx_offload.restore(model)
 
 
-@pytest.mark.parametrize("head", [True, False])
+@pytest.mark.parametrize("head", [True, False, 2])
 def test_weights_written_between_calls_are_read_by_the_next_replay(head):
     """The head is refilled by the previous call; a weight written in place since then is copied
     again by the wrapper before the replay, with no sync between the write and the call."""
@@ -212,8 +212,9 @@ def test_weights_written_between_calls_are_read_by_the_next_replay(head):
         fx_offload.restore(model)
 
 
+@pytest.mark.parametrize("head", [1, 2])
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
-def test_the_next_call_waits_for_the_refill_of_its_head(mode):
+def test_the_next_call_waits_for_the_refill_of_its_head(mode, head):
     """The head's refill is issued when a call returns, on the copy stream, and the next call's
     graph waits for it. Here each refill is delayed (~25 ms asleep on the copy stream) and the head
     buffers are poisoned before it: a call that read them without waiting would read NaN."""
@@ -236,11 +237,12 @@ def test_the_next_call_waits_for_the_refill_of_its_head(mode):
         original(found)
 
     try:
-        compiled = torch.compile(model, backend="offload_inductor", mode=mode)
+        options = {"prefetch_head": head, "triton.cudagraphs": mode == "reduce-overhead"}
+        compiled = torch.compile(model, backend="offload_inductor", options=options)
         with mock.patch.object(runtime, "_refill_after", late), _Recordings() as graphs, torch.no_grad():
             outs = [compiled(x).clone() for x in inputs * 3]  # no sync between calls
         torch.cuda.synchronize()
-        assert len(refills) == len(outs), "the wrapper did not refill the head after every call"
+        assert len(refills) == head * len(outs), "the wrapper did not refill the head after every call"
         for out, ref in zip(outs, expected * 3):
             torch.testing.assert_close(out, ref, **TOLERANCE[torch.float32])
         if mode == "reduce-overhead":
