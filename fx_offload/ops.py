@@ -11,9 +11,11 @@
     (their contents are undefined afterwards), which also keeps it out of dead-code elimination.
 ``head(weights, region) -> buffers``: the first region's weights, already on the device: persistent
     buffers that the previous call refilled (or the compiled function's wrapper filled).
-``refill(buffers, weights, after, region)``: start copying ``weights`` into the head ``buffers``
-    for the next call, late in this one, so that copy overlaps this call's tail; a ``wait`` at the
-    end of the graph joins it.
+``refill(buffers, weights, after, region)``: refill the head ``buffers`` with ``weights`` for the
+    next call. Under fx_offload's wrapper it marks the copy stream where that copy may start and
+    the wrapper issues it when the call returns (the next call waits for it); without the wrapper
+    (vLLM) it copies here, late in the call. A ``wait`` at the end of the graph joins the mark or
+    the copy.
 ``swapped(weights, component) -> buffers``: the fixed device copies of a swapped component's
     weights (``fx_offload.swap``), which the compiled function's wrapper put there before the call.
 ``hold(buffers, readers, component)``: at the end of the graph, keeps those copies alive to the
