@@ -149,6 +149,10 @@ class _Head:
     mark: torch.cuda.Event | None = None
     refilled: torch.cuda.Event | None = None
     deferred: bool = False  # the graph's refill left the copies to the wrapper
+    # a graph reused for several blocks: the weights each call passed -> those of the call after
+    # it last time, so that the refill after a call loads the block that comes next
+    successor: dict[tuple[int, ...], tuple[int, ...]] = field(default_factory=dict)
+    known: dict[tuple[int, ...], list] = field(default_factory=dict)  # their records
 
 
 _graph_heads: weakref.WeakKeyDictionary[GraphKey, list[_Head]] = weakref.WeakKeyDictionary()
@@ -192,14 +196,22 @@ def running(graph_key: GraphKey, args: list) -> Iterator[None]:
     for found in heads:  # in region order: the copy stream is FIFO
         if found.deferred:
             _refill_after(found)
-        found.holds = (found.current, _versions(found.records))
+        else:
+            found.holds = (found.current, _versions(found.records))
 
 
 def _refill_after(found: _Head) -> None:
-    """After a call: copy its head weights into the head buffers for the next call, on the copy
-    stream, after the mark the graph recorded there; the next call's graph waits for them."""
-    _count(found.records)
-    hosts = [record.host for record in found.records]
+    """After a call: copy the head weights of the next call into the head buffers, on the copy
+    stream, after the mark the graph recorded there; the next call's graph waits for them.
+
+    The next call passes the same weights, unless Dynamo reuses the graph for several blocks:
+    then the refill loads the block that followed this one last time (a wrong guess costs a copy
+    before the call, as without a refill)."""
+    following = found.successor.get(found.current, found.current)
+    records = found.known.get(following, found.records)
+    found.holds = (following, _versions(records))
+    _count(records)
+    hosts = [record.host for record in records]
     if found.mark is None:
         for buffer, host in zip(found.buffers, hosts):
             buffer.copy_(host)
@@ -215,7 +227,10 @@ def _refill_after(found: _Head) -> None:
 def _fill(found: _Head, weights: list[torch.Tensor]) -> None:
     pointers = tuple(w.data_ptr() for w in weights)
     if pointers != found.current:
-        records = [_record_of(w) for w in weights]
+        if found.current:
+            found.successor[found.current] = pointers
+        records = found.known.get(pointers) or [_record_of(w) for w in weights]
+        found.known[pointers] = records
         found.current, found.records = pointers, records
         found.served.update(pointers)
     state = (pointers, _versions(found.records))

@@ -105,6 +105,28 @@ def test_the_head_holds_as_many_regions_as_asked_between_calls(head, offloaded):
     assert runtime.persistent_bytes() == head * plan.offloaded_bytes // 4
 
 
+@pytest.mark.parametrize("backend", ["offload_eager", "offload_inductor"])
+def test_a_reused_graph_refills_its_head_with_the_block_that_comes_next(backend, offloaded):
+    """Dynamo reuses BreakingStack's block graphs for every block: after a call, the refill loads
+    the block that followed last time, so from the second forward on every byte crosses once per
+    forward (refilling the same block again would copy each head twice), and stays correct."""
+    model = seeded(BreakingStack, n=4)
+    inputs = [torch.randn(3, 8) for _ in range(4)]
+    with torch.no_grad():
+        expected = [model(x) for x in inputs]
+    plan = offloaded(model, ["layers.*"])
+    compiled = torch.compile(model, backend=backend)
+    copied, outs = [], []
+    with torch.no_grad():
+        for x in inputs:
+            before = runtime.copied_bytes
+            outs.append(compiled(x))
+            copied.append(runtime.copied_bytes - before)
+    for out, ref in zip(outs, expected):
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert copied[2:] == [plan.offloaded_bytes] * 2, (copied, plan.offloaded_bytes)
+
+
 @pytest.mark.parametrize("bad", ["true", None, -1, 1.5])
 def test_prefetch_head_must_be_a_bool_or_a_count(bad, offloaded):
     model = seeded(Stack)
