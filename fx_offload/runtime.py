@@ -104,7 +104,7 @@ def wait(fetched: list[torch.Tensor]) -> None:
             torch.cuda.current_stream(fetched[0].device).wait_event(found.refilled)
             return
     if done is None and fetched[0].data_ptr() in _persistent:
-        return  # a head region's buffers: ready when the call started, nothing in flight
+        return  # a loose head's buffers: ready when the call started, nothing in flight
     if done is None:
         raise RuntimeError(
             "fx_offload.wait found no copy in flight for its buffers: the graph's fetch and wait "
@@ -156,7 +156,7 @@ class _Head:
 
 
 _graph_heads: weakref.WeakKeyDictionary[GraphKey, list[_Head]] = weakref.WeakKeyDictionary()
-_persistent: set[int] = set()  # data_ptrs of the first buffer of every head
+_persistent: set[int] = set()  # data_ptrs of the loose heads' buffers (a graph's head: _serving)
 _running: list[GraphKey] = []
 
 
@@ -169,7 +169,6 @@ def declare_head(graph_key: GraphKey, example_inputs: list, positions: list[int]
     buffers = [torch.empty(w.shape, dtype=w.dtype, device=w.device) for w in weights]
     found = _Head(buffers, list(positions))
     _graph_heads.setdefault(graph_key, []).append(found)
-    _persistent.add(buffers[0].data_ptr())
     if buffers[0].device.type == "cuda":
         found.mark = torch.cuda.Event(external=True)
         found.refilled = torch.cuda.Event(external=True)
@@ -348,8 +347,6 @@ def forget_heads(tensors: list[torch.Tensor]) -> None:
             _persistent.discard(found.buffer.data_ptr())
     for key, heads in list(_graph_heads.items()):
         if any(pointers & found.served for found in heads):
-            for found in heads:
-                _persistent.discard(found.buffers[0].data_ptr())
             del _graph_heads[key]
 
 
