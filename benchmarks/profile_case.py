@@ -77,10 +77,10 @@ def timeline(fn, x, trace_path: Path | None, calls: int = 1) -> dict:
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
-            end = torch.cuda.Event()
+            returned = torch.cuda.Event()
             fn(x)
-            end.record()
-            end.synchronize()
+            returned.record()
+            returned.synchronize()
         torch.cuda.synchronize()
     path = trace_path or Path(tempfile.mkstemp(suffix=".json")[1])
     prof.export_chrome_trace(str(path))

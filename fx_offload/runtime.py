@@ -142,9 +142,7 @@ class _Head:
     buffers: list[torch.Tensor]
     positions: list[int]  # where the region's weights are among the graph's inputs
     current: tuple[int, ...] = ()  # data_ptrs of the weights of the call running
-    records: list = field(default_factory=list)  # their records
     holds: tuple = ()  # (data_ptrs, versions) of the values in the buffers
-    served: set[int] = field(default_factory=set)  # data_ptrs of every weight it held
     # on a GPU, external events: where the graph lets the refill start; when the refill is done
     mark: torch.cuda.Event | None = None
     refilled: torch.cuda.Event | None = None
@@ -152,7 +150,12 @@ class _Head:
     # a graph reused for several blocks: the weights each call passed -> those of the call after
     # it last time, so that the refill after a call loads the block that comes next
     successor: dict[tuple[int, ...], tuple[int, ...]] = field(default_factory=dict)
-    known: dict[tuple[int, ...], list] = field(default_factory=dict)  # their records
+    known: dict[tuple[int, ...], list] = field(default_factory=dict)  # data_ptrs -> their records
+
+    @property
+    def records(self) -> list:
+        """The records of the weights of the call running."""
+        return self.known.get(self.current, [])
 
 
 _graph_heads: weakref.WeakKeyDictionary[GraphKey, list[_Head]] = weakref.WeakKeyDictionary()
@@ -228,10 +231,9 @@ def _fill(found: _Head, weights: list[torch.Tensor]) -> None:
     if pointers != found.current:
         if found.current:
             found.successor[found.current] = pointers
-        records = found.known.get(pointers) or [_record_of(w) for w in weights]
-        found.known[pointers] = records
-        found.current, found.records = pointers, records
-        found.served.update(pointers)
+        if pointers not in found.known:
+            found.known[pointers] = [_record_of(w) for w in weights]
+        found.current = pointers
     state = (pointers, _versions(found.records))
     if found.holds == state:
         return  # the previous call refilled it with these values
@@ -346,7 +348,7 @@ def forget_heads(tensors: list[torch.Tensor]) -> None:
         if found is not None:
             _persistent.discard(found.buffer.data_ptr())
     for key, heads in list(_graph_heads.items()):
-        if any(pointers & found.served for found in heads):
+        if any(not pointers.isdisjoint(held) for found in heads for held in found.known):
             del _graph_heads[key]
 
 

@@ -5,6 +5,7 @@ filled again by the wrapper when a call passes other weights or their values cha
 import pytest
 import torch
 
+import fx_offload
 from fx_offload import runtime
 from tests.models import BreakingStack, Stack, seeded
 
@@ -125,6 +126,22 @@ def test_a_reused_graph_refills_its_head_with_the_block_that_comes_next(backend,
     for out, ref in zip(outs, expected):
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     assert copied[2:] == [plan.offloaded_bytes] * 2, (copied, plan.offloaded_bytes)
+
+
+def test_restore_frees_the_heads_of_graphs_that_held_the_models_weights(offloaded):
+    model, other = seeded(BreakingStack, n=4), seeded(Stack, n=2)
+    offloaded(model, ["layers.*"])
+    plan = offloaded(other, ["layers.*"])
+    compiled, compiled_other = (
+        torch.compile(model, backend="offload_eager"),
+        torch.compile(other, backend="offload_eager"),
+    )
+    with torch.no_grad():
+        for _ in range(2):
+            compiled(torch.randn(3, 8))
+            compiled_other(torch.randn(3, 8))
+    fx_offload.restore(model)  # the graphs stay alive; the other model's head stays with them
+    assert runtime.persistent_bytes() == plan.offloaded_bytes // 2
 
 
 @pytest.mark.parametrize("bad", ["true", None, -1, 1.5])
