@@ -9,17 +9,18 @@ which module calls are regions (a ``GraphPlan``), then:
 * ``offload_eager`` runs AOTAutograd and ``rewrite`` on its forward graph, and executes that
   graph without Inductor (fast to compile: for tests and ``explain``).
 
-``options`` are those of ``torch.compile``: ``prefetch`` (regions fetched ahead, default 2),
-``prefetch_head`` (how many first regions are refilled during the previous call; True, the
-default, is one) and
-``offload`` (patterns placed at the first compile) are ours; every other key goes to Inductor.
+``options`` are those of ``torch.compile``: ``prefetch`` and ``prefetch_head`` (the window: at
+most ``prefetch + 1`` regions' weights on the device at once, the first ``prefetch_head`` of a
+graph's regions among them, copied in between calls; see ``window``) and ``offload`` (patterns
+placed at the first compile) are ours; every other key goes to Inductor.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,13 @@ from fx_offload import matching, placement, runtime, swap
 from fx_offload.regions import GraphPlan, find_regions, module_calls, module_name
 from fx_offload.rewrite import RewrittenRegion, has_barrier, rewrite
 
-DEFAULT_PREFETCH = 2  # H100 decode case: 2.85 ms at 1, 2.69 at 2, 2.62 at 3 (floor 2.43); RESULTS.md
+# Regions fetched ahead of the one computing where no region is a head (RESULTS.md: deeper
+# windows did not beat this within the noise on the H100 cases).
+DEFAULT_PREFETCH = 2
+# The heads cover at least this many bytes (and at least one region): ~0.9 ms of copying at
+# 55 GB/s, more than the 0.35-0.6 ms of CPU time a compiled call spends before its CUDA graph
+# starts on the H100 hosts measured, so the copy engine is busy while the call is issued.
+HEAD_BYTES = 48 << 20
 
 # Called after every rewrite with (graph module, plan, regions): explain() and tests listen.
 listeners: list[Callable[[fx.GraphModule, GraphPlan, list[RewrittenRegion]], None]] = []
@@ -40,29 +47,67 @@ listeners: list[Callable[[fx.GraphModule, GraphPlan, list[RewrittenRegion]], Non
 
 @dataclass(frozen=True)
 class BackendOptions:
-    prefetch: int = DEFAULT_PREFETCH
+    prefetch: int | None = None  # None: chosen per graph by ``window``
     offload: tuple[str, ...] | None = None
-    prefetch_head: int = 1
+    prefetch_head: int | None = None  # None: chosen per graph by ``window``
     inductor: tuple[tuple[str, object], ...] = ()
 
     @classmethod
     def parse(cls, options: Mapping[str, object] | None) -> BackendOptions:
         options = dict(options or {})
-        prefetch = options.pop("prefetch", DEFAULT_PREFETCH)
-        if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0:
+        prefetch = options.pop("prefetch", None)
+        if prefetch == "auto":
+            prefetch = None
+        wrong = not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0
+        if prefetch is not None and wrong:
             raise ValueError(
-                f"options['prefetch'] must be an int >= 0 (regions fetched ahead), got {prefetch!r}"
+                "options['prefetch'] must be an int >= 0 (at most prefetch + 1 regions on the device "
+                f"at once) or 'auto', got {prefetch!r}"
             )
         patterns = options.pop("offload", None)
         if patterns is not None:
             patterns = matching.normalize_patterns(patterns, argument="options['offload']")
-        head = options.pop("prefetch_head", True)
-        if not isinstance(head, int) or head < 0:
+        head = options.pop("prefetch_head", None)
+        if head == "auto":
+            head = None
+        if head is not None and (not isinstance(head, int) or head < 0):
             raise ValueError(
-                "options['prefetch_head'] must be True, False or an int >= 0 (how many of each "
-                f"graph's first regions are refilled during the previous call), got {head!r}"
+                "options['prefetch_head'] must be True, False, an int >= 0 (how many of each "
+                f"graph's first regions are copied in during the previous call) or 'auto', got {head!r}"
             )
-        return cls(prefetch, patterns, int(head), tuple(options.items()))
+        if head is not None and prefetch is not None and head > prefetch:
+            raise ValueError(
+                f"options['prefetch_head']={head!r} asks for more head regions than "
+                f"options['prefetch']={prefetch} leaves room for: the heads count among the prefetch + 1 "
+                f"regions on the device, beside the one computing. Raise prefetch to {int(head)} or more, "
+                "or lower prefetch_head"
+            )
+        return cls(prefetch, patterns, None if head is None else int(head), tuple(options.items()))
+
+
+def window(sizes: Sequence[int], prefetch: int | None, head: int | None) -> tuple[int, int]:
+    """``(prefetch, heads)`` for a graph whose regions hold ``sizes`` bytes, in the order they run.
+
+    At most ``prefetch + 1`` regions' weights are on the device during a call, the ``heads``
+    among them (the first regions, copied in between calls). Chosen when not given: as many first
+    regions as make ``HEAD_BYTES`` (at least one; at most ``prefetch - 1`` when ``prefetch`` is
+    given, so one region can still be copied while another computes); ``prefetch`` is
+    ``DEFAULT_PREFETCH``, raised to ``heads + 1`` where the heads need it (two regions besides
+    them: one computing, one copying).
+    """
+    if head is None:
+        heads = total = 0
+        for size in sizes:
+            if heads and total >= HEAD_BYTES:
+                break
+            heads, total = heads + 1, total + size
+        if prefetch is not None:
+            heads = min(heads, max(prefetch - 1, 0))
+    else:
+        heads = min(head, len(sizes))
+    if prefetch is None:
+        prefetch = max(DEFAULT_PREFETCH, heads + 1)
+    return prefetch, heads
 
 
 def offload_inductor(
@@ -171,11 +216,20 @@ def graph_plan(gm: fx.GraphModule, example_inputs: list, options: BackendOptions
             "offload_inductor has nothing to offload: call fx_offload.offload(model, patterns) "
             "before compiling, or pass torch.compile(..., options={'offload': ['visual']})"
         )
-    plan = GraphPlan(
-        offloaded, frozenset(region_modules), options.prefetch, device_type, options.prefetch_head, swapped
-    )
+    plan = GraphPlan(offloaded, frozenset(region_modules), 0, device_type, 0, swapped)
+    sizes = []
+    if offloaded and not has_barrier(gm.graph, device_type):  # heads cannot cross a partition
+        position = {node: i for i, node in enumerate(placeholders)}
+        for region in find_regions(gm.graph, plan):
+            sizes.append(sum(_nbytes(example_inputs[position[p]]) for p in region.params))
+    prefetch, heads = window(sizes, options.prefetch, options.prefetch_head)
+    plan = dataclasses.replace(plan, prefetch=prefetch, prefetch_head=heads)
     swap.check_together(list(_components(example_inputs, plan)))
     return plan
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
 
 
 def _components(example_inputs: list, plan: GraphPlan) -> dict[swap.Component, list]:
@@ -238,7 +292,7 @@ def _make_heads(gm: fx.GraphModule, example_inputs: list, plan: GraphPlan) -> ru
         return key
     position = {node: i for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
     for region in find_regions(gm.graph, plan)[: plan.prefetch_head]:
-        runtime.declare_head(key, example_inputs, [position[p] for p in region.params])
+        runtime.declare_head(key, example_inputs, [position[p] for p in region.params], region.name)
     return key
 
 

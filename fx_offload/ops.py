@@ -77,7 +77,7 @@ _define(
 )
 _define(
     "head(Tensor[] weights, str region) -> Tensor[]",
-    lambda weights, region: runtime.head(weights),
+    lambda weights, region: runtime.head(weights, region),
     lambda weights, region: _like(weights),
 )
 _define(

@@ -5,12 +5,14 @@
 1. insert: for each region, ``fetch`` and ``wait`` before its first read and ``release`` after
    its last reader, taking every reader's output as input (views of a fetched tensor count as
    reads through their users); the region's reads are rewired to the fetched tensors.
-2. schedule: move each region's ``fetch`` up to just after the release of the region
-   ``prefetch + 1`` places earlier (so at most ``prefetch + 1`` regions hold device memory), tie
-   it there with that release's token, and make the first ``wait`` after it list it as issued (so
-   no scheduler sinks it back to its use). A fetch never moves above a barrier: a node that touches
-   memory of another device, or that CUDA graphs cannot capture, would split the copy from its
-   wait across two captured segments.
+2. schedule: with ``prefetch_head`` = H, the first H regions are heads (persistent buffers,
+   see ``_serve_head``) and hold their memory for the whole call; every other region's ``fetch``
+   moves up to just after the release of the region ``prefetch + 1 - H`` places earlier (so at
+   most ``prefetch + 1`` regions, heads included, hold device memory), tied there with that
+   release's token, and the first ``wait`` after it lists it as issued (so no scheduler sinks it
+   back to its use). A fetch never moves above a barrier: a node that touches memory of another
+   device, or that CUDA graphs cannot capture, would split the copy from its wait across two
+   captured segments.
 
 Before (one offloaded ``Linear`` called ``visual``)::
 
@@ -56,10 +58,16 @@ def rewrite(graph: fx.Graph, plan: GraphPlan) -> list[RewrittenRegion]:
     """
     if plan.prefetch < 0:
         raise ValueError(f"prefetch must be >= 0, got {plan.prefetch}")
+    if plan.prefetch_head > plan.prefetch:
+        raise ValueError(
+            f"prefetch_head={plan.prefetch_head} needs prefetch >= {plan.prefetch_head} (the heads count "
+            f"among the prefetch + 1 regions on the device), got prefetch={plan.prefetch}"
+        )
     inserted = [_insert(graph, region) for region in find_regions(graph, plan)]
-    _schedule(graph, inserted, plan.prefetch, plan.device_type)
-    if plan.prefetch_head and inserted and not has_barrier(graph, plan.device_type):
-        _serve_head(graph, inserted, plan.prefetch, plan.device_type, int(plan.prefetch_head))
+    heads = 0 if has_barrier(graph, plan.device_type) else min(plan.prefetch_head, len(inserted))
+    _schedule(graph, inserted, plan.prefetch, heads, plan.device_type)
+    if heads:
+        _serve_head(graph, inserted, plan.prefetch, plan.device_type, heads)
     _serve_swapped(graph, plan)
     graph.lint()
     return inserted
@@ -84,15 +92,18 @@ def _insert(graph: fx.Graph, region: Region) -> RewrittenRegion:
     return RewrittenRegion(region, fetch, items, wait, release)
 
 
-def _schedule(graph: fx.Graph, regions: list[RewrittenRegion], depth: int, device_type: str) -> None:
+def _schedule(
+    graph: fx.Graph, regions: list[RewrittenRegion], depth: int, heads: int, device_type: str
+) -> None:
     order = {node: i for i, node in enumerate(graph.nodes)}
     regions.sort(key=lambda r: order[r.wait])
     start = [node for node in graph.nodes if node.op == "placeholder"][-1]
+    slots = depth + 1 - heads  # the regions copied during the call that may hold memory at once
     for k, current in enumerate(regions):
         order = {node: i for i, node in enumerate(graph.nodes)}
         anchor, token = start, None
-        if k - depth - 1 >= 0:
-            previous = regions[k - depth - 1].release
+        if k - slots >= heads:  # a head's memory is never freed for another region
+            previous = regions[k - slots].release
             if order[previous] > order[current.wait]:
                 continue  # regions interleave here: the fetch stays beside its wait
             anchor, token = previous, previous
@@ -128,13 +139,15 @@ def _serve_head(
         first.fetch = head
 
     output = next(node for node in graph.nodes if node.op == "output")
-    previous = None
+    slots = depth + 1 - count
+    fetched = regions[count:]
+    previous = fetched[-1].items[-1] if fetched else None
     for j, first in enumerate(heads):
         order = {node: i for i, node in enumerate(graph.nodes)}
         # the refill of head j is one more region after the last: issued like the fetch of region
-        # len(regions) + j would be, after the release of its own region, and after the refill
-        # before it (the copy stream is FIFO)
-        token = regions[min(max(len(regions) + j - 1 - depth, 0), len(regions) - 1)].release
+        # len(regions) + j would be, after the release of its own region, and after the last
+        # fetch and the refill before it (the copy stream is FIFO)
+        token = regions[min(max(len(regions) + j - slots, 0), len(regions) - 1)].release
         if order[token] < order[first.release]:
             token = first.release
         after = previous if previous is not None and order[previous] > order[token] else token

@@ -61,8 +61,8 @@ def fetch(weights: list[torch.Tensor], region: str = "") -> list[torch.Tensor]:
         raise torch.OutOfMemoryError(
             f"fx_offload could not fetch region {region!r}: {nbytes / 1e6:.1f} MB of weights did not "
             f"fit on {weights[0].device}. With options['prefetch'] = N, up to N + 1 regions are on "
-            "the device at once (plus each graph's first region with prefetch_head): lower prefetch, "
-            f"set prefetch_head=False, or offload finer modules. ({error})"
+            "the device at once, each graph's prefetch_head first regions among them: pass a lower "
+            f"prefetch (and prefetch_head), or offload finer modules. ({error})"
         ) from None
     _start_copies(buffers, weights)
     return buffers
@@ -141,6 +141,7 @@ class _Head:
 
     buffers: list[torch.Tensor]
     positions: list[int]  # where the region's weights are among the graph's inputs
+    region: str = ""  # its name in the graph: two head regions may read the same weights
     current: tuple[int, ...] = ()  # data_ptrs of the weights of the call running
     holds: tuple = ()  # (data_ptrs, versions) of the values in the buffers
     # on a GPU, external events: where the graph lets the refill start; when the refill is done
@@ -163,14 +164,14 @@ _persistent: set[int] = set()  # data_ptrs of the loose heads' buffers (a graph'
 _running: list[GraphKey] = []
 
 
-def declare_head(graph_key: GraphKey, example_inputs: list, positions: list[int]) -> None:
+def declare_head(graph_key: GraphKey, example_inputs: list, positions: list[int], region: str = "") -> None:
     """At compile time: make the buffers of one head region of a graph (the next of its first
     regions), given the positions of its weights among the graph's inputs. Made at the first run
     instead, they would land in the memory pool of a CUDA graph tree that is warming up, which
     refuses them."""
     weights = [example_inputs[p] for p in positions]
     buffers = [torch.empty(w.shape, dtype=w.dtype, device=w.device) for w in weights]
-    found = _Head(buffers, list(positions))
+    found = _Head(buffers, list(positions), region)
     _graph_heads.setdefault(graph_key, []).append(found)
     if buffers[0].device.type == "cuda":
         found.mark = torch.cuda.Event(external=True)
@@ -257,12 +258,16 @@ def _count(records: list[placement.HostParameter]) -> None:
         copied_bytes += record.host.numel() * record.host.element_size()
 
 
-def head(weights: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The head buffers of the graph running, which hold ``weights``' values."""
+def head(weights: list[torch.Tensor], region: str = "") -> list[torch.Tensor]:
+    """The head buffers of the graph running for ``region``, which hold ``weights``' values (a
+    module called twice, or a tied weight, makes two head regions of the same weights)."""
     pointers = tuple(w.data_ptr() for w in weights)
-    for found in _graph_heads.get(_running[-1], ()) if _running else ():
-        if found.current == pointers:
+    heads = [h for h in _graph_heads.get(_running[-1], ()) if h.current == pointers] if _running else []
+    for found in heads:
+        if found.region == region:
             return found.buffers
+    if heads:
+        return heads[0].buffers
     return _loose_head(weights)
 
 

@@ -45,7 +45,7 @@ class OffloadPass(InductorPass):
         patterns: fx_offload patterns on module names as the compiled graph has them
             (``layers.*.mlp``, ``mlp``, ``re:layers\\.[0-3]``); ``None`` adopts only the
             parameters vLLM's own offload flags placed.
-        prefetch: regions fetched ahead.
+        prefetch: at most ``prefetch + 1`` regions' weights on the device at once, heads included.
         prefetch_head: how many of each graph's first regions are refilled during the previous
             call (True: one). Off by default here: it is verified under Inductor's CUDA graphs,
             not under vLLM's.
@@ -56,7 +56,7 @@ class OffloadPass(InductorPass):
         self,
         patterns: Sequence[str] | None = None,
         *,
-        prefetch: int = backend.DEFAULT_PREFETCH,
+        prefetch: int | None = backend.DEFAULT_PREFETCH,
         prefetch_head: bool | int = False,
         adopt_vllm_offloaded: bool = True,
     ) -> None:
@@ -68,8 +68,10 @@ class OffloadPass(InductorPass):
             )
         self.patterns = None if patterns is None else matching.normalize_patterns(patterns)
         options = backend.BackendOptions.parse({"prefetch": prefetch, "prefetch_head": prefetch_head})
+        self.prefetch_head = options.prefetch_head or 0  # 'auto' is off here too
         self.prefetch = options.prefetch
-        self.prefetch_head = options.prefetch_head
+        if self.prefetch is None:
+            self.prefetch = max(backend.DEFAULT_PREFETCH, self.prefetch_head + 1)
         self.adopt_vllm_offloaded = bool(adopt_vllm_offloaded)
 
     @classmethod

@@ -7,7 +7,7 @@ import torch
 
 import fx_offload
 from fx_offload import runtime
-from tests.models import BreakingStack, Stack, seeded
+from tests.models import BreakingStack, CalledTwice, Stack, Tied, seeded
 
 
 def _compiled(model, backend, **options):
@@ -133,8 +133,8 @@ def test_restore_frees_the_heads_of_graphs_that_held_the_models_weights(offloade
     offloaded(model, ["layers.*"])
     plan = offloaded(other, ["layers.*"])
     compiled, compiled_other = (
-        torch.compile(model, backend="offload_eager"),
-        torch.compile(other, backend="offload_eager"),
+        _compiled(model, "offload_eager", prefetch_head=1),
+        _compiled(other, "offload_eager", prefetch_head=1),
     )
     with torch.no_grad():
         for _ in range(2):
@@ -144,10 +144,31 @@ def test_restore_frees_the_heads_of_graphs_that_held_the_models_weights(offloade
     assert runtime.persistent_bytes() == plan.offloaded_bytes // 2
 
 
-@pytest.mark.parametrize("bad", ["true", None, -1, 1.5])
-def test_prefetch_head_must_be_a_bool_or_a_count(bad, offloaded):
+@pytest.mark.parametrize("bad", ["true", "all", -1, 1.5])
+def test_prefetch_head_must_be_a_bool_a_count_or_auto(bad, offloaded):
     model = seeded(Stack)
     offloaded(model, ["layers.*"])
     with pytest.raises(Exception, match="prefetch_head"):
         with torch.no_grad():
             _compiled(model, "offload_eager", prefetch_head=bad)(torch.randn(2, 8))
+
+
+@pytest.mark.parametrize("backend", ["offload_eager", "offload_inductor"])
+@pytest.mark.parametrize(("cls", "patterns", "make_input"), [
+    (CalledTwice, ["shared", "mid"], lambda: torch.randn(3, 8)),
+    (Tied, ["embed", "body"], lambda: torch.randint(0, 16, (2, 5))),
+])  # fmt: skip
+def test_head_regions_that_read_the_same_weights_each_read_their_own_buffers(
+    cls, patterns, make_input, backend, offloaded
+):
+    """A module called twice, or a weight tied to another module's, makes two head regions of the
+    same weights; each reads its own buffers (released buffers are poisoned in these tests)."""
+    model = seeded(cls)
+    x = make_input()
+    with torch.no_grad():
+        expected = model(x)
+    offloaded(model, patterns)
+    compiled = _compiled(model, backend, prefetch=3, prefetch_head=3)
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-6)

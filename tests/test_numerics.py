@@ -97,7 +97,8 @@ def test_fullgraph_dynamic_shapes_and_recompiles(offloaded):
 def test_recompile_rewrites_again(offloaded):
     model = seeded(Stack)
     offloaded(model, ["layers.*"])
-    compiled = torch.compile(model, backend="offload_eager", dynamic=False)
+    options = {"prefetch": 2, "prefetch_head": 1}
+    compiled = torch.compile(model, backend="offload_eager", dynamic=False, options=options)
     with recording() as graphs, torch.no_grad():
         compiled(torch.randn(2, 8))
         compiled(torch.randn(2, 8))

@@ -1,9 +1,11 @@
 """The rewritten graph is the spec: these snapshots show it (regenerate with EXPECTTEST_ACCEPT=1).
 
 Each graph is what ``offload_eager`` runs: the AOTAutograd inference graph after the offload
-pass, with ``prefetch=1`` (the default is 2; 1 shows the release tokens at a small size). Read them for: which parameters each fetch carries, that
-every read of an offloaded parameter goes through a fetched tensor, that release follows the
-last reader, and where each fetch is issued.
+pass, with ``prefetch=2, prefetch_head=1`` (at most three regions on the device: the head and two
+fetched; the defaults choose these per graph by bytes, which on models this small would make
+every region a head). Read them for: which parameters each fetch carries, that every read of an
+offloaded parameter goes through a fetched tensor, that release follows the last reader, and
+where each fetch is issued.
 """
 
 import torch
@@ -24,7 +26,8 @@ class Snapshots(TestCase):
         torch._dynamo.reset()
 
     def explain(self, model, patterns, *inputs, **options):
-        options.setdefault("prefetch", 1)
+        options.setdefault("prefetch", 2)
+        options.setdefault("prefetch_head", 1)
         fx_offload.offload(model, patterns, device="cpu")
         self.models.append(model)
         with torch.no_grad():
@@ -101,20 +104,20 @@ class Snapshots(TestCase):
         fetched_5: "f32[16]" = fetch_1[1]
         fetched_6: "f32[8, 16]" = fetch_1[2]
         fetched_7: "f32[8]" = fetch_1[3];  fetch_1 = None
-        wait = torch.ops.fx_offload.wait.default([fetched, fetched_1, fetched_2, fetched_3], [fetched_4], 'layers.0');  wait = None
+        fetch_2 = torch.ops.fx_offload.fetch.default([arg9_1, arg10_1, arg11_1, arg12_1], [], 'layers.2');  arg9_1 = arg10_1 = arg11_1 = arg12_1 = None
+        fetched_8: "f32[16, 8]" = fetch_2[0]
+        fetched_9: "f32[16]" = fetch_2[1]
+        fetched_10: "f32[8, 16]" = fetch_2[2]
+        fetched_11: "f32[8]" = fetch_2[3];  fetch_2 = None
+        wait = torch.ops.fx_offload.wait.default([fetched, fetched_1, fetched_2, fetched_3], [fetched_4, fetched_8], 'layers.0');  wait = None
         t: "f32[8, 16]" = torch.ops.aten.t.default(fetched)
         addmm: "f32[2, 16]" = torch.ops.aten.addmm.default(fetched_1, arg2_1, t);  t = None
         relu: "f32[2, 16]" = torch.ops.aten.relu.default(addmm)
         t_1: "f32[16, 8]" = torch.ops.aten.t.default(fetched_2)
         addmm_1: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_3, relu, t_1);  relu = t_1 = None
-        release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1, fetched_2, fetched_3], [addmm, addmm_1], 'layers.0');  addmm = None
-        fetch_2 = torch.ops.fx_offload.fetch.default([arg9_1, arg10_1, arg11_1, arg12_1], [release], 'layers.2');  arg9_1 = arg10_1 = arg11_1 = arg12_1 = release = None
-        fetched_8: "f32[16, 8]" = fetch_2[0]
-        fetched_9: "f32[16]" = fetch_2[1]
-        fetched_10: "f32[8, 16]" = fetch_2[2]
-        fetched_11: "f32[8]" = fetch_2[3];  fetch_2 = None
+        release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1, fetched_2, fetched_3], [addmm, addmm_1], 'layers.0');  addmm = release = None
         add: "f32[2, 8]" = torch.ops.aten.add.Tensor(arg2_1, addmm_1);  arg2_1 = addmm_1 = None
-        wait_1 = torch.ops.fx_offload.wait.default([fetched_4, fetched_5, fetched_6, fetched_7], [fetched_8], 'layers.1');  wait_1 = None
+        wait_1 = torch.ops.fx_offload.wait.default([fetched_4, fetched_5, fetched_6, fetched_7], [], 'layers.1');  wait_1 = None
         t_2: "f32[8, 16]" = torch.ops.aten.t.default(fetched_4)
         addmm_2: "f32[2, 16]" = torch.ops.aten.addmm.default(fetched_5, add, t_2);  t_2 = None
         relu_1: "f32[2, 16]" = torch.ops.aten.relu.default(addmm_2)
@@ -138,9 +141,10 @@ class Snapshots(TestCase):
         )
 
     def test_layer_stack_two_head_regions(self):
-        """prefetch_head=2: layers.0 and layers.1 come from head buffers; their refills are the
-        last two copies of the call, in region order, each after its own region's release."""
-        text = self.explain(seeded(Stack, n=4), ["layers.*"], torch.randn(2, 8), prefetch_head=2)
+        """prefetch=3, prefetch_head=2: layers.0 and layers.1 come from head buffers and two more
+        regions may be fetched beside them; their refills are the last two copies of the call, in
+        region order, after the last fetch."""
+        text = self.explain(seeded(Stack, n=4), ["layers.*"], torch.randn(2, 8), prefetch=3, prefetch_head=2)
         self.assertExpectedInline(
             text,
             """\
@@ -173,33 +177,33 @@ class Snapshots(TestCase):
         fetched_5: "f32[16]" = head_1[1]
         fetched_6: "f32[8, 16]" = head_1[2]
         fetched_7: "f32[8]" = head_1[3];  head_1 = None
-        wait = torch.ops.fx_offload.wait.default([fetched, fetched_1, fetched_2, fetched_3], [fetched_4], 'layers.0');  wait = None
+        fetch_2 = torch.ops.fx_offload.fetch.default([arg9_1, arg10_1, arg11_1, arg12_1], [], 'layers.2');  arg9_1 = arg10_1 = arg11_1 = arg12_1 = None
+        fetched_8: "f32[16, 8]" = fetch_2[0]
+        fetched_9: "f32[16]" = fetch_2[1]
+        fetched_10: "f32[8, 16]" = fetch_2[2]
+        fetched_11: "f32[8]" = fetch_2[3];  fetch_2 = None
+        fetch_3 = torch.ops.fx_offload.fetch.default([arg13_1, arg14_1, arg15_1, arg16_1], [], 'layers.3');  arg13_1 = arg14_1 = arg15_1 = arg16_1 = None
+        fetched_12: "f32[16, 8]" = fetch_3[0]
+        fetched_13: "f32[16]" = fetch_3[1]
+        fetched_14: "f32[8, 16]" = fetch_3[2]
+        fetched_15: "f32[8]" = fetch_3[3];  fetch_3 = None
+        wait = torch.ops.fx_offload.wait.default([fetched, fetched_1, fetched_2, fetched_3], [fetched_4, fetched_8, fetched_12], 'layers.0');  wait = None
         t: "f32[8, 16]" = torch.ops.aten.t.default(fetched)
         addmm: "f32[2, 16]" = torch.ops.aten.addmm.default(fetched_1, arg2_1, t);  t = None
         relu: "f32[2, 16]" = torch.ops.aten.relu.default(addmm)
         t_1: "f32[16, 8]" = torch.ops.aten.t.default(fetched_2)
         addmm_1: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_3, relu, t_1);  relu = t_1 = None
-        release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1, fetched_2, fetched_3], [addmm, addmm_1], 'layers.0');  addmm = None
-        fetch_2 = torch.ops.fx_offload.fetch.default([arg9_1, arg10_1, arg11_1, arg12_1], [release], 'layers.2');  arg9_1 = arg10_1 = arg11_1 = arg12_1 = release = None
-        fetched_8: "f32[16, 8]" = fetch_2[0]
-        fetched_9: "f32[16]" = fetch_2[1]
-        fetched_10: "f32[8, 16]" = fetch_2[2]
-        fetched_11: "f32[8]" = fetch_2[3];  fetch_2 = None
+        release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1, fetched_2, fetched_3], [addmm, addmm_1], 'layers.0');  addmm = release = None
         add: "f32[2, 8]" = torch.ops.aten.add.Tensor(arg2_1, addmm_1);  arg2_1 = addmm_1 = None
-        wait_1 = torch.ops.fx_offload.wait.default([fetched_4, fetched_5, fetched_6, fetched_7], [fetched_8], 'layers.1');  wait_1 = None
+        wait_1 = torch.ops.fx_offload.wait.default([fetched_4, fetched_5, fetched_6, fetched_7], [], 'layers.1');  wait_1 = None
         t_2: "f32[8, 16]" = torch.ops.aten.t.default(fetched_4)
         addmm_2: "f32[2, 16]" = torch.ops.aten.addmm.default(fetched_5, add, t_2);  t_2 = None
         relu_1: "f32[2, 16]" = torch.ops.aten.relu.default(addmm_2)
         t_3: "f32[16, 8]" = torch.ops.aten.t.default(fetched_6)
         addmm_3: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_7, relu_1, t_3);  relu_1 = t_3 = None
-        release_1: "f32[0]" = torch.ops.fx_offload.release.default([fetched_4, fetched_5, fetched_6, fetched_7], [addmm_2, addmm_3], 'layers.1');  addmm_2 = None
-        fetch_3 = torch.ops.fx_offload.fetch.default([arg13_1, arg14_1, arg15_1, arg16_1], [release_1], 'layers.3');  arg13_1 = arg14_1 = arg15_1 = arg16_1 = release_1 = None
-        fetched_12: "f32[16, 8]" = fetch_3[0]
-        fetched_13: "f32[16]" = fetch_3[1]
-        fetched_14: "f32[8, 16]" = fetch_3[2]
-        fetched_15: "f32[8]" = fetch_3[3];  fetch_3 = None
+        release_1: "f32[0]" = torch.ops.fx_offload.release.default([fetched_4, fetched_5, fetched_6, fetched_7], [addmm_2, addmm_3], 'layers.1');  addmm_2 = release_1 = None
         add_1: "f32[2, 8]" = torch.ops.aten.add.Tensor(add, addmm_3);  add = addmm_3 = None
-        wait_2 = torch.ops.fx_offload.wait.default([fetched_8, fetched_9, fetched_10, fetched_11], [fetched_12], 'layers.2');  wait_2 = None
+        wait_2 = torch.ops.fx_offload.wait.default([fetched_8, fetched_9, fetched_10, fetched_11], [], 'layers.2');  wait_2 = None
         t_4: "f32[8, 16]" = torch.ops.aten.t.default(fetched_8)
         addmm_4: "f32[2, 16]" = torch.ops.aten.addmm.default(fetched_9, add_1, t_4);  t_4 = None
         relu_2: "f32[2, 16]" = torch.ops.aten.relu.default(addmm_4)
@@ -225,7 +229,7 @@ class Snapshots(TestCase):
         )
 
     def test_layer_stack_prefetch_0(self):
-        text = self.explain(seeded(Stack, n=2), ["layers.*"], torch.randn(2, 8), prefetch=0)
+        text = self.explain(seeded(Stack, n=2), ["layers.*"], torch.randn(2, 8), prefetch=0, prefetch_head=0)
         self.assertExpectedInline(
             text,
             """\
@@ -240,18 +244,18 @@ class Snapshots(TestCase):
 # arg7_1: layers.1.fc2.weight
 # arg8_1: layers.1.fc2.bias
     def forward(self, arg0_1: "f32[16, 8]", arg1_1: "f32[16]", arg2_1: "f32[2, 8]", arg3_1: "f32[8, 16]", arg4_1: "f32[8]", arg5_1: "f32[16, 8]", arg6_1: "f32[16]", arg7_1: "f32[8, 16]", arg8_1: "f32[8]", arg9_1: "f32[8, 8]"):
-        head = torch.ops.fx_offload.head.default([arg0_1, arg1_1, arg3_1, arg4_1], 'layers.0')
-        fetched: "f32[16, 8]" = head[0]
-        fetched_1: "f32[16]" = head[1]
-        fetched_2: "f32[8, 16]" = head[2]
-        fetched_3: "f32[8]" = head[3];  head = None
+        fetch = torch.ops.fx_offload.fetch.default([arg0_1, arg1_1, arg3_1, arg4_1], [], 'layers.0');  arg0_1 = arg1_1 = arg3_1 = arg4_1 = None
+        fetched: "f32[16, 8]" = fetch[0]
+        fetched_1: "f32[16]" = fetch[1]
+        fetched_2: "f32[8, 16]" = fetch[2]
+        fetched_3: "f32[8]" = fetch[3];  fetch = None
         wait = torch.ops.fx_offload.wait.default([fetched, fetched_1, fetched_2, fetched_3], [], 'layers.0');  wait = None
         t: "f32[8, 16]" = torch.ops.aten.t.default(fetched)
         addmm: "f32[2, 16]" = torch.ops.aten.addmm.default(fetched_1, arg2_1, t);  t = None
         relu: "f32[2, 16]" = torch.ops.aten.relu.default(addmm)
         t_1: "f32[16, 8]" = torch.ops.aten.t.default(fetched_2)
         addmm_1: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_3, relu, t_1);  relu = t_1 = None
-        release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1, fetched_2, fetched_3], [addmm, addmm_1], 'layers.0');  addmm = None
+        release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1, fetched_2, fetched_3], [addmm, addmm_1], 'layers.0');  fetched = fetched_1 = fetched_2 = fetched_3 = addmm = None
         fetch_1 = torch.ops.fx_offload.fetch.default([arg5_1, arg6_1, arg7_1, arg8_1], [release], 'layers.1');  arg5_1 = arg6_1 = arg7_1 = arg8_1 = release = None
         fetched_4: "f32[16, 8]" = fetch_1[0]
         fetched_5: "f32[16]" = fetch_1[1]
@@ -264,12 +268,10 @@ class Snapshots(TestCase):
         relu_1: "f32[2, 16]" = torch.ops.aten.relu.default(addmm_2)
         t_3: "f32[16, 8]" = torch.ops.aten.t.default(fetched_6)
         addmm_3: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_7, relu_1, t_3);  relu_1 = t_3 = None
-        release_1: "f32[0]" = torch.ops.fx_offload.release.default([fetched_4, fetched_5, fetched_6, fetched_7], [addmm_2, addmm_3], 'layers.1');  fetched_4 = fetched_5 = fetched_6 = fetched_7 = addmm_2 = None
-        refill = torch.ops.fx_offload.refill.default([fetched, fetched_1, fetched_2, fetched_3], [arg0_1, arg1_1, arg3_1, arg4_1], [release_1], 'layers.0');  arg0_1 = arg1_1 = arg3_1 = arg4_1 = release_1 = refill = None
+        release_1: "f32[0]" = torch.ops.fx_offload.release.default([fetched_4, fetched_5, fetched_6, fetched_7], [addmm_2, addmm_3], 'layers.1');  fetched_4 = fetched_5 = fetched_6 = fetched_7 = addmm_2 = release_1 = None
         add_1: "f32[2, 8]" = torch.ops.aten.add.Tensor(add, addmm_3);  add = addmm_3 = None
         t_4: "f32[8, 8]" = torch.ops.aten.t.default(arg9_1);  arg9_1 = None
         mm: "f32[2, 8]" = torch.ops.aten.mm.default(add_1, t_4);  add_1 = t_4 = None
-        wait_refill = torch.ops.fx_offload.wait.default([fetched, fetched_1, fetched_2, fetched_3], [mm], 'layers.0');  fetched = fetched_1 = fetched_2 = fetched_3 = wait_refill = None
         return (mm,)""",
         )
 
