@@ -249,6 +249,12 @@ def _measure(
     row: dict = {"method": method}
     rss = host_rss()
     fn = None
+    windows: list = []  # (prefetch, heads) the backend chose for each graph it rewrote
+
+    def listener(gm, plan, regions):
+        windows.append([plan.prefetch, plan.prefetch_head])
+
+    fx_offload.backend.listeners.append(listener)
     try:
         fn = prepare(method, case, state, device, dtype)
         if device.type == "cuda":
@@ -262,11 +268,15 @@ def _measure(
         row["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None
         row["host_gb"] = max(host_rss() - rss, 0) / 1e9
         row["rel_err"] = ((out - reference).norm() / reference.norm()).item()
+        if windows:
+            row["prefetch_heads"] = windows
     except ImportError as error:
         row["error"] = f"not installed: {error.name}"
     except Exception as error:  # a peer that fails is a result too
         row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
         traceback.print_exc()
+    finally:
+        fx_offload.backend.listeners.remove(listener)
     del fn
     return row
 
@@ -381,6 +391,9 @@ def table(result: dict) -> str:
             f"{row['x_floor_back_to_back']:8.2f} {peak:>8} "
             f"{row['host_gb']:8.2f} {row['rel_err']:9.1e}"
         )
+        if "prefetch_heads" in row:
+            chosen = sorted({tuple(w) for w in row["prefetch_heads"]})
+            lines.append(f"{'':28}   (prefetch, prefetch_head) per graph: {', '.join(map(str, chosen))}")
         if "x_floor_rounds" in row:
             per_call = " ".join(f"{r:.3f}" for r in row["x_floor_rounds"])
             b2b = " ".join(f"{r:.3f}" for r in row["x_floor_back_to_back_rounds"])
