@@ -31,11 +31,13 @@ class GraphPlan:
     Attributes:
         offloaded_inputs: placeholder position -> name of the offloaded parameter it carries.
         region_modules: ``nn_module_stack`` keys (without ``@n``) of offloaded modules.
-        prefetch: how many regions ahead a fetch is started (0: just before its region).
+        prefetch: at most ``prefetch + 1`` regions' weights on the device at once, the heads
+            among them (0: each region fetched just before it, one at a time).
         device_type: the device the graph computes on; ops touching other memory are barriers.
-        prefetch_head: how many of the graph's first regions are served from persistent buffers
-            refilled for the next call at the end of this one (their copies then overlap this
-            call's tail and the gap before the next call instead of delaying its start).
+        prefetch_head: how many of the graph's first regions (heads, at most ``prefetch``) are
+            served from persistent buffers refilled for the next call after this one (their
+            copies then overlap this call's tail and the gap before the next call instead of
+            delaying its start).
         swapped_inputs: placeholder position -> (parameter name, component name) of parameters
             under the ``swap`` policy: read from their component's fixed device copy.
     """
