@@ -25,9 +25,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bench_offload as bench  # noqa: E402
 
 
-def per_call_ms(fn, x, n: int = 30) -> float:
+def per_call_ms(fn, x, n: int = 30, gap_ms: float = 0.0) -> float:
     times = []
     for _ in range(n):
+        if gap_ms:
+            time.sleep(gap_ms / 1e3)  # the host's work between two calls (sampling, scheduling)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn(x)
@@ -69,7 +71,7 @@ def python_profile(fn, x, n: int = 50) -> str:
     return text.getvalue()
 
 
-def timeline(fn, x, trace_path: Path | None, calls: int = 1) -> dict:
+def timeline(fn, x, trace_path: Path | None, calls: int = 1, gap_ms: float = 0.0) -> dict:
     """The GPU timeline of ``calls`` calls timed as ``bench_offload`` times them (each waited for on
     the compute stream only, the way a caller waits for its outputs), then a device sync."""
     from torch.profiler import ProfilerActivity, profile
@@ -77,6 +79,8 @@ def timeline(fn, x, trace_path: Path | None, calls: int = 1) -> dict:
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
+            if gap_ms:
+                time.sleep(gap_ms / 1e3)
             returned = torch.cuda.Event()
             fn(x)
             returned.record()
@@ -126,6 +130,9 @@ def timeline(fn, x, trace_path: Path | None, calls: int = 1) -> dict:
         "first_copy_at_us": rows[0]["start_us"] if rows else None,
         "last_gpu_after_last_copy_us": end - (rows[-1]["start_us"] + rows[-1]["us"] + t0) if rows else None,
         "runtime_calls": sorted({e["name"] for e in launches}),
+        # where the CPU launched each CUDA graph, on the GPU events' clock (the call's copies and
+        # kernels cannot start before it)
+        "graph_launches_us": [e["ts"] - t0 for e in launches if e["name"] == "cudaGraphLaunch"],
     }
 
 
@@ -142,6 +149,9 @@ def main() -> None:
     parser.add_argument("--json", default="profile_case.json")
     parser.add_argument("--cprofile", action="store_true", help="print a cProfile of issuing calls")
     parser.add_argument("--calls", type=int, default=1, help="calls in the profiled timeline")
+    parser.add_argument(
+        "--gap-ms", type=float, default=0.0, help="host sleep before each timed and profiled call"
+    )
     args = parser.parse_args()
     case = bench.CASES[args.case]
     device, dtype = torch.device("cuda"), torch.bfloat16
@@ -178,14 +188,15 @@ def main() -> None:
             run = {
                 "method": method,
                 "options": dict(options),
-                "per_call_ms": per_call_ms(fn, x),
+                "gap_ms": args.gap_ms,
+                "per_call_ms": per_call_ms(fn, x, gap_ms=args.gap_ms),
                 "back_to_back_ms": bench.time_back_to_back(fn, x, calls=50),
                 "issue_ms": issue_ms(fn, x),
             }
             if args.cprofile:
                 print(f"== cProfile, {method} {options}\n{python_profile(fn, x)}", flush=True)
             trace = Path(args.trace) if args.trace and method.startswith("fx") else None
-            run["timeline"] = timeline(fn, x, trace, args.calls)
+            run["timeline"] = timeline(fn, x, trace, args.calls, args.gap_ms)
             report["runs"].append(run)
             tl = run["timeline"]
             print(
