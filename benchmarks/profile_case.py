@@ -6,7 +6,9 @@ For fx_offload under ``reduce-overhead`` (and the resident model, for comparison
 per-call time with a sync after every call (what ``bench_offload.py`` reports), per-call time of
 50 calls issued back to back, the CPU time to issue one call, and from a torch.profiler trace of
 one call: the host->device copies (start, length, bandwidth), the copy stream's idle gaps, and
-the time from the call's first GPU activity to its last.
+the time from the call's first GPU activity to its last; and, without the profiler, when the
+refill the wrapper issues after each call ends, against that call's end and the next call's
+start.
 """
 
 from __future__ import annotations
@@ -49,6 +51,52 @@ def issue_ms(fn, x, n: int = 30) -> float:
         times.append((time.perf_counter() - t0) * 1e3)
     torch.cuda.synchronize()
     return statistics.median(times)
+
+
+def refill_timing(fn, x, n: int = 30, gap_ms: float = 0.0) -> dict:
+    """Without the profiler: where, on the GPU clock, the refill the wrapper issues after a call
+    ends, against that call's end and the next call's start (timing events on the copy stream
+    after each refill). Medians in ms; a refill that ends after the next call started delays it."""
+    from fx_offload import runtime
+
+    original = runtime._refill_after
+    ends: list = []
+
+    def timed(found):
+        original(found)
+        if found.mark is not None:
+            done = torch.cuda.Event(enable_timing=True)
+            done.record(runtime._copy_stream(found.buffers[0].device))
+            ends.append(done)
+
+    runtime._refill_after = timed
+    calls = []
+    try:
+        for _ in range(n):
+            if gap_ms:
+                time.sleep(gap_ms / 1e3)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            ends.clear()
+            start.record()
+            fn(x)
+            end.record()
+            end.synchronize()
+            calls.append((start, end, list(ends)))
+        torch.cuda.synchronize()
+    finally:
+        runtime._refill_after = original
+    after_end, before_next = [], []
+    for (_start, end, refills), following in zip(calls, calls[1:]):
+        if refills:
+            after_end.append(end.elapsed_time(refills[-1]))
+            before_next.append(following[0].elapsed_time(refills[-1]))
+    if not after_end:
+        return {}
+    return {
+        "refill_ends_after_call_end_ms": statistics.median(after_end),
+        "refill_ends_after_next_start_ms": statistics.median(before_next),
+        "calls": len(after_end),
+    }
 
 
 def python_profile(fn, x, n: int = 50) -> str:
@@ -152,6 +200,11 @@ def main() -> None:
     parser.add_argument(
         "--gap-ms", type=float, default=0.0, help="host sleep before each timed and profiled call"
     )
+    parser.add_argument(
+        "--refill-timing",
+        action="store_true",
+        help="also time, without the profiler, when each call's refill ends (not yet run on a GPU)",
+    )
     args = parser.parse_args()
     case = bench.CASES[args.case]
     device, dtype = torch.device("cuda"), torch.bfloat16
@@ -193,6 +246,8 @@ def main() -> None:
                 "back_to_back_ms": bench.time_back_to_back(fn, x, calls=50),
                 "issue_ms": issue_ms(fn, x),
             }
+            if args.refill_timing:
+                run["refill"] = refill_timing(fn, x, gap_ms=args.gap_ms)
             if args.cprofile:
                 print(f"== cProfile, {method} {options}\n{python_profile(fn, x)}", flush=True)
             trace = Path(args.trace) if args.trace and method.startswith("fx") else None
@@ -204,7 +259,8 @@ def main() -> None:
                 f"{run['back_to_back_ms']:.3f} ms, issue {run['issue_ms']:.3f} ms; GPU span "
                 f"{tl.get('span_us', 0) / 1e3:.3f} ms, copies busy {tl.get('copy_busy_us', 0) / 1e3:.3f} ms "
                 f"({len(tl.get('copies', []))} copies), first copy at {tl.get('first_copy_at_us')} us, "
-                f"kernels busy {tl.get('kernel_busy_us', 0) / 1e3:.3f} ms",
+                f"kernels busy {tl.get('kernel_busy_us', 0) / 1e3:.3f} ms; refill after the call "
+                f"{run.get('refill', '-')}",
                 flush=True,
             )
             for row in tl.get("copies", []):

@@ -183,7 +183,7 @@ def run_setting(
             "offloaded_gb": plan.offloaded_bytes / 1e9 if plan else 0.0,
             "device_weights_gb": weights / 1e9 if cuda else None,
             "peak_gb": torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None,
-            # head buffers held between calls (each graph's first region)
+            # head buffers held between calls (each graph's first regions)
             "persistent_gb": fx_offload.runtime.persistent_bytes() / 1e9,
             "ms": statistics.median(times),
             "first_call_s": compile_s,

@@ -9,7 +9,7 @@
     outputs: a data edge, because Inductor realizes a lazy reader (a gather, a pointwise op) only
     when something needs it, possibly after a mutation. It declares that it writes ``buffers``
     (their contents are undefined afterwards), which also keeps it out of dead-code elimination.
-``head(weights, region) -> buffers``: the first region's weights, already on the device: persistent
+``head(weights, region) -> buffers``: a head region's weights, already on the device: persistent
     buffers that the previous call refilled (or the compiled function's wrapper filled).
 ``refill(buffers, weights, after, region)``: refill the head ``buffers`` with ``weights`` for the
     next call. Under fx_offload's wrapper it marks the copy stream where that copy may start and
