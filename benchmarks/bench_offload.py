@@ -249,12 +249,14 @@ def _measure(
     row: dict = {"method": method}
     rss = host_rss()
     fn = None
-    windows: list = []  # (prefetch, heads) the backend chose for each graph it rewrote
+    windows: list = []  # (prefetch, heads) the backend chose for each graph it compiled
+    choose = fx_offload.backend.window
 
-    def listener(gm, plan, regions):
-        windows.append([plan.prefetch, plan.prefetch_head])
+    def recorded(*args):  # seen even where Inductor's cache skips the pass itself
+        windows.append(list(choose(*args)))
+        return tuple(windows[-1])
 
-    fx_offload.backend.listeners.append(listener)
+    fx_offload.backend.window = recorded
     try:
         fn = prepare(method, case, state, device, dtype)
         if device.type == "cuda":
@@ -276,7 +278,7 @@ def _measure(
         row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
         traceback.print_exc()
     finally:
-        fx_offload.backend.listeners.remove(listener)
+        fx_offload.backend.window = choose
     del fn
     return row
 
