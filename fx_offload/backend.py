@@ -90,8 +90,10 @@ def window(sizes: Sequence[int], prefetch: int | None, head: int | None) -> tupl
 
     At most ``prefetch + 1`` regions' weights are on the device during a call, the ``heads``
     among them (the first regions, copied in between calls). Chosen when not given: as many first
-    regions as make ``HEAD_BYTES`` (at least one; at most ``prefetch - 1`` when ``prefetch`` is
-    given, so one region can still be copied while another computes); ``prefetch`` is
+    regions as make ``HEAD_BYTES``, at least one and at most half the graph's regions (so that
+    offloading still keeps most of a small graph's weights off the device between calls), and at
+    most ``prefetch - 1`` when ``prefetch`` is given (so one region can still be copied while
+    another computes); ``prefetch`` is
     ``DEFAULT_PREFETCH``, raised to ``heads + 1`` where the heads need it (two regions besides
     them: one computing, one copying).
     """
@@ -101,6 +103,7 @@ def window(sizes: Sequence[int], prefetch: int | None, head: int | None) -> tupl
             if heads and total >= HEAD_BYTES:
                 break
             heads, total = heads + 1, total + size
+        heads = min(heads, max(1, len(sizes) // 2))
         if prefetch is not None:
             heads = min(heads, max(prefetch - 1, 0))
     else:

@@ -17,7 +17,9 @@ MiB = 1 << 20
     [
         ([537 * MiB] * 8, None, None, (2, 1)),  # large regions: one head, one region computing, one copying
         ([16 * MiB] * 8, None, None, (4, 3)),  # small ones: heads up to 48 MiB, two regions beside them
-        ([16 * MiB] * 2, None, None, (3, 2)),  # a graph this small is all heads
+        ([16 * MiB] * 2, None, None, (2, 1)),  # at most half the regions are heads
+        ([1 * MiB] * 5, None, None, (3, 2)),
+        ([1 * MiB], None, None, (2, 1)),
         ([1 * MiB] * 100, None, None, (49, 48)),
         ([16 * MiB] * 8, 2, None, (2, 1)),  # a given prefetch leaves room for one region to copy
         ([16 * MiB] * 8, 1, None, (1, 0)),
