@@ -93,9 +93,7 @@ def window(sizes: Sequence[int], prefetch: int | None, head: int | None) -> tupl
     regions as make ``HEAD_BYTES``, at least one and at most half the graph's regions (so that
     offloading still keeps most of a small graph's weights off the device between calls), and at
     most ``prefetch - 1`` when ``prefetch`` is given (so one region can still be copied while
-    another computes); ``prefetch`` is
-    ``DEFAULT_PREFETCH``, raised to ``heads + 1`` where the heads need it (two regions besides
-    them: one computing, one copying).
+    another computes); ``prefetch`` is ``default_prefetch(heads)``.
     """
     if head is None:
         heads = total = 0
@@ -108,9 +106,12 @@ def window(sizes: Sequence[int], prefetch: int | None, head: int | None) -> tupl
             heads = min(heads, max(prefetch - 1, 0))
     else:
         heads = min(head, len(sizes))
-    if prefetch is None:
-        prefetch = max(DEFAULT_PREFETCH, heads + 1)
-    return prefetch, heads
+    return (default_prefetch(heads) if prefetch is None else prefetch), heads
+
+
+def default_prefetch(heads: int) -> int:
+    """``prefetch`` when not given: ``DEFAULT_PREFETCH``, or room for two regions beside ``heads``."""
+    return max(DEFAULT_PREFETCH, heads + 1)
 
 
 def offload_inductor(
@@ -224,15 +225,12 @@ def graph_plan(gm: fx.GraphModule, example_inputs: list, options: BackendOptions
     if offloaded and not has_barrier(gm.graph, device_type):  # heads cannot cross a partition
         position = {node: i for i, node in enumerate(placeholders)}
         for region in find_regions(gm.graph, plan):
-            sizes.append(sum(_nbytes(example_inputs[position[p]]) for p in region.params))
+            params = [example_inputs[position[p]] for p in region.params]
+            sizes.append(sum(w.numel() * w.element_size() for w in params))
     prefetch, heads = window(sizes, options.prefetch, options.prefetch_head)
     plan = dataclasses.replace(plan, prefetch=prefetch, prefetch_head=heads)
     swap.check_together(list(_components(example_inputs, plan)))
     return plan
-
-
-def _nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
 
 
 def _components(example_inputs: list, plan: GraphPlan) -> dict[swap.Component, list]:
@@ -291,7 +289,7 @@ def _make_heads(gm: fx.GraphModule, example_inputs: list, plan: GraphPlan) -> ru
     in the pool of a CUDA graph tree that is warming up); return the key under which the graph's
     wrapper finds them before each call."""
     key = runtime.GraphKey()
-    if not (plan.prefetch_head and plan.offloaded_inputs) or has_barrier(gm.graph, plan.device_type):
+    if not (plan.prefetch_head and plan.offloaded_inputs):  # graph_plan gave a split graph none
         return key
     position = {node: i for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
     for region in find_regions(gm.graph, plan)[: plan.prefetch_head]:

@@ -255,7 +255,7 @@ def _count(records: list[placement.HostParameter]) -> None:
     global copied_bytes
     for record in records:
         record.fetched = True
-        copied_bytes += record.host.numel() * record.host.element_size()
+        copied_bytes += record.nbytes
 
 
 def head(weights: list[torch.Tensor], region: str = "") -> list[torch.Tensor]:

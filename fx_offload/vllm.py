@@ -71,7 +71,7 @@ class OffloadPass(InductorPass):
         self.prefetch_head = options.prefetch_head or 0  # 'auto' is off here too
         self.prefetch = options.prefetch
         if self.prefetch is None:
-            self.prefetch = max(backend.DEFAULT_PREFETCH, self.prefetch_head + 1)
+            self.prefetch = backend.default_prefetch(self.prefetch_head)
         self.adopt_vllm_offloaded = bool(adopt_vllm_offloaded)
 
     @classmethod
