@@ -8,25 +8,25 @@ those copies. ``release`` ends the buffers' life; with ``poison_released`` it ov
 a reader scheduled after its release reads NaN instead of passing by luck.
 
 A graph's first region (its first ``prefetch_head`` regions) is served by ``head``: persistent
-buffers refilled for the next call, so that copy overlaps the end of this call and the gap before
-the next one instead of stalling the start of the next one. Under fx_offload's wrapper
+buffers refilled for the next call, so that copy runs between calls and into the CPU time before
+the next replay instead of stalling the start of the next call. Under fx_offload's wrapper
 (``running``, entered around every call, outside any CUDA graph) the graph's ``refill`` only
-marks, on the copy stream, where the refill may start (an external event: after the graph's last
-fetch, once the head's readers are done); the wrapper issues the copies when the call returns,
-after that mark, and the next call's graph waits for them (another external event) before it
-reads the head. So a call ends when its outputs are ready, not when the next call's head has
-landed, and a captured graph contains both ends of every stream fork it makes. Without the
-wrapper (vLLM) ``refill`` copies inside the graph and a ``wait`` at its end joins it. ``running``
-also fills the head again before a call whenever the call passes other weights or a weight's
-version counter moved since the last refill. A write through ``.data`` bypasses that counter: see
-the README's guarantees.
+notes that the wrapper will copy; the wrapper issues the copies when the call returns, on the
+copy stream after everything the call queued on its stream, and the next call's graph waits for
+them (an external event) before it reads the head. So a call ends when its outputs are ready, not
+when the next call's head has landed. (Letting the refill start inside the call, after the last
+fetch, made a call end only when the refill did: measured on an H100, RESULTS.md, sixth
+session.) Without the wrapper (vLLM) ``refill`` copies inside the graph and a ``wait`` at its end
+joins it. ``running`` also fills the head again before a call whenever the call passes other
+weights or a weight's version counter moved since the last refill. A write through ``.data``
+bypasses that counter: see the README's guarantees.
 
 The backend makes the head buffers when it compiles: made at the first run, they would land in
 a CUDA graph tree's pool, which refuses them. A graph Dynamo reuses for several blocks keeps one
 set of head buffers per head region (``_Head``).
 
 Every stream fork of one forward is joined inside that forward, so a captured CUDA graph contains
-both ends of each copy; the head's refill crosses calls only through the two external events.
+both ends of each copy; the head's refill crosses calls only through one external event.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ copied_bytes = 0
 
 _copy_streams: dict[torch.device, torch.cuda.Stream] = {}
 # data_ptr of a fetched buffer -> the event its copies end with
-_inflight: dict[int, torch.cuda.Event] = {}
+_inflight: dict[int, torch.cuda.Event | None] = {}
 
 
 def fetch(weights: list[torch.Tensor], region: str = "") -> list[torch.Tensor]:
@@ -95,22 +95,24 @@ def wait(fetched: list[torch.Tensor]) -> None:
     """Make the compute stream wait until ``fetched`` holds its values."""
     if not fetched or fetched[0].device.type != "cuda":
         return
-    done = _inflight.pop(fetched[0].data_ptr(), None)
-    if done is None:
-        found = _serving(fetched)
-        if found is not None and found.refilled is not None:
-            # the wrapper's refill after the previous call (an external event: captured as a
-            # wait on whatever it last recorded when this graph replays)
-            torch.cuda.current_stream(fetched[0].device).wait_event(found.refilled)
-            return
-    if done is None and fetched[0].data_ptr() in _persistent:
+    key = fetched[0].data_ptr()
+    if key in _inflight:
+        done = _inflight.pop(key)
+        if done is not None:
+            torch.cuda.current_stream(fetched[0].device).wait_event(done)
+        return  # None: a head whose refill the wrapper issues after the call, nothing to join
+    found = _serving(fetched)
+    if found is not None and found.refilled is not None:
+        # the wrapper's refill after the previous call (an external event: captured as a wait
+        # on whatever it last recorded when this graph replays)
+        torch.cuda.current_stream(fetched[0].device).wait_event(found.refilled)
+        return
+    if key in _persistent:
         return  # a loose head's buffers: ready when the call started, nothing in flight
-    if done is None:
-        raise RuntimeError(
-            "fx_offload.wait found no copy in flight for its buffers: the graph's fetch and wait "
-            "were separated (a graph edited after the offload pass?). Recompile the model"
-        )
-    torch.cuda.current_stream(fetched[0].device).wait_event(done)
+    raise RuntimeError(
+        "fx_offload.wait found no copy in flight for its buffers: the graph's fetch and wait "
+        "were separated (a graph edited after the offload pass?). Recompile the model"
+    )
 
 
 def release(fetched: list[torch.Tensor]) -> torch.Tensor:
@@ -144,8 +146,7 @@ class _Head:
     region: str = ""  # its name in the graph: two head regions may read the same weights
     current: tuple[int, ...] = ()  # data_ptrs of the weights of the call running
     holds: tuple = ()  # (data_ptrs, versions) of the values in the buffers
-    # on a GPU, external events: where the graph lets the refill start; when the refill is done
-    mark: torch.cuda.Event | None = None
+    # on a GPU, an external event: when the wrapper's refill after the last call is done
     refilled: torch.cuda.Event | None = None
     deferred: bool = False  # the graph's refill left the copies to the wrapper
     # a graph reused for several blocks: the weights each call passed -> those of the call after
@@ -174,7 +175,6 @@ def declare_head(graph_key: GraphKey, example_inputs: list, positions: list[int]
     found = _Head(buffers, list(positions), region)
     _graph_heads.setdefault(graph_key, []).append(found)
     if buffers[0].device.type == "cuda":
-        found.mark = torch.cuda.Event(external=True)
         found.refilled = torch.cuda.Event(external=True)
         copy = _copy_stream(buffers[0].device)
         for buffer in buffers:  # the copy stream writes them: freed, wait for it before reuse
@@ -205,7 +205,8 @@ def running(graph_key: GraphKey, args: list) -> Iterator[None]:
 
 def _refill_after(found: _Head) -> None:
     """After a call: copy the head weights of the next call into the head buffers, on the copy
-    stream, after the mark the graph recorded there; the next call's graph waits for them.
+    stream after all the call queued on its stream (the head's readers among it); the next call's
+    graph waits for them.
 
     The next call passes the same weights, unless Dynamo reuses the graph for several blocks:
     then the refill loads the block that followed this one last time (a wrong guess costs a copy
@@ -215,12 +216,13 @@ def _refill_after(found: _Head) -> None:
     found.holds = (following, _versions(records))
     _count(records)
     hosts = [record.host for record in records]
-    if found.mark is None:
+    if found.refilled is None:
         for buffer, host in zip(found.buffers, hosts):
             buffer.copy_(host)
         return
-    copy = _copy_stream(found.buffers[0].device)
-    copy.wait_event(found.mark)
+    device = found.buffers[0].device
+    copy = _copy_stream(device)
+    copy.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(copy):
         for buffer, host in zip(found.buffers, hosts):
             buffer.copy_(host, non_blocking=True)
@@ -281,23 +283,16 @@ def _serving(buffers: list[torch.Tensor]) -> _Head | None:
 
 def refill(buffers: list[torch.Tensor], weights: list[torch.Tensor]) -> None:
     """Refill the head ``buffers`` with ``weights`` for the next call. A graph's own head (under
-    its wrapper): mark the copy stream here and leave the copies to the wrapper, after the call.
-    A loose head (no wrapper): copy now, on the copy stream; the graph's last ``wait`` joins it."""
+    its wrapper): leave the copies to the wrapper, after the call; the graph's last ``wait`` on
+    these buffers joins nothing. A loose head (no wrapper): copy now, on the copy stream; the
+    graph's last ``wait`` joins it."""
     found = _serving(buffers)
     if found is None:
         _start_copies(buffers, weights)
         return
     found.deferred = True
-    if found.mark is None:
-        return
-    device = buffers[0].device
-    copy = _copy_stream(device)
-    copy.wait_stream(torch.cuda.current_stream(device))  # after the head's readers and the fetches
-    with torch.cuda.stream(copy):
-        found.mark.record(copy)
-        joined = torch.cuda.Event()  # what the graph's last wait joins: no copy left unjoined
-        joined.record(copy)
-    _inflight[buffers[0].data_ptr()] = joined
+    if buffers[0].device.type == "cuda":
+        _inflight[buffers[0].data_ptr()] = None
 
 
 @dataclass(eq=False)
