@@ -205,9 +205,24 @@ def time_back_to_back(fn, x: torch.Tensor, calls: int = 20) -> float:
     return start.elapsed_time(end) / calls
 
 
+_idle: dict = {}
+
+
+def issued_now() -> torch.cuda.Event:
+    """A timing event that stamps the moment the CPU issues it: recorded on a stream with no work,
+    so that it waits for nothing. A call's window starts there even while the GPU still finishes
+    earlier work (a refill in flight), which the call then waits for inside its window."""
+    if "stream" not in _idle:
+        _idle["stream"] = torch.cuda.Stream()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record(_idle["stream"])
+    return event
+
+
 def time_forward(fn, x: torch.Tensor, budget_s: float) -> tuple[float, int]:
-    """Median milliseconds of one forward, after warm-up, timed with device events around it and
-    a sync after it (what one request waits: the CPU time to issue the call counts)."""
+    """Median milliseconds of one forward, after warm-up, from the moment the CPU issues it
+    (``issued_now``) to a device event after it, with a sync after it (what one request waits: the
+    CPU time to issue the call counts, and so does any GPU work it queues behind)."""
     cuda = x.device.type == "cuda"
     with torch.no_grad():
         for _ in range(3):
@@ -217,8 +232,7 @@ def time_forward(fn, x: torch.Tensor, budget_s: float) -> tuple[float, int]:
         times, spent = [], 0.0
         while len(times) < 5 or (spent < budget_s and len(times) < 50):
             if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
+                start, end = issued_now(), torch.cuda.Event(enable_timing=True)
                 fn(x)
                 end.record()
                 end.synchronize()

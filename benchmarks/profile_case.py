@@ -32,8 +32,7 @@ def per_call_ms(fn, x, n: int = 30, gap_ms: float = 0.0) -> float:
     for _ in range(n):
         if gap_ms:
             time.sleep(gap_ms / 1e3)  # the host's work between two calls (sampling, scheduling)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        start, end = bench.issued_now(), torch.cuda.Event(enable_timing=True)
         fn(x)
         end.record()
         end.synchronize()
@@ -54,49 +53,103 @@ def issue_ms(fn, x, n: int = 30) -> float:
 
 
 def refill_timing(fn, x, n: int = 30, gap_ms: float = 0.0) -> dict:
-    """Without the profiler: where, on the GPU clock, the refill the wrapper issues after a call
-    ends, against that call's end and the next call's start (timing events on the copy stream
-    after each refill). Medians in ms; a refill that ends after the next call started delays it."""
+    """Without the profiler: where one call's time goes, on the GPU clock. Timing events on an
+    idle side stream (each stamps when the CPU issues it) mark when the call reaches fx_offload's
+    wrapper and when the graph's launch returns; events on the copy stream after each refill mark
+    where the refill the wrapper issues after a call ends, against that call's end and the next
+    call's start. Medians in ms; a refill that ends after the next call started may delay it."""
+    import contextlib
+
     from fx_offload import runtime
 
-    original = runtime._refill_after
+    original_refill, original_running = runtime._refill_after, runtime.running
+    side = torch.cuda.Stream()
     ends: list = []
+    starts: list = []
+    marks: list = []
+    refill_stamps: list = []
+    returned: list = []
+
+    def stamp(into=None):
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(side)
+        (marks if into is None else into).append(event)
 
     def timed(found):
-        original(found)
-        if found.mark is not None:
+        stamp(refill_stamps)
+        if found.refilled is not None:  # when the call's stream lets the refill start
+            copy = runtime._copy_stream(found.buffers[0].device)
+            copy.wait_stream(torch.cuda.current_stream())
+            marked = torch.cuda.Event(enable_timing=True)
+            marked.record(copy)
+            starts.append(marked)
+        original_refill(found)
+        if found.refilled is not None:
             done = torch.cuda.Event(enable_timing=True)
-            done.record(runtime._copy_stream(found.buffers[0].device))
+            done.record(copy)
             ends.append(done)
+        stamp(refill_stamps)
 
-    runtime._refill_after = timed
+    @contextlib.contextmanager
+    def stamped(key, args):
+        stamp()
+        with original_running(key, args):
+            yield
+        stamp()
+
+    runtime._refill_after, runtime.running = timed, stamped
     calls = []
     try:
         for _ in range(n):
             if gap_ms:
                 time.sleep(gap_ms / 1e3)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start, end = bench.issued_now(), torch.cuda.Event(enable_timing=True)
             ends.clear()
-            start.record()
+            starts.clear()
+            marks.clear()
+            refill_stamps.clear()
+            returned.clear()
             fn(x)
+            stamp(returned)
             end.record()
             end.synchronize()
-            calls.append((start, end, list(ends)))
+            lists = (ends, marks, starts, refill_stamps, returned)
+            calls.append((start, end, *(list(events) for events in lists)))
         torch.cuda.synchronize()
     finally:
-        runtime._refill_after = original
-    after_end, before_next = [], []
-    for (_start, end, refills), following in zip(calls, calls[1:]):
-        if refills:
-            after_end.append(end.elapsed_time(refills[-1]))
-            before_next.append(following[0].elapsed_time(refills[-1]))
-    if not after_end:
-        return {}
-    return {
-        "refill_ends_after_call_end_ms": statistics.median(after_end),
-        "refill_ends_after_next_start_ms": statistics.median(before_next),
-        "calls": len(after_end),
+        runtime._refill_after, runtime.running = original_refill, original_running
+    split: dict[str, list] = {
+        "call": [],
+        "to_wrapper": [],
+        "wrapper_to_launched": [],
+        "launched_to_end": [],
+        "to_refill_issue": [],
+        "refill_issue": [],
+        "to_return": [],
+        "refill_starts_after_call_start": [],
+        "refill_ends_after_call_end": [],
+        "refill_ends_after_next_start": [],
     }
+    for (start, end, refills, stamps, marked, issued, back), following in zip(calls, calls[1:] + [None]):
+        split["call"].append(start.elapsed_time(end))
+        if len(stamps) >= 2:
+            split["to_wrapper"].append(start.elapsed_time(stamps[0]))
+            split["wrapper_to_launched"].append(stamps[0].elapsed_time(stamps[-1]))
+            split["launched_to_end"].append(stamps[-1].elapsed_time(end))
+        if issued:
+            split["to_refill_issue"].append(start.elapsed_time(issued[0]))
+            split["refill_issue"].append(issued[0].elapsed_time(issued[-1]))
+        if back:
+            split["to_return"].append(start.elapsed_time(back[0]))
+        if marked:
+            split["refill_starts_after_call_start"].append(start.elapsed_time(marked[0]))
+        if refills:
+            split["refill_ends_after_call_end"].append(end.elapsed_time(refills[-1]))
+            if following is not None:
+                split["refill_ends_after_next_start"].append(following[0].elapsed_time(refills[-1]))
+    report = {f"{name}_ms": statistics.median(v) for name, v in split.items() if v}
+    report["calls"] = n
+    return report
 
 
 def python_profile(fn, x, n: int = 50) -> str:
@@ -203,7 +256,7 @@ def main() -> None:
     parser.add_argument(
         "--refill-timing",
         action="store_true",
-        help="also time, without the profiler, when each call's refill ends (not yet run on a GPU)",
+        help="also split, without the profiler, each call's time and time when its refill ends",
     )
     args = parser.parse_args()
     case = bench.CASES[args.case]
