@@ -12,10 +12,9 @@
 ``head(weights, region) -> buffers``: a head region's weights, already on the device: persistent
     buffers that the previous call refilled (or the compiled function's wrapper filled).
 ``refill(buffers, weights, after, region)``: refill the head ``buffers`` with ``weights`` for the
-    next call. Under fx_offload's wrapper it marks the copy stream where that copy may start and
-    the wrapper issues it when the call returns (the next call waits for it); without the wrapper
-    (vLLM) it copies here, late in the call. A ``wait`` at the end of the graph joins the mark or
-    the copy.
+    next call. Under fx_offload's wrapper it only notes that the wrapper issues that copy when
+    the call returns (the next call waits for it); without the wrapper (vLLM) it copies here,
+    late in the call, and a ``wait`` at the end of the graph joins the copy.
 ``swapped(weights, component) -> buffers``: the fixed device copies of a swapped component's
     weights (``fx_offload.swap``), which the compiled function's wrapper put there before the call.
 ``hold(buffers, readers, component)``: at the end of the graph, keeps those copies alive to the

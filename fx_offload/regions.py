@@ -36,8 +36,8 @@ class GraphPlan:
         device_type: the device the graph computes on; ops touching other memory are barriers.
         prefetch_head: how many of the graph's first regions (heads, at most ``prefetch``) are
             served from persistent buffers refilled for the next call after this one (their
-            copies then overlap this call's tail and the gap before the next call instead of
-            delaying its start).
+            copies then overlap the gap before the next call and the CPU time before its replay
+            instead of delaying its start).
         swapped_inputs: placeholder position -> (parameter name, component name) of parameters
             under the ``swap`` policy: read from their component's fixed device copy.
     """
