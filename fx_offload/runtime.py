@@ -48,7 +48,8 @@ poison_released = False
 copied_bytes = 0
 
 _copy_streams: dict[torch.device, torch.cuda.Stream] = {}
-# data_ptr of a fetched buffer -> the event its copies end with
+# data_ptr of a fetched buffer -> the event its copies end with (None: a head buffer whose refill
+# the wrapper issues after the call, so the graph's closing wait has nothing to join)
 _inflight: dict[int, torch.cuda.Event | None] = {}
 
 
