@@ -1,5 +1,7 @@
 """Why does a decode call end only when the refill issued after it ends? Variants of the wrapper's
-refill, timed by profile_case.refill_timing (no recompiles: same graphs)."""
+refill, timed by profile_case.refill_timing (no recompiles: same graphs).
+
+Ran as scratch/bisect.py; renamed, since that name shadows the standard library module."""
 import json, os, statistics, sys, time
 sys.path.insert(0, "benchmarks")
 import torch
