@@ -137,8 +137,8 @@ class _Head:
 
     One set per graph and head region, whatever weights a call passes: a graph that Dynamo reuses
     for every block of a stack (a graph break inside the block) keeps one set, not one per block.
-    The wrapper refills it after each call for the next one (where the graph's ``refill`` marked),
-    and copies it again before a call, on the compute stream, only when the call passes other
+    The wrapper refills it after each call for the next one (after all the call queued), and
+    copies it again before a call, on the compute stream, only when the call passes other
     weights or their values changed in place.
     """
 

@@ -1,5 +1,5 @@
 """The head: each compiled graph's first region, served from persistent buffers refilled for the
-next call (by the graph's wrapper when the call returns, after the point the graph marks), and
+next call (by the graph's wrapper when the call returns, after all the call queued), and
 filled again by the wrapper when a call passes other weights or their values changed in place."""
 
 import pytest
@@ -69,9 +69,8 @@ def test_a_graph_reused_for_every_block_keeps_one_set_of_head_buffers(backend, o
 @pytest.mark.parametrize("backend", ["offload_eager", "offload_inductor"])
 @pytest.mark.parametrize("head", [1, 2])
 def test_the_wrapper_refills_the_head_once_per_call_after_the_graph(backend, head, offloaded, monkeypatch):
-    """Under its wrapper a graph's ``refill`` only marks where the refill may start; the wrapper
-    copies when the call has returned (head regions in order), so a call ends without waiting for
-    the next call's head."""
+    """Under its wrapper a graph's ``refill`` copies nothing; the wrapper copies when the call has
+    returned (head regions in order), so a call ends without waiting for the next call's head."""
     model = seeded(Stack, n=4)
     offloaded(model, ["layers.*"])
     compiled = _compiled(model, backend, prefetch_head=head)
