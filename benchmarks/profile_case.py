@@ -53,49 +53,43 @@ def issue_ms(fn, x, n: int = 30) -> float:
 
 
 def refill_timing(fn, x, n: int = 30, gap_ms: float = 0.0) -> dict:
-    """Without the profiler: where one call's time goes, on the GPU clock. Timing events on an
-    idle side stream (each stamps when the CPU issues it) mark when the call reaches fx_offload's
-    wrapper and when the graph's launch returns; events on the copy stream after each refill mark
-    where the refill the wrapper issues after a call ends, against that call's end and the next
-    call's start. Medians in ms; a refill that ends after the next call started may delay it."""
+    """Without the profiler: where one call's time goes, on the GPU clock, from when the CPU
+    issues it (``bench.issued_now``). Events on an idle stream stamp when the CPU enters and
+    leaves fx_offload's wrapper (leaving: after the graph's launch and the refill's issue), starts
+    and ends issuing the refill, and returns; events on the copy stream stamp where the refill
+    starts and ends, against the call's end and the next call's start. Medians in ms; a refill
+    that ends after the next call started may delay it. (The sixth session's JSON names
+    ``in_wrapper`` "wrapper_to_launched" and ``wrapper_exit_to_end`` "launched_to_end".)"""
     import contextlib
 
     from fx_offload import runtime
 
     original_refill, original_running = runtime._refill_after, runtime.running
-    side = torch.cuda.Stream()
-    ends: list = []
-    starts: list = []
-    marks: list = []
-    refill_stamps: list = []
-    returned: list = []
+    idle = torch.cuda.Stream()
+    stamps: dict[str, list] = {}  # the call running: what -> its events, in order
 
-    def stamp(into=None):
+    def stamp(what: str, stream=idle) -> None:
         event = torch.cuda.Event(enable_timing=True)
-        event.record(side)
-        (marks if into is None else into).append(event)
+        event.record(stream)
+        stamps.setdefault(what, []).append(event)
 
     def timed(found):
-        stamp(refill_stamps)
-        if found.refilled is not None:  # when the call's stream lets the refill start
+        stamp("refill_issue")
+        if found.refilled is not None:  # where the call's stream lets the refill start
             copy = runtime._copy_stream(found.buffers[0].device)
             copy.wait_stream(torch.cuda.current_stream())
-            marked = torch.cuda.Event(enable_timing=True)
-            marked.record(copy)
-            starts.append(marked)
+            stamp("refill_start", copy)
         original_refill(found)
         if found.refilled is not None:
-            done = torch.cuda.Event(enable_timing=True)
-            done.record(copy)
-            ends.append(done)
-        stamp(refill_stamps)
+            stamp("refill_end", copy)
+        stamp("refill_issue")
 
     @contextlib.contextmanager
     def stamped(key, args):
-        stamp()
+        stamp("wrapper")
         with original_running(key, args):
             yield
-        stamp()
+        stamp("wrapper")
 
     runtime._refill_after, runtime.running = timed, stamped
     calls = []
@@ -103,51 +97,39 @@ def refill_timing(fn, x, n: int = 30, gap_ms: float = 0.0) -> dict:
         for _ in range(n):
             if gap_ms:
                 time.sleep(gap_ms / 1e3)
+            stamps = {}
             start, end = bench.issued_now(), torch.cuda.Event(enable_timing=True)
-            ends.clear()
-            starts.clear()
-            marks.clear()
-            refill_stamps.clear()
-            returned.clear()
             fn(x)
-            stamp(returned)
+            stamp("returned")
             end.record()
             end.synchronize()
-            lists = (ends, marks, starts, refill_stamps, returned)
-            calls.append((start, end, *(list(events) for events in lists)))
+            calls.append((start, end, stamps))
         torch.cuda.synchronize()
     finally:
         runtime._refill_after, runtime.running = original_refill, original_running
-    split: dict[str, list] = {
-        "call": [],
-        "to_wrapper": [],
-        "wrapper_to_launched": [],
-        "launched_to_end": [],
-        "to_refill_issue": [],
-        "refill_issue": [],
-        "to_return": [],
-        "refill_starts_after_call_start": [],
-        "refill_ends_after_call_end": [],
-        "refill_ends_after_next_start": [],
-    }
-    for (start, end, refills, stamps, marked, issued, back), following in zip(calls, calls[1:] + [None]):
-        split["call"].append(start.elapsed_time(end))
-        if len(stamps) >= 2:
-            split["to_wrapper"].append(start.elapsed_time(stamps[0]))
-            split["wrapper_to_launched"].append(stamps[0].elapsed_time(stamps[-1]))
-            split["launched_to_end"].append(stamps[-1].elapsed_time(end))
-        if issued:
-            split["to_refill_issue"].append(start.elapsed_time(issued[0]))
-            split["refill_issue"].append(issued[0].elapsed_time(issued[-1]))
-        if back:
-            split["to_return"].append(start.elapsed_time(back[0]))
-        if marked:
-            split["refill_starts_after_call_start"].append(start.elapsed_time(marked[0]))
-        if refills:
-            split["refill_ends_after_call_end"].append(end.elapsed_time(refills[-1]))
+    split: dict[str, list] = {}
+
+    def add(name: str, a, b) -> None:
+        split.setdefault(name, []).append(a.elapsed_time(b))
+
+    for (start, end, events), following in zip(calls, calls[1:] + [None]):
+        add("call", start, end)
+        if "wrapper" in events:
+            entered, left = events["wrapper"][0], events["wrapper"][-1]
+            add("to_wrapper", start, entered)
+            add("in_wrapper", entered, left)
+            add("wrapper_exit_to_end", left, end)
+        if "refill_issue" in events:
+            add("to_refill_issue", start, events["refill_issue"][0])
+            add("refill_issue", events["refill_issue"][0], events["refill_issue"][-1])
+        add("to_return", start, events["returned"][0])
+        if "refill_start" in events:
+            add("refill_starts_after_call_start", start, events["refill_start"][0])
+        if "refill_end" in events:
+            add("refill_ends_after_call_end", end, events["refill_end"][-1])
             if following is not None:
-                split["refill_ends_after_next_start"].append(following[0].elapsed_time(refills[-1]))
-    report = {f"{name}_ms": statistics.median(v) for name, v in split.items() if v}
+                add("refill_ends_after_next_start", following[0], events["refill_end"][-1])
+    report = {f"{name}_ms": statistics.median(v) for name, v in split.items()}
     report["calls"] = n
     return report
 
