@@ -53,7 +53,7 @@ CASES = {
 }
 SMOKE = {"smoke": Case(4, 64, 128, 2, 8)}
 
-FX_OPTIONS: dict = {}  # --prefetch / --head
+FX_OPTIONS: dict = {}  # --prefetch / --head / --refill-in-graph
 
 
 def parse_head(text: str) -> bool | int:
@@ -438,6 +438,9 @@ def main() -> None:
     parser.add_argument("--prefetch", type=int, default=None, help="fx_offload's prefetch option")
     parser.add_argument("--head", help="fx_offload's prefetch_head: true, false or a count")
     parser.add_argument(
+        "--refill-in-graph", type=int, default=None, help="fx_offload's refill_in_graph option (bytes)"
+    )
+    parser.add_argument(
         "--rounds",
         type=int,
         default=1,
@@ -448,6 +451,8 @@ def main() -> None:
         FX_OPTIONS["prefetch"] = args.prefetch
     if args.head is not None:
         FX_OPTIONS["prefetch_head"] = parse_head(args.head)
+    if args.refill_in_graph is not None:
+        FX_OPTIONS["refill_in_graph"] = args.refill_in_graph
     cases = SMOKE if args.smoke else CASES
     names = args.case or list(cases)
     methods = args.method or METHODS
@@ -461,6 +466,8 @@ def main() -> None:
             command += ["--smoke"] if args.smoke else []
             command += ["--prefetch", str(args.prefetch)] if args.prefetch is not None else []
             command += ["--head", args.head] if args.head is not None else []
+            if args.refill_in_graph is not None:
+                command += ["--refill-in-graph", str(args.refill_in_graph)]
             command += ["--rounds", str(args.rounds)]
             for method in methods:
                 command += ["--method", method]

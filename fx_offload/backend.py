@@ -11,8 +11,9 @@ which module calls are regions (a ``GraphPlan``), then:
 
 ``options`` are those of ``torch.compile``: ``prefetch`` and ``prefetch_head`` (the window: at
 most ``prefetch + 1`` regions' weights on the device at once, the first ``prefetch_head`` of a
-graph's regions among them, copied in between calls; see ``window``) and ``offload`` (patterns
-placed at the first compile) are ours; every other key goes to Inductor.
+graph's regions among them, copied in between calls; see ``window``), ``refill_in_graph`` (bytes
+of that copy issued inside the call, after its last fetch) and ``offload`` (patterns placed at the
+first compile) are ours; every other key goes to Inductor.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ DEFAULT_PREFETCH = 2
 # 55 GB/s, more than the 0.35-0.6 ms of CPU time a compiled call spends before its CUDA graph
 # starts on the H100 hosts measured, so the copy engine is busy while the call is issued.
 HEAD_BYTES = 48 << 20
+# Of the heads' refill for the next call, the bytes a graph copies itself after its last fetch,
+# during its last compute (the wrapper copies the rest after the call). Not yet measured on a
+# GPU: off until it is.
+REFILL_IN_GRAPH = 0
 
 # Called after every rewrite with (graph module, plan, regions): explain() and tests listen.
 listeners: list[Callable[[fx.GraphModule, GraphPlan, list[RewrittenRegion]], None]] = []
@@ -51,6 +56,7 @@ class BackendOptions:
     offload: tuple[str, ...] | None = None
     prefetch_head: int | None = None  # None: chosen per graph by ``window``
     inductor: tuple[tuple[str, object], ...] = ()
+    refill_in_graph: int | None = None  # None: REFILL_IN_GRAPH
 
     @classmethod
     def parse(cls, options: Mapping[str, object] | None) -> BackendOptions:
@@ -82,7 +88,17 @@ class BackendOptions:
                 f"regions on the device, beside the one computing. Raise prefetch to {int(head)} or more, "
                 "or lower prefetch_head"
             )
-        return cls(prefetch, patterns, None if head is None else int(head), tuple(options.items()))
+        in_graph = options.pop("refill_in_graph", None)
+        if in_graph == "auto":
+            in_graph = None
+        wrong = not isinstance(in_graph, int) or isinstance(in_graph, bool) or in_graph < 0
+        if in_graph is not None and wrong:
+            raise ValueError(
+                "options['refill_in_graph'] must be an int >= 0 (bytes of the heads' refill a graph "
+                f"copies during its last compute, the rest after the call) or 'auto', got {in_graph!r}"
+            )
+        head = None if head is None else int(head)
+        return cls(prefetch, patterns, head, tuple(options.items()), in_graph)
 
 
 def window(sizes: Sequence[int], prefetch: int | None, head: int | None) -> tuple[int, int]:
@@ -228,7 +244,8 @@ def graph_plan(gm: fx.GraphModule, example_inputs: list, options: BackendOptions
             params = [example_inputs[position[p]] for p in region.params]
             sizes.append(sum(w.numel() * w.element_size() for w in params))
     prefetch, heads = window(sizes, options.prefetch, options.prefetch_head)
-    plan = dataclasses.replace(plan, prefetch=prefetch, prefetch_head=heads)
+    in_graph = REFILL_IN_GRAPH if options.refill_in_graph is None else options.refill_in_graph
+    plan = dataclasses.replace(plan, prefetch=prefetch, prefetch_head=heads, refill_in_graph=in_graph)
     swap.check_together(list(_components(example_inputs, plan)))
     return plan
 
@@ -339,6 +356,7 @@ def _plan_key(plan: GraphPlan) -> tuple:
         plan.device_type,
         plan.prefetch_head,
         sorted(plan.swapped_inputs.items()),
+        plan.refill_in_graph,
     )
 
 

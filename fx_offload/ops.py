@@ -11,10 +11,11 @@
     (their contents are undefined afterwards), which also keeps it out of dead-code elimination.
 ``head(weights, region) -> buffers``: a head region's weights, already on the device: persistent
     buffers that the previous call refilled (or the compiled function's wrapper filled).
-``refill(buffers, weights, after, region)``: refill the head ``buffers`` with ``weights`` for the
-    next call. Under fx_offload's wrapper it only notes that the wrapper issues that copy when
-    the call returns (the next call waits for it); without the wrapper (vLLM) it copies here,
-    late in the call, and a ``wait`` at the end of the graph joins the copy.
+``refill(buffers, weights, after, region, in_graph=0)``: refill the head ``buffers`` with
+    ``weights`` for the next call. Under fx_offload's wrapper it copies the first ``in_graph``
+    bytes here, late in the call, and notes that the wrapper issues the rest when the call
+    returns (the next call waits for it); without the wrapper (vLLM) it copies everything here.
+    A ``wait`` at the end of the graph joins what it copied.
 ``swapped(weights, component) -> buffers``: the fixed device copies of a swapped component's
     weights (``fx_offload.swap``), which the compiled function's wrapper put there before the call.
 ``hold(buffers, readers, component)``: at the end of the graph, keeps those copies alive to the
@@ -80,8 +81,8 @@ _define(
     lambda weights, region: _like(weights),
 )
 _define(
-    "refill(Tensor(a!)[] buffers, Tensor[] weights, Tensor[] after, str region) -> ()",
-    lambda buffers, weights, after, region: runtime.refill(buffers, weights),
+    "refill(Tensor(a!)[] buffers, Tensor[] weights, Tensor[] after, str region, int in_graph=0) -> ()",
+    lambda buffers, weights, after, region, in_graph=0: runtime.refill(buffers, weights, in_graph),
     _nothing,
 )
 _define(

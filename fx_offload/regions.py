@@ -40,6 +40,9 @@ class GraphPlan:
             instead of delaying its start).
         swapped_inputs: placeholder position -> (parameter name, component name) of parameters
             under the ``swap`` policy: read from their component's fixed device copy.
+        refill_in_graph: of the heads' refill for the next call, the first bytes the graph
+            copies itself after its last fetch (they overlap its last compute; the wrapper copies
+            the rest when the call returns).
     """
 
     offloaded_inputs: Mapping[int, str]
@@ -48,6 +51,7 @@ class GraphPlan:
     device_type: str = "cpu"
     prefetch_head: int = 1
     swapped_inputs: Mapping[int, tuple[str, str]] = field(default_factory=dict)
+    refill_in_graph: int = 0
 
 
 @dataclass

@@ -12,7 +12,10 @@
    release's token, and the first ``wait`` after it lists it as issued (so no scheduler sinks it
    back to its use). A fetch never moves above a barrier: a node that touches memory of another
    device, or that CUDA graphs cannot capture, would split the copy from its wait across two
-   captured segments.
+   captured segments. Each head gets a ``refill`` for the next call, issued after the last
+   fetch; its ``in_graph`` argument (``plan.refill_in_graph``, spent on the heads in order) is
+   how many of its bytes the graph copies there itself, the wrapper copying the rest after the
+   call.
 
 Before (one offloaded ``Linear`` called ``visual``)::
 
@@ -67,7 +70,7 @@ def rewrite(graph: fx.Graph, plan: GraphPlan) -> list[RewrittenRegion]:
     heads = 0 if has_barrier(graph, plan.device_type) else min(plan.prefetch_head, len(inserted))
     _schedule(graph, inserted, plan.prefetch, heads, plan.device_type)
     if heads:
-        _serve_head(graph, inserted, plan.prefetch, plan.device_type, heads)
+        _serve_head(graph, inserted, plan.prefetch, plan.device_type, heads, plan.refill_in_graph)
     _serve_swapped(graph, plan)
     graph.lint()
     return inserted
@@ -126,10 +129,10 @@ def _schedule(
 
 
 def _serve_head(
-    graph: fx.Graph, regions: list[RewrittenRegion], depth: int, device_type: str, count: int
+    graph: fx.Graph, regions: list[RewrittenRegion], depth: int, device_type: str, count: int, in_graph: int
 ) -> None:
     """Serve the first ``count`` regions from persistent buffers, refilled late in the call (or,
-    under fx_offload's wrapper, after it) for the next one."""
+    under fx_offload's wrapper, after it but for their first ``in_graph`` bytes) for the next one."""
     heads = regions[:count]
     for first in heads:
         with graph.inserting_before(first.fetch):
@@ -152,10 +155,11 @@ def _serve_head(
             token = first.release
         after = previous if previous is not None and order[previous] > order[token] else token
         anchor = _last_barrier(graph, order, after, output, device_type) or after
+        size = sum(_nbytes(param) for param in first.region.params)
+        copied, in_graph = min(size, in_graph), in_graph - min(size, in_graph)
+        args = (first.items, list(first.region.params), [token], first.region.name)
         with graph.inserting_after(anchor):
-            refill = _call(
-                graph, REFILL, (first.items, list(first.region.params), [token], first.region.name), "refill"
-            )
+            refill = _call(graph, REFILL, (*args, copied) if copied else args, "refill")
         previous = refill
         order = {node: i for i, node in enumerate(graph.nodes)}
         later = [r.wait for r in regions if order[r.wait] > order[refill]]
@@ -225,6 +229,11 @@ def _is_barrier(node: fx.Node, device_type: str) -> bool:
 def _value(node: fx.Node):
     # post-grad and AOT graphs carry "val"; Dynamo's graph carries "example_value"
     return node.meta.get("val", node.meta.get("example_value"))
+
+
+def _nbytes(node: fx.Node) -> int:
+    value = _value(node)
+    return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
 
 
 def _readers(items: list[fx.Node]) -> list[fx.Node]:

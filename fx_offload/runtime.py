@@ -14,12 +14,14 @@ the next replay instead of stalling the start of the next call. Under fx_offload
 notes that the wrapper will copy; the wrapper issues the copies when the call returns, on the
 copy stream after everything the call queued on its stream, and the next call's graph waits for
 them (an external event) before it reads the head. So a call ends when its outputs are ready, not
-when the next call's head has landed. (Letting the refill start inside the call, after the last
-fetch, made a call end only when the refill did: measured on an H100, RESULTS.md, sixth
-session.) Without the wrapper (vLLM) ``refill`` copies inside the graph and a ``wait`` at its end
-joins it. ``running`` also fills the head again before a call whenever the call passes other
-weights or a weight's version counter moved since the last refill. A write through ``.data``
-bypasses that counter: see the README's guarantees.
+when the next call's head has landed. (Letting the whole refill start inside the call, after the
+last fetch, made a call end only when the refill did: measured on an H100, RESULTS.md, sixth
+session.) Only the refill's first ``in_graph`` bytes (the option ``refill_in_graph``, 0 unless
+given) are copied by the graph itself, after its last fetch, during its last compute; the
+graph's closing ``wait`` joins them. Without the wrapper (vLLM) ``refill`` copies everything
+inside the graph and a ``wait`` at its end joins it. ``running`` also fills the head again before
+a call whenever the call passes other weights or a weight's version counter moved since the
+last refill. A write through ``.data`` bypasses that counter: see the README's guarantees.
 
 The backend makes the head buffers when it compiles: made at the first run, they would land in
 a CUDA graph tree's pool, which refuses them. A graph Dynamo reuses for several blocks keeps one
@@ -75,7 +77,11 @@ def _start_copies(buffers: list[torch.Tensor], weights: list[torch.Tensor]) -> N
     an event that ``wait`` joins."""
     records = [_record_of(weight) for weight in weights]
     _count(records)
-    hosts = [record.host for record in records]
+    _copy_in(buffers, [record.host for record in records])
+
+
+def _copy_in(buffers: list[torch.Tensor], hosts: list[torch.Tensor]) -> None:
+    """``_start_copies`` from the host tensors themselves (whole or cut by ``_split``)."""
     if not buffers or buffers[0].device.type != "cuda":
         for buffer, host in zip(buffers, hosts):
             buffer.copy_(host)
@@ -150,6 +156,7 @@ class _Head:
     # on a GPU, an external event: when the wrapper's refill after the last call is done
     refilled: torch.cuda.Event | None = None
     deferred: bool = False  # the graph's refill left the copies to the wrapper
+    in_graph: int = 0  # of them, the first bytes the graph copied itself (its refill's in_graph)
     # a graph reused for several blocks: the weights each call passed -> those of the call after
     # it last time, so that the refill after a call loads the block that comes next
     successor: dict[tuple[int, ...], tuple[int, ...]] = field(default_factory=dict)
@@ -211,21 +218,25 @@ def _refill_after(found: _Head) -> None:
 
     The next call passes the same weights, unless Dynamo reuses the graph for several blocks:
     then the refill loads the block that followed this one last time (a wrong guess costs a copy
-    before the call, as without a refill)."""
+    before the call, as without a refill). Where the graph's refill copied the first bytes of
+    these same weights during the call (``in_graph``), only the rest is copied here."""
     following = found.successor.get(found.current, found.current)
     records = found.known.get(following, found.records)
     found.holds = (following, _versions(records))
-    _count(records)
-    hosts = [record.host for record in records]
+    copied = found.in_graph if following == found.current else 0  # by the graph, in the call
+    _, pairs = _split(found.buffers, [record.host for record in records], copied)
+    for record in records:
+        record.fetched = True
+    _add_copied(sum(buffer.numel() * buffer.element_size() for buffer, _ in pairs))
     if found.refilled is None:
-        for buffer, host in zip(found.buffers, hosts):
+        for buffer, host in pairs:
             buffer.copy_(host)
         return
     device = found.buffers[0].device
     copy = _copy_stream(device)
     copy.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(copy):
-        for buffer, host in zip(found.buffers, hosts):
+        for buffer, host in pairs:
             buffer.copy_(host, non_blocking=True)
         found.refilled.record(copy)
 
@@ -255,10 +266,14 @@ def _versions(records: list) -> tuple[int, ...]:
 
 
 def _count(records: list[placement.HostParameter]) -> None:
-    global copied_bytes
     for record in records:
         record.fetched = True
-        copied_bytes += record.nbytes
+    _add_copied(sum(record.nbytes for record in records))
+
+
+def _add_copied(nbytes: int) -> None:
+    global copied_bytes
+    copied_bytes += nbytes
 
 
 def head(weights: list[torch.Tensor], region: str = "") -> list[torch.Tensor]:
@@ -282,18 +297,45 @@ def _serving(buffers: list[torch.Tensor]) -> _Head | None:
     return next((h for h in _graph_heads.get(_running[-1], ()) if h.buffers[0].data_ptr() == pointer), None)
 
 
-def refill(buffers: list[torch.Tensor], weights: list[torch.Tensor]) -> None:
+def refill(buffers: list[torch.Tensor], weights: list[torch.Tensor], in_graph: int = 0) -> None:
     """Refill the head ``buffers`` with ``weights`` for the next call. A graph's own head (under
-    its wrapper): leave the copies to the wrapper, after the call; the graph's last ``wait`` on
-    these buffers joins nothing. A loose head (no wrapper): copy now, on the copy stream; the
-    graph's last ``wait`` joins it."""
+    its wrapper): copy the first ``in_graph`` bytes now, on the copy stream (they overlap the
+    compute after the call's last fetch, and the graph's last ``wait`` on these buffers joins
+    them), and leave the rest to the wrapper, after the call. A loose head (no wrapper): copy it
+    all now; the graph's last ``wait`` joins it."""
     found = _serving(buffers)
     if found is None:
         _start_copies(buffers, weights)
         return
     found.deferred = True
-    if buffers[0].device.type == "cuda":
+    first, _ = _split(buffers, [_record_of(weight).host for weight in weights], in_graph)
+    found.in_graph = sum(b.numel() * b.element_size() for b, _ in first)
+    _add_copied(found.in_graph)
+    if first:
+        _copy_in([b for b, _ in first], [h for _, h in first])
+    elif buffers[0].device.type == "cuda":
         _inflight[buffers[0].data_ptr()] = None
+
+
+def _split(buffers: list[torch.Tensor], hosts: list[torch.Tensor], nbytes: int) -> tuple[list, list]:
+    """The pairs (buffer, host) cut after their first ``nbytes`` bytes, taken in order with each
+    tensor flattened: the pairs of views that hold those bytes, and those that hold the rest."""
+    first: list[tuple[torch.Tensor, torch.Tensor]] = []
+    rest: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for buffer, host in zip(buffers, hosts):
+        size = buffer.numel() * buffer.element_size()
+        if nbytes and nbytes >= size:
+            first.append((buffer, host))
+            nbytes -= size
+            continue
+        cut = nbytes // buffer.element_size() if buffer.is_contiguous() and host.is_contiguous() else 0
+        if cut:
+            first.append((buffer.view(-1)[:cut], host.view(-1)[:cut]))
+            rest.append((buffer.view(-1)[cut:], host.view(-1)[cut:]))
+        else:
+            rest.append((buffer, host))
+        nbytes = 0
+    return first, rest
 
 
 @dataclass(eq=False)

@@ -93,6 +93,76 @@ def test_the_wrapper_refills_the_head_once_per_call_after_the_graph(backend, hea
         assert names and all(name.startswith(f"layers.{i}.") for name in names), names
 
 
+@pytest.mark.parametrize("backend", ["offload_eager", "offload_inductor"])
+@pytest.mark.parametrize(("head", "in_graph", "split"), [
+    (1, 700, [700]),  # a cut inside layers.0.fc2.weight (its 31st element)
+    (2, 1500, [1120, 380]),  # all of layers.0, then into layers.1
+    (2, 1 << 20, [1120, 1120]),  # more than the heads hold
+])  # fmt: skip
+def test_the_graph_copies_the_first_refill_in_graph_bytes_and_the_wrapper_the_rest(
+    backend, head, in_graph, split, offloaded
+):
+    """Each head's refill copies its share of ``refill_in_graph`` bytes inside the call, the
+    wrapper the rest after it: every byte crosses once per call, the heads hold every value for
+    the next call whatever they held before (garbage here), and the next call reads in-place
+    changes (the fill before a call copies the whole head again)."""
+    model = seeded(Stack, n=4)
+    x = torch.randn(3, 8)
+    plan = offloaded(model, ["layers.*"])
+    compiled = _compiled(model, backend, prefetch_head=head, refill_in_graph=in_graph)
+    copied = []
+    with torch.no_grad():
+        for _ in range(3):
+            before = runtime.copied_bytes
+            out = compiled(x)
+            copied.append(runtime.copied_bytes - before)
+        torch.testing.assert_close(out, _restored_output(model, x), rtol=1e-5, atol=1e-6)
+        assert [found.in_graph for heads in runtime._graph_heads.values() for found in heads] == split
+        assert copied[1:] == [plan.offloaded_bytes] * 2, (copied, plan.offloaded_bytes)
+        for found in (found for heads in runtime._graph_heads.values() for found in heads):
+            for buffer in found.buffers:
+                buffer.fill_(float("nan"))
+        compiled(x)  # reads the garbage, then refills both parts for the next call
+        torch.testing.assert_close(compiled(x), out)
+        for layer in model.layers:
+            layer.fc2.weight.mul_(0.5)
+        out = compiled(x)
+    torch.testing.assert_close(out, _restored_output(model, x), rtol=1e-5, atol=1e-6)
+
+
+def _restored_output(model, x):
+    """The output of a resident copy of ``model`` with its current values."""
+    plain = seeded(Stack, n=4)
+    plain.load_state_dict(model.state_dict())
+    return plain(x)
+
+
+@pytest.mark.parametrize("backend", ["offload_eager", "offload_inductor"])
+def test_a_reused_graph_refills_its_whole_head_after_the_call_whatever_it_copied_in_it(backend, offloaded):
+    """A graph reused for every block copies, inside the call, the first bytes of the block it
+    runs; the next call runs the next block, so the wrapper copies that block's head whole."""
+    model = seeded(BreakingStack, n=4)
+    inputs = [torch.randn(3, 8) for _ in range(3)]
+    with torch.no_grad():
+        expected = [model(x) for x in inputs]
+    offloaded(model, ["layers.*"])
+    compiled = torch.compile(model, backend=backend, options={"refill_in_graph": 100})
+    with torch.no_grad():
+        outs = [compiled(x) for x in inputs]
+    for out, ref in zip(outs, expected):
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert any(found.in_graph == 100 for heads in runtime._graph_heads.values() for found in heads)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "8MiB"])
+def test_refill_in_graph_must_be_a_byte_count_or_auto(bad, offloaded):
+    model = seeded(Stack)
+    offloaded(model, ["layers.*"])
+    with pytest.raises(Exception, match=r"refill_in_graph.*must be an int >= 0"):
+        with torch.no_grad():
+            _compiled(model, "offload_eager", refill_in_graph=bad)(torch.randn(2, 8))
+
+
 @pytest.mark.parametrize("head", [1, 2, 3])
 def test_the_head_holds_as_many_regions_as_asked_between_calls(head, offloaded):
     model = seeded(Stack, n=4)

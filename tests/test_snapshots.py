@@ -228,6 +228,101 @@ class Snapshots(TestCase):
         return (mm,)""",
         )
 
+    def test_layer_stack_refill_in_graph(self):
+        """refill_in_graph=1500 with two heads of 1120 bytes each: the first head's refill copies
+        all its bytes inside the call (its fifth argument), the second its first 380; the wrapper
+        copies the remaining 740 after the call."""
+        text = self.explain(
+            seeded(Stack, n=4),
+            ["layers.*"],
+            torch.randn(2, 8),
+            prefetch=3,
+            prefetch_head=2,
+            refill_in_graph=1500,
+        )
+        self.assertExpectedInline(
+            text,
+            """\
+# graph 1 of 1
+# regions: layers.0, layers.1, layers.2, layers.3
+# arg0_1: layers.0.fc1.weight
+# arg1_1: layers.0.fc1.bias
+# arg3_1: layers.0.fc2.weight
+# arg4_1: layers.0.fc2.bias
+# arg5_1: layers.1.fc1.weight
+# arg6_1: layers.1.fc1.bias
+# arg7_1: layers.1.fc2.weight
+# arg8_1: layers.1.fc2.bias
+# arg9_1: layers.2.fc1.weight
+# arg10_1: layers.2.fc1.bias
+# arg11_1: layers.2.fc2.weight
+# arg12_1: layers.2.fc2.bias
+# arg13_1: layers.3.fc1.weight
+# arg14_1: layers.3.fc1.bias
+# arg15_1: layers.3.fc2.weight
+# arg16_1: layers.3.fc2.bias
+    def forward(self, arg0_1: "f32[16, 8]", arg1_1: "f32[16]", arg2_1: "f32[2, 8]", arg3_1: "f32[8, 16]", arg4_1: "f32[8]", arg5_1: "f32[16, 8]", arg6_1: "f32[16]", arg7_1: "f32[8, 16]", arg8_1: "f32[8]", arg9_1: "f32[16, 8]", arg10_1: "f32[16]", arg11_1: "f32[8, 16]", arg12_1: "f32[8]", arg13_1: "f32[16, 8]", arg14_1: "f32[16]", arg15_1: "f32[8, 16]", arg16_1: "f32[8]", arg17_1: "f32[8, 8]"):
+        head = torch.ops.fx_offload.head.default([arg0_1, arg1_1, arg3_1, arg4_1], 'layers.0')
+        fetched: "f32[16, 8]" = head[0]
+        fetched_1: "f32[16]" = head[1]
+        fetched_2: "f32[8, 16]" = head[2]
+        fetched_3: "f32[8]" = head[3];  head = None
+        head_1 = torch.ops.fx_offload.head.default([arg5_1, arg6_1, arg7_1, arg8_1], 'layers.1')
+        fetched_4: "f32[16, 8]" = head_1[0]
+        fetched_5: "f32[16]" = head_1[1]
+        fetched_6: "f32[8, 16]" = head_1[2]
+        fetched_7: "f32[8]" = head_1[3];  head_1 = None
+        fetch_2 = torch.ops.fx_offload.fetch.default([arg9_1, arg10_1, arg11_1, arg12_1], [], 'layers.2');  arg9_1 = arg10_1 = arg11_1 = arg12_1 = None
+        fetched_8: "f32[16, 8]" = fetch_2[0]
+        fetched_9: "f32[16]" = fetch_2[1]
+        fetched_10: "f32[8, 16]" = fetch_2[2]
+        fetched_11: "f32[8]" = fetch_2[3];  fetch_2 = None
+        fetch_3 = torch.ops.fx_offload.fetch.default([arg13_1, arg14_1, arg15_1, arg16_1], [], 'layers.3');  arg13_1 = arg14_1 = arg15_1 = arg16_1 = None
+        fetched_12: "f32[16, 8]" = fetch_3[0]
+        fetched_13: "f32[16]" = fetch_3[1]
+        fetched_14: "f32[8, 16]" = fetch_3[2]
+        fetched_15: "f32[8]" = fetch_3[3];  fetch_3 = None
+        wait = torch.ops.fx_offload.wait.default([fetched, fetched_1, fetched_2, fetched_3], [fetched_4, fetched_8, fetched_12], 'layers.0');  wait = None
+        t: "f32[8, 16]" = torch.ops.aten.t.default(fetched)
+        addmm: "f32[2, 16]" = torch.ops.aten.addmm.default(fetched_1, arg2_1, t);  t = None
+        relu: "f32[2, 16]" = torch.ops.aten.relu.default(addmm)
+        t_1: "f32[16, 8]" = torch.ops.aten.t.default(fetched_2)
+        addmm_1: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_3, relu, t_1);  relu = t_1 = None
+        release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1, fetched_2, fetched_3], [addmm, addmm_1], 'layers.0');  addmm = release = None
+        add: "f32[2, 8]" = torch.ops.aten.add.Tensor(arg2_1, addmm_1);  arg2_1 = addmm_1 = None
+        wait_1 = torch.ops.fx_offload.wait.default([fetched_4, fetched_5, fetched_6, fetched_7], [], 'layers.1');  wait_1 = None
+        t_2: "f32[8, 16]" = torch.ops.aten.t.default(fetched_4)
+        addmm_2: "f32[2, 16]" = torch.ops.aten.addmm.default(fetched_5, add, t_2);  t_2 = None
+        relu_1: "f32[2, 16]" = torch.ops.aten.relu.default(addmm_2)
+        t_3: "f32[16, 8]" = torch.ops.aten.t.default(fetched_6)
+        addmm_3: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_7, relu_1, t_3);  relu_1 = t_3 = None
+        release_1: "f32[0]" = torch.ops.fx_offload.release.default([fetched_4, fetched_5, fetched_6, fetched_7], [addmm_2, addmm_3], 'layers.1');  addmm_2 = release_1 = None
+        add_1: "f32[2, 8]" = torch.ops.aten.add.Tensor(add, addmm_3);  add = addmm_3 = None
+        wait_2 = torch.ops.fx_offload.wait.default([fetched_8, fetched_9, fetched_10, fetched_11], [], 'layers.2');  wait_2 = None
+        t_4: "f32[8, 16]" = torch.ops.aten.t.default(fetched_8)
+        addmm_4: "f32[2, 16]" = torch.ops.aten.addmm.default(fetched_9, add_1, t_4);  t_4 = None
+        relu_2: "f32[2, 16]" = torch.ops.aten.relu.default(addmm_4)
+        t_5: "f32[16, 8]" = torch.ops.aten.t.default(fetched_10)
+        addmm_5: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_11, relu_2, t_5);  relu_2 = t_5 = None
+        release_2: "f32[0]" = torch.ops.fx_offload.release.default([fetched_8, fetched_9, fetched_10, fetched_11], [addmm_4, addmm_5], 'layers.2');  fetched_8 = fetched_9 = fetched_10 = fetched_11 = addmm_4 = None
+        refill = torch.ops.fx_offload.refill.default([fetched, fetched_1, fetched_2, fetched_3], [arg0_1, arg1_1, arg3_1, arg4_1], [release_2], 'layers.0', 1120);  arg0_1 = arg1_1 = arg3_1 = arg4_1 = release_2 = refill = None
+        add_2: "f32[2, 8]" = torch.ops.aten.add.Tensor(add_1, addmm_5);  add_1 = addmm_5 = None
+        wait_3 = torch.ops.fx_offload.wait.default([fetched_12, fetched_13, fetched_14, fetched_15], [fetched], 'layers.3');  wait_3 = None
+        t_6: "f32[8, 16]" = torch.ops.aten.t.default(fetched_12)
+        addmm_6: "f32[2, 16]" = torch.ops.aten.addmm.default(fetched_13, add_2, t_6);  t_6 = None
+        relu_3: "f32[2, 16]" = torch.ops.aten.relu.default(addmm_6)
+        t_7: "f32[16, 8]" = torch.ops.aten.t.default(fetched_14)
+        addmm_7: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_15, relu_3, t_7);  relu_3 = t_7 = None
+        release_3: "f32[0]" = torch.ops.fx_offload.release.default([fetched_12, fetched_13, fetched_14, fetched_15], [addmm_6, addmm_7], 'layers.3');  fetched_12 = fetched_13 = fetched_14 = fetched_15 = addmm_6 = None
+        refill_1 = torch.ops.fx_offload.refill.default([fetched_4, fetched_5, fetched_6, fetched_7], [arg5_1, arg6_1, arg7_1, arg8_1], [release_3], 'layers.1', 380);  arg5_1 = arg6_1 = arg7_1 = arg8_1 = release_3 = refill_1 = None
+        add_3: "f32[2, 8]" = torch.ops.aten.add.Tensor(add_2, addmm_7);  add_2 = addmm_7 = None
+        t_8: "f32[8, 8]" = torch.ops.aten.t.default(arg17_1);  arg17_1 = None
+        mm: "f32[2, 8]" = torch.ops.aten.mm.default(add_3, t_8);  add_3 = t_8 = None
+        wait_refill = torch.ops.fx_offload.wait.default([fetched, fetched_1, fetched_2, fetched_3], [mm], 'layers.0');  fetched = fetched_1 = fetched_2 = fetched_3 = wait_refill = None
+        wait_refill_1 = torch.ops.fx_offload.wait.default([fetched_4, fetched_5, fetched_6, fetched_7], [mm], 'layers.1');  fetched_4 = fetched_5 = fetched_6 = fetched_7 = wait_refill_1 = None
+        return (mm,)""",
+        )
+
     def test_layer_stack_prefetch_0(self):
         text = self.explain(seeded(Stack, n=2), ["layers.*"], torch.randn(2, 8), prefetch=0, prefetch_head=0)
         self.assertExpectedInline(

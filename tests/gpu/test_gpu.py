@@ -11,7 +11,7 @@ import torch
 import fx_offload
 from fx_offload import backend, placement, runtime
 from fx_offload.explain import recording
-from tests.models import Broken, CpuHop, Stack, seeded
+from tests.models import BreakingStack, Broken, CpuHop, Stack, seeded
 
 pytestmark = [
     pytest.mark.gpu,
@@ -218,6 +218,40 @@ def test_weights_written_between_calls_are_read_by_the_next_replay(head):
                     recorded = graphs.records
             assert graphs.skips == 0, "Inductor skipped CUDA graphs"
             assert recorded >= 1 and graphs.records == recorded, "re-recorded on a later call"
+    finally:
+        fx_offload.restore(model)
+
+
+@pytest.mark.parametrize("cls", [Stack, BreakingStack])
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_refill_in_graph_copies_part_of_the_heads_inside_the_call(mode, cls):
+    """``refill_in_graph`` bytes of the heads' refill are copied inside the call (captured in its
+    CUDA graph), the rest after it. A graph reused for every block (BreakingStack) copies the
+    first bytes of the block it runs, then the wrapper the next block's head whole. Weights change
+    in place between calls, with no sync: every call reads the current values."""
+    # a cut inside the first head's first weight: 16 MiB in Stack's blocks, 64 KiB in BreakingStack's
+    big = cls is Stack
+    dims, in_graph = ({"dim": 1024, "hidden": 4096}, 3 << 20) if big else ({"dim": 1024}, 40_000)
+    model = _on_gpu(seeded(cls, n=4, **dims), torch.float32)
+    plain = _on_gpu(seeded(cls, n=4, **dims), torch.float32)
+    x = torch.randn(16, 1024, device="cuda")
+    fx_offload.offload(model, ["layers.*"])
+    try:
+        cudagraphs = mode == "reduce-overhead"
+        options = {"prefetch_head": 2, "refill_in_graph": in_graph, "triton.cudagraphs": cudagraphs}
+        compiled = torch.compile(model, backend="offload_inductor", options=options)
+        with _Recordings() as graphs, torch.no_grad():
+            for step in range(6):
+                if step % 2:
+                    for m in (model, plain):
+                        for layer in m.layers:
+                            layer.fc1.weight.mul_(0.9)
+                out = compiled(x)
+                torch.testing.assert_close(out, plain(x), **TOLERANCE[torch.float32])
+        split = [found.in_graph for heads in runtime._graph_heads.values() for found in heads]
+        assert in_graph in split, split
+        if mode == "reduce-overhead":
+            assert graphs.skips == 0, "Inductor skipped CUDA graphs"
     finally:
         fx_offload.restore(model)
 
