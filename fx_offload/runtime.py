@@ -308,7 +308,7 @@ def refill(buffers: list[torch.Tensor], weights: list[torch.Tensor], in_graph: i
         _start_copies(buffers, weights)
         return
     found.deferred = True
-    first, _ = _split(buffers, [_record_of(weight).host for weight in weights], in_graph)
+    first = _split(buffers, [_record_of(w).host for w in weights], in_graph)[0] if in_graph else []
     found.in_graph = sum(b.numel() * b.element_size() for b, _ in first)
     _add_copied(found.in_graph)
     if first:
