@@ -1,6 +1,7 @@
 """Where the time of one offloaded forward goes: a GPU timeline of one steady-state call.
 
-    python benchmarks/profile_case.py --case decode_T8 [--prefetch N] [--head H] [--trace t.json]
+    python benchmarks/profile_case.py --case decode_T8 [--prefetch N] [--head H] [--refill-in-graph B]
+        [--trace t.json]
 
 For fx_offload under ``reduce-overhead`` (and the resident model, for comparison) it prints:
 per-call time with a sync after every call (what ``bench_offload.py`` reports), per-call time of
@@ -228,6 +229,12 @@ def main() -> None:
         action="append",
         help="prefetch_head: true, false or a count (repeatable); default: the backend's",
     )
+    parser.add_argument(
+        "--refill-in-graph",
+        type=int,
+        action="append",
+        help="refill_in_graph bytes (repeatable); default: the backend's",
+    )
     parser.add_argument("--trace", help="write the fx_offload call's chrome trace here")
     parser.add_argument("--json", default="profile_case.json")
     parser.add_argument("--cprofile", action="store_true", help="print a cProfile of issuing calls")
@@ -261,10 +268,13 @@ def main() -> None:
     variants = [("resident reduce-overhead", {})]
     for prefetch in args.prefetch or [None]:
         for head in args.head or [None]:
-            options = {} if prefetch is None else {"prefetch": prefetch}
-            if head is not None:
-                options["prefetch_head"] = bench.parse_head(head)
-            variants.append(("fx_offload reduce-overhead", options))
+            for in_graph in args.refill_in_graph or [None]:
+                options = {} if prefetch is None else {"prefetch": prefetch}
+                if head is not None:
+                    options["prefetch_head"] = bench.parse_head(head)
+                if in_graph is not None:
+                    options["refill_in_graph"] = in_graph
+                variants.append(("fx_offload reduce-overhead", options))
     with torch.no_grad():
         for method, options in variants:
             torch._dynamo.reset()
