@@ -73,7 +73,7 @@ class BackendOptions:
         patterns = options.pop("offload", None)
         if patterns is not None:
             patterns = matching.normalize_patterns(patterns, argument="options['offload']")
-        head = options.pop("prefetch_head", None)
+        head = options_head = options.pop("prefetch_head", None)
         if head == "auto":
             head = None
         if head is not None and (not isinstance(head, int) or head < 0):
@@ -98,6 +98,14 @@ class BackendOptions:
                 f"copies during its last compute, the rest after the call) or 'auto', got {in_graph!r}"
             )
         head = None if head is None else int(head)
+        headless = head == 0 or (head is None and prefetch is not None and prefetch < 2)
+        if in_graph and headless:
+            raise ValueError(
+                f"options['refill_in_graph']={in_graph} splits the refill of head regions, but "
+                f"prefetch_head={'auto' if options_head is None else options_head!r} with "
+                f"prefetch={'auto' if prefetch is None else prefetch!r} leaves no head. Give "
+                "prefetch_head >= 1 (and prefetch >= prefetch_head), or drop refill_in_graph"
+            )
         return cls(prefetch, patterns, head, tuple(options.items()), in_graph)
 
 

@@ -163,6 +163,15 @@ def test_refill_in_graph_must_be_a_byte_count_or_auto(bad, offloaded):
             _compiled(model, "offload_eager", refill_in_graph=bad)(torch.randn(2, 8))
 
 
+@pytest.mark.parametrize("window", [{"prefetch_head": False}, {"prefetch_head": 0}, {"prefetch": 1}])
+def test_refill_in_graph_without_a_head_is_refused(window, offloaded):
+    model = seeded(Stack)
+    offloaded(model, ["layers.*"])
+    with pytest.raises(Exception, match=r"refill_in_graph.*leaves no head"):
+        with torch.no_grad():
+            _compiled(model, "offload_eager", refill_in_graph=1024, **window)(torch.randn(2, 8))
+
+
 @pytest.mark.parametrize("head", [1, 2, 3])
 def test_the_head_holds_as_many_regions_as_asked_between_calls(head, offloaded):
     model = seeded(Stack, n=4)
