@@ -250,7 +250,7 @@ def graph_plan(gm: fx.GraphModule, example_inputs: list, options: BackendOptions
         position = {node: i for i, node in enumerate(placeholders)}
         for region in find_regions(gm.graph, plan):
             params = [example_inputs[position[p]] for p in region.params]
-            sizes.append(sum(w.numel() * w.element_size() for w in params))
+            sizes.append(sum(w.nbytes for w in params))
     prefetch, heads = window(sizes, options.prefetch, options.prefetch_head)
     in_graph = REFILL_IN_GRAPH if options.refill_in_graph is None else options.refill_in_graph
     plan = dataclasses.replace(plan, prefetch=prefetch, prefetch_head=heads, refill_in_graph=in_graph)

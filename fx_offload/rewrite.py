@@ -156,7 +156,8 @@ def _serve_head(
         after = previous if previous is not None and order[previous] > order[token] else token
         anchor = _last_barrier(graph, order, after, output, device_type) or after
         size = sum(_nbytes(param) for param in first.region.params)
-        copied, in_graph = min(size, in_graph), in_graph - min(size, in_graph)
+        copied = min(size, in_graph)
+        in_graph -= copied
         args = (first.items, list(first.region.params), [token], first.region.name)
         with graph.inserting_after(anchor):
             refill = _call(graph, REFILL, (*args, copied) if copied else args, "refill")
@@ -233,7 +234,7 @@ def _value(node: fx.Node):
 
 def _nbytes(node: fx.Node) -> int:
     value = _value(node)
-    return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
+    return value.nbytes if isinstance(value, torch.Tensor) else 0
 
 
 def _readers(items: list[fx.Node]) -> list[fx.Node]:

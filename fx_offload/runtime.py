@@ -60,7 +60,7 @@ def fetch(weights: list[torch.Tensor], region: str = "") -> list[torch.Tensor]:
     try:
         buffers = [torch.empty(w.shape, dtype=w.dtype, device=w.device) for w in weights]
     except torch.OutOfMemoryError as error:
-        nbytes = sum(w.numel() * w.element_size() for w in weights)
+        nbytes = sum(w.nbytes for w in weights)
         raise torch.OutOfMemoryError(
             f"fx_offload could not fetch region {region!r}: {nbytes / 1e6:.1f} MB of weights did not "
             f"fit on {weights[0].device}. With options['prefetch'] = N, up to N + 1 regions are on "
@@ -227,7 +227,7 @@ def _refill_after(found: _Head) -> None:
     _, pairs = _split(found.buffers, [record.host for record in records], copied)
     for record in records:
         record.fetched = True
-    _add_copied(sum(buffer.numel() * buffer.element_size() for buffer, _ in pairs))
+    _add_copied(sum(buffer.nbytes for buffer, _ in pairs))
     if found.refilled is None:
         for buffer, host in pairs:
             buffer.copy_(host)
@@ -309,7 +309,7 @@ def refill(buffers: list[torch.Tensor], weights: list[torch.Tensor], in_graph: i
         return
     found.deferred = True
     first = _split(buffers, [_record_of(w).host for w in weights], in_graph)[0] if in_graph else []
-    found.in_graph = sum(b.numel() * b.element_size() for b, _ in first)
+    found.in_graph = sum(b.nbytes for b, _ in first)
     _add_copied(found.in_graph)
     if first:
         _copy_in([b for b, _ in first], [h for _, h in first])
@@ -323,12 +323,12 @@ def _split(buffers: list[torch.Tensor], hosts: list[torch.Tensor], nbytes: int) 
     first: list[tuple[torch.Tensor, torch.Tensor]] = []
     rest: list[tuple[torch.Tensor, torch.Tensor]] = []
     for buffer, host in zip(buffers, hosts):
-        size = buffer.numel() * buffer.element_size()
-        if nbytes and nbytes >= size:
+        if nbytes and nbytes >= buffer.nbytes:
             first.append((buffer, host))
-            nbytes -= size
+            nbytes -= buffer.nbytes
             continue
-        cut = nbytes // buffer.element_size() if buffer.is_contiguous() and host.is_contiguous() else 0
+        flat = nbytes and buffer.is_contiguous() and host.is_contiguous()
+        cut = nbytes // buffer.element_size() if flat else 0
         if cut:
             first.append((buffer.view(-1)[:cut], host.view(-1)[:cut]))
             rest.append((buffer.view(-1)[cut:], host.view(-1)[cut:]))
@@ -380,7 +380,7 @@ def persistent_bytes() -> int:
     """Device bytes held between calls by head buffers (of every live compiled graph)."""
     buffers = [b for heads in _graph_heads.values() for found in heads for b in found.buffers]
     buffers += [loose.buffer for loose in _heads.values()]
-    return sum(b.numel() * b.element_size() for b in buffers)
+    return sum(b.nbytes for b in buffers)
 
 
 def forget_heads(tensors: list[torch.Tensor]) -> None:
