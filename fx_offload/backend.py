@@ -61,15 +61,7 @@ class BackendOptions:
     @classmethod
     def parse(cls, options: Mapping[str, object] | None) -> BackendOptions:
         options = dict(options or {})
-        prefetch = options.pop("prefetch", None)
-        if prefetch == "auto":
-            prefetch = None
-        wrong = not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0
-        if prefetch is not None and wrong:
-            raise ValueError(
-                "options['prefetch'] must be an int >= 0 (at most prefetch + 1 regions on the device "
-                f"at once) or 'auto', got {prefetch!r}"
-            )
+        prefetch = _count_option(options, "prefetch", "at most prefetch + 1 regions on the device at once")
         patterns = options.pop("offload", None)
         if patterns is not None:
             patterns = matching.normalize_patterns(patterns, argument="options['offload']")
@@ -88,15 +80,11 @@ class BackendOptions:
                 f"regions on the device, beside the one computing. Raise prefetch to {int(head)} or more, "
                 "or lower prefetch_head"
             )
-        in_graph = options.pop("refill_in_graph", None)
-        if in_graph == "auto":
-            in_graph = None
-        wrong = not isinstance(in_graph, int) or isinstance(in_graph, bool) or in_graph < 0
-        if in_graph is not None and wrong:
-            raise ValueError(
-                "options['refill_in_graph'] must be an int >= 0 (bytes of the heads' refill a graph "
-                f"copies during its last compute, the rest after the call) or 'auto', got {in_graph!r}"
-            )
+        in_graph = _count_option(
+            options,
+            "refill_in_graph",
+            "bytes of the heads' refill a graph copies during its last compute, the rest after the call",
+        )
         head = None if head is None else int(head)
         headless = head == 0 or (head is None and prefetch is not None and prefetch < 2)
         if in_graph and headless:
@@ -107,6 +95,16 @@ class BackendOptions:
                 "prefetch_head >= 1 (and prefetch >= prefetch_head), or drop refill_in_graph"
             )
         return cls(prefetch, patterns, head, tuple(options.items()), in_graph)
+
+
+def _count_option(options: dict, name: str, meaning: str) -> int | None:
+    """Pop ``options[name]``: an int >= 0, or None where absent or ``'auto'``."""
+    value = options.pop(name, None)
+    if value is None or value == "auto":
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"options[{name!r}] must be an int >= 0 ({meaning}) or 'auto', got {value!r}")
+    return value
 
 
 def window(sizes: Sequence[int], prefetch: int | None, head: int | None) -> tuple[int, int]:
