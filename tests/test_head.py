@@ -98,6 +98,9 @@ def test_the_wrapper_refills_the_head_once_per_call_after_the_graph(backend, hea
     (1, 700, [700]),  # a cut inside layers.0.fc2.weight (its 31st element)
     (2, 1500, [1120, 380]),  # all of layers.0, then into layers.1
     (2, 1 << 20, [1120, 1120]),  # more than the heads hold
+    (2, None, [1120, 1120]),  # the default: all of it
+    (2, "auto", [1120, 1120]),
+    (2, 0, [0, 0]),  # all after the call
 ])  # fmt: skip
 def test_the_graph_copies_the_first_refill_in_graph_bytes_and_the_wrapper_the_rest(
     backend, head, in_graph, split, offloaded
@@ -109,7 +112,8 @@ def test_the_graph_copies_the_first_refill_in_graph_bytes_and_the_wrapper_the_re
     model = seeded(Stack, n=4)
     x = torch.randn(3, 8)
     plan = offloaded(model, ["layers.*"])
-    compiled = _compiled(model, backend, prefetch_head=head, refill_in_graph=in_graph)
+    options = {} if in_graph is None else {"refill_in_graph": in_graph}
+    compiled = _compiled(model, backend, prefetch_head=head, **options)
     copied = []
     with torch.no_grad():
         for _ in range(3):
@@ -138,20 +142,28 @@ def _restored_output(model, x):
 
 
 @pytest.mark.parametrize("backend", ["offload_eager", "offload_inductor"])
-def test_a_reused_graph_refills_its_whole_head_after_the_call_whatever_it_copied_in_it(backend, offloaded):
-    """A graph reused for every block copies, inside the call, the first bytes of the block it
-    runs; the next call runs the next block, so the wrapper copies that block's head whole."""
+def test_a_reused_graph_copies_nothing_in_the_call_once_it_ran_other_weights(backend, offloaded):
+    """A graph reused for every block would copy, inside the call, the first bytes of the block it
+    runs, but the next call runs the next block: once the graph has run other weights, it copies
+    nothing in the call and the wrapper copies the next block's head whole, so from the third
+    forward on (the second still learns which block follows which) every byte crosses once per forward, and the results stay right."""
     model = seeded(BreakingStack, n=4)
-    inputs = [torch.randn(3, 8) for _ in range(3)]
+    inputs = [torch.randn(3, 8) for _ in range(4)]
     with torch.no_grad():
         expected = [model(x) for x in inputs]
-    offloaded(model, ["layers.*"])
+    plan = offloaded(model, ["layers.*"])
     compiled = torch.compile(model, backend=backend, options={"refill_in_graph": 100})
+    copied, outs = [], []
     with torch.no_grad():
-        outs = [compiled(x) for x in inputs]
+        for x in inputs:
+            before = runtime.copied_bytes
+            outs.append(compiled(x))
+            copied.append(runtime.copied_bytes - before)
     for out, ref in zip(outs, expected):
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-    assert any(found.in_graph == 100 for heads in runtime._graph_heads.values() for found in heads)
+    reused = [found for heads in runtime._graph_heads.values() for found in heads if found.successor]
+    assert reused and all(found.in_graph == 0 for found in reused)
+    assert copied[2:] == [plan.offloaded_bytes] * 2, (copied, plan.offloaded_bytes)
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, True, "8MiB"])

@@ -64,7 +64,7 @@ class Snapshots(TestCase):
         t_2: "f32[16, 8]" = torch.ops.aten.t.default(fetched_4)
         addmm_2: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_5, relu, t_2);  relu = t_2 = None
         release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1, fetched_2, fetched_3, fetched_4, fetched_5], [addmm, addmm_1, addmm_2], 'thinker.visual');  addmm = addmm_1 = None
-        refill = torch.ops.fx_offload.refill.default([fetched, fetched_1, fetched_2, fetched_3, fetched_4, fetched_5], [arg0_1, arg1_1, arg3_1, arg4_1, arg5_1, arg6_1], [release], 'thinker.visual');  arg0_1 = arg1_1 = arg3_1 = arg4_1 = arg5_1 = arg6_1 = release = refill = None
+        refill = torch.ops.fx_offload.refill.default([fetched, fetched_1, fetched_2, fetched_3, fetched_4, fetched_5], [arg0_1, arg1_1, arg3_1, arg4_1, arg5_1, arg6_1], [release], 'thinker.visual', 1408);  arg0_1 = arg1_1 = arg3_1 = arg4_1 = arg5_1 = arg6_1 = release = refill = None
         add: "f32[2, 8]" = torch.ops.aten.add.Tensor(tanh, addmm_2);  tanh = addmm_2 = None
         native_layer_norm = torch.ops.aten.native_layer_norm.default(add, [8], arg7_1, arg8_1, 1e-05);  add = arg7_1 = arg8_1 = None
         getitem: "f32[2, 8]" = native_layer_norm[0];  native_layer_norm = None
@@ -124,7 +124,7 @@ class Snapshots(TestCase):
         t_3: "f32[16, 8]" = torch.ops.aten.t.default(fetched_6)
         addmm_3: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_7, relu_1, t_3);  relu_1 = t_3 = None
         release_1: "f32[0]" = torch.ops.fx_offload.release.default([fetched_4, fetched_5, fetched_6, fetched_7], [addmm_2, addmm_3], 'layers.1');  fetched_4 = fetched_5 = fetched_6 = fetched_7 = addmm_2 = None
-        refill = torch.ops.fx_offload.refill.default([fetched, fetched_1, fetched_2, fetched_3], [arg0_1, arg1_1, arg3_1, arg4_1], [release_1], 'layers.0');  arg0_1 = arg1_1 = arg3_1 = arg4_1 = release_1 = refill = None
+        refill = torch.ops.fx_offload.refill.default([fetched, fetched_1, fetched_2, fetched_3], [arg0_1, arg1_1, arg3_1, arg4_1], [release_1], 'layers.0', 1120);  arg0_1 = arg1_1 = arg3_1 = arg4_1 = release_1 = refill = None
         add_1: "f32[2, 8]" = torch.ops.aten.add.Tensor(add, addmm_3);  add = addmm_3 = None
         wait_2 = torch.ops.fx_offload.wait.default([fetched_8, fetched_9, fetched_10, fetched_11], [fetched], 'layers.2');  wait_2 = None
         t_4: "f32[8, 16]" = torch.ops.aten.t.default(fetched_8)
@@ -210,7 +210,7 @@ class Snapshots(TestCase):
         t_5: "f32[16, 8]" = torch.ops.aten.t.default(fetched_10)
         addmm_5: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_11, relu_2, t_5);  relu_2 = t_5 = None
         release_2: "f32[0]" = torch.ops.fx_offload.release.default([fetched_8, fetched_9, fetched_10, fetched_11], [addmm_4, addmm_5], 'layers.2');  fetched_8 = fetched_9 = fetched_10 = fetched_11 = addmm_4 = None
-        refill = torch.ops.fx_offload.refill.default([fetched, fetched_1, fetched_2, fetched_3], [arg0_1, arg1_1, arg3_1, arg4_1], [release_2], 'layers.0');  arg0_1 = arg1_1 = arg3_1 = arg4_1 = release_2 = refill = None
+        refill = torch.ops.fx_offload.refill.default([fetched, fetched_1, fetched_2, fetched_3], [arg0_1, arg1_1, arg3_1, arg4_1], [release_2], 'layers.0', 1120);  arg0_1 = arg1_1 = arg3_1 = arg4_1 = release_2 = refill = None
         add_2: "f32[2, 8]" = torch.ops.aten.add.Tensor(add_1, addmm_5);  add_1 = addmm_5 = None
         wait_3 = torch.ops.fx_offload.wait.default([fetched_12, fetched_13, fetched_14, fetched_15], [fetched], 'layers.3');  wait_3 = None
         t_6: "f32[8, 16]" = torch.ops.aten.t.default(fetched_12)
@@ -219,7 +219,7 @@ class Snapshots(TestCase):
         t_7: "f32[16, 8]" = torch.ops.aten.t.default(fetched_14)
         addmm_7: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_15, relu_3, t_7);  relu_3 = t_7 = None
         release_3: "f32[0]" = torch.ops.fx_offload.release.default([fetched_12, fetched_13, fetched_14, fetched_15], [addmm_6, addmm_7], 'layers.3');  fetched_12 = fetched_13 = fetched_14 = fetched_15 = addmm_6 = None
-        refill_1 = torch.ops.fx_offload.refill.default([fetched_4, fetched_5, fetched_6, fetched_7], [arg5_1, arg6_1, arg7_1, arg8_1], [release_3], 'layers.1');  arg5_1 = arg6_1 = arg7_1 = arg8_1 = release_3 = refill_1 = None
+        refill_1 = torch.ops.fx_offload.refill.default([fetched_4, fetched_5, fetched_6, fetched_7], [arg5_1, arg6_1, arg7_1, arg8_1], [release_3], 'layers.1', 1120);  arg5_1 = arg6_1 = arg7_1 = arg8_1 = release_3 = refill_1 = None
         add_3: "f32[2, 8]" = torch.ops.aten.add.Tensor(add_2, addmm_7);  add_2 = addmm_7 = None
         t_8: "f32[8, 8]" = torch.ops.aten.t.default(arg17_1);  arg17_1 = None
         mm: "f32[2, 8]" = torch.ops.aten.mm.default(add_3, t_8);  add_3 = t_8 = None
@@ -390,7 +390,7 @@ class Snapshots(TestCase):
         t: "f32[8, 8]" = torch.ops.aten.t.default(fetched)
         addmm: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_1, arg2_1, t);  arg2_1 = t = None
         release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1], [addmm], 'shared')
-        refill = torch.ops.fx_offload.refill.default([fetched, fetched_1], [arg0_1, arg1_1], [release], 'shared');  arg0_1 = arg1_1 = release = refill = None
+        refill = torch.ops.fx_offload.refill.default([fetched, fetched_1], [arg0_1, arg1_1], [release], 'shared', 288);  arg0_1 = arg1_1 = release = refill = None
         t_1: "f32[8, 8]" = torch.ops.aten.t.default(arg3_1);  arg3_1 = None
         addmm_1: "f32[2, 8]" = torch.ops.aten.addmm.default(arg4_1, addmm, t_1);  arg4_1 = addmm = t_1 = None
         wait_1 = torch.ops.fx_offload.wait.default([fetched_2, fetched_3], [fetched], 'shared@1');  wait_1 = None
@@ -417,7 +417,7 @@ class Snapshots(TestCase):
         wait = torch.ops.fx_offload.wait.default([fetched], [fetched_1], 'embed');  wait = None
         embedding: "f32[1, 3, 8]" = torch.ops.aten.embedding.default(fetched, arg1_1);  arg1_1 = None
         release: "f32[0]" = torch.ops.fx_offload.release.default([fetched], [embedding], 'embed')
-        refill = torch.ops.fx_offload.refill.default([fetched], [arg0_1], [release], 'embed');  arg0_1 = release = refill = None
+        refill = torch.ops.fx_offload.refill.default([fetched], [arg0_1], [release], 'embed', 512);  arg0_1 = release = refill = None
         view: "f32[3, 8]" = torch.ops.aten.view.default(embedding, [3, 8]);  embedding = None
         t: "f32[8, 8]" = torch.ops.aten.t.default(arg2_1);  arg2_1 = None
         addmm: "f32[3, 8]" = torch.ops.aten.addmm.default(arg3_1, view, t);  arg3_1 = view = t = None
@@ -457,7 +457,7 @@ class Snapshots(TestCase):
         t_1: "f32[16, 8]" = torch.ops.aten.t.default(fetched_2)
         addmm_1: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_3, relu, t_1);  relu = t_1 = None
         release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1, fetched_2, fetched_3], [addmm, addmm_1], 'first');  addmm = None
-        refill = torch.ops.fx_offload.refill.default([fetched, fetched_1, fetched_2, fetched_3], [arg0_1, arg1_1, arg3_1, arg4_1], [release], 'first');  arg0_1 = arg1_1 = arg3_1 = arg4_1 = release = refill = None
+        refill = torch.ops.fx_offload.refill.default([fetched, fetched_1, fetched_2, fetched_3], [arg0_1, arg1_1, arg3_1, arg4_1], [release], 'first', 1120);  arg0_1 = arg1_1 = arg3_1 = arg4_1 = release = refill = None
         add: "f32[2, 8]" = torch.ops.aten.add.Tensor(arg2_1, addmm_1);  arg2_1 = addmm_1 = None
         wait_refill = torch.ops.fx_offload.wait.default([fetched, fetched_1, fetched_2, fetched_3], [add], 'first');  fetched = fetched_1 = fetched_2 = fetched_3 = wait_refill = None
         return (add,)
@@ -481,7 +481,7 @@ class Snapshots(TestCase):
         t_1: "f32[16, 8]" = torch.ops.aten.t.default(fetched_2)
         addmm_1: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_3, relu, t_1);  relu = t_1 = None
         release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1, fetched_2, fetched_3], [addmm, addmm_1], 'second');  addmm = None
-        refill = torch.ops.fx_offload.refill.default([fetched, fetched_1, fetched_2, fetched_3], [arg0_1, arg1_1, arg3_1, arg4_1], [release], 'second');  arg0_1 = arg1_1 = arg3_1 = arg4_1 = release = refill = None
+        refill = torch.ops.fx_offload.refill.default([fetched, fetched_1, fetched_2, fetched_3], [arg0_1, arg1_1, arg3_1, arg4_1], [release], 'second', 1120);  arg0_1 = arg1_1 = arg3_1 = arg4_1 = release = refill = None
         add: "f32[2, 8]" = torch.ops.aten.add.Tensor(arg2_1, addmm_1);  arg2_1 = addmm_1 = None
         wait_refill = torch.ops.fx_offload.wait.default([fetched, fetched_1, fetched_2, fetched_3], [add], 'second');  fetched = fetched_1 = fetched_2 = fetched_3 = wait_refill = None
         return (add,)""",
