@@ -146,7 +146,8 @@ def test_a_reused_graph_copies_nothing_in_the_call_once_it_ran_other_weights(bac
     """A graph reused for every block would copy, inside the call, the first bytes of the block it
     runs, but the next call runs the next block: once the graph has run other weights, it copies
     nothing in the call and the wrapper copies the next block's head whole, so from the third
-    forward on (the second still learns which block follows which) every byte crosses once per forward, and the results stay right."""
+    forward on (the second still learns which block follows which) every byte crosses once per
+    forward, and the results stay right."""
     model = seeded(BreakingStack, n=4)
     inputs = [torch.randn(3, 8) for _ in range(4)]
     with torch.no_grad():

@@ -226,9 +226,10 @@ def test_weights_written_between_calls_are_read_by_the_next_replay(head):
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
 def test_refill_in_graph_copies_part_of_the_heads_inside_the_call(mode, cls):
     """``refill_in_graph`` bytes of the heads' refill are copied inside the call (captured in its
-    CUDA graph), the rest after it. A graph reused for every block (BreakingStack) copies the
-    first bytes of the block it runs, then the wrapper the next block's head whole. Weights change
-    in place between calls, with no sync: every call reads the current values."""
+    CUDA graph), the rest after it. A graph reused for every block (BreakingStack) copies none
+    in the call once it has run other weights (its next call runs the next block), and the
+    wrapper the next block's head whole. Weights change in place between calls, with no sync:
+    every call reads the current values."""
     # a cut inside the first head's first weight: 16 MiB in Stack's blocks, 64 KiB in BreakingStack's
     big = cls is Stack
     dims, in_graph = ({"dim": 1024, "hidden": 4096}, 3 << 20) if big else ({"dim": 1024}, 40_000)
@@ -249,7 +250,7 @@ def test_refill_in_graph_copies_part_of_the_heads_inside_the_call(mode, cls):
                 out = compiled(x)
                 torch.testing.assert_close(out, plain(x), **TOLERANCE[torch.float32])
         split = [found.in_graph for heads in runtime._graph_heads.values() for found in heads]
-        assert in_graph in split, split
+        assert (in_graph in split) if big else (split and not any(split)), split
         if mode == "reduce-overhead":
             assert graphs.skips == 0, "Inductor skipped CUDA graphs"
     finally:
@@ -261,7 +262,9 @@ def test_refill_in_graph_copies_part_of_the_heads_inside_the_call(mode, cls):
 def test_the_next_call_waits_for_the_refill_of_its_head(mode, head):
     """The head's refill is issued when a call returns, on the copy stream, and the next call's
     graph waits for it. Here each refill is delayed (~25 ms asleep on the copy stream) and the head
-    buffers are poisoned before it: a call that read them without waiting would read NaN."""
+    buffers are poisoned before it: a call that read them without waiting would read NaN. (All of
+    the refill after the call, ``refill_in_graph=0``: the poison would hit the part copied in the
+    call, which the wrapper does not copy again.)"""
     model = _on_gpu(seeded(Stack, n=4, dim=256, hidden=1024), torch.float32)
     inputs = [torch.randn(32, 256, device="cuda") for _ in range(3)]
     with torch.no_grad():
@@ -281,7 +284,8 @@ def test_the_next_call_waits_for_the_refill_of_its_head(mode, head):
         original(found)
 
     try:
-        options = {"prefetch_head": head, "triton.cudagraphs": mode == "reduce-overhead"}
+        cudagraphs = mode == "reduce-overhead"
+        options = {"prefetch_head": head, "refill_in_graph": 0, "triton.cudagraphs": cudagraphs}
         compiled = torch.compile(model, backend="offload_inductor", options=options)
         with mock.patch.object(runtime, "_refill_after", late), _Recordings() as graphs, torch.no_grad():
             outs = [compiled(x).clone() for x in inputs * 3]  # no sync between calls
