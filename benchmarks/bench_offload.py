@@ -270,7 +270,14 @@ def _measure(
         windows.append(list(choose(*args)))
         return tuple(windows[-1])
 
-    fx_offload.backend.window = recorded
+    in_graph: list = []  # refill_in_graph bytes 'auto' chose for each graph's heads
+    estimated = fx_offload.rewrite._auto_in_graph
+
+    def estimating(*args):  # not seen where Inductor's cache skips the pass
+        in_graph.append(estimated(*args))
+        return in_graph[-1]
+
+    fx_offload.backend.window, fx_offload.rewrite._auto_in_graph = recorded, estimating
     try:
         fn = prepare(method, case, state, device, dtype)
         if device.type == "cuda":
@@ -286,13 +293,15 @@ def _measure(
         row["rel_err"] = ((out - reference).norm() / reference.norm()).item()
         if windows:
             row["prefetch_heads"] = windows
+        if in_graph:
+            row["refill_in_graph_auto"] = in_graph
     except ImportError as error:
         row["error"] = f"not installed: {error.name}"
     except Exception as error:  # a peer that fails is a result too
         row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
         traceback.print_exc()
     finally:
-        fx_offload.backend.window = choose
+        fx_offload.backend.window, fx_offload.rewrite._auto_in_graph = choose, estimated
     del fn
     return row
 
@@ -410,6 +419,9 @@ def table(result: dict) -> str:
         if "prefetch_heads" in row:
             chosen = sorted({tuple(w) for w in row["prefetch_heads"]})
             lines.append(f"{'':28}   (prefetch, prefetch_head) per graph: {', '.join(map(str, chosen))}")
+        if "refill_in_graph_auto" in row:
+            estimated = ", ".join(f"{b / 2**20:.1f}" for b in sorted(set(row["refill_in_graph_auto"])))
+            lines.append(f"{'':28}   refill_in_graph 'auto' per graph, MiB: {estimated}")
         if "x_floor_rounds" in row:
             per_call = " ".join(f"{r:.3f}" for r in row["x_floor_rounds"])
             b2b = " ".join(f"{r:.3f}" for r in row["x_floor_back_to_back_rounds"])

@@ -12,8 +12,9 @@ which module calls are regions (a ``GraphPlan``), then:
 ``options`` are those of ``torch.compile``: ``prefetch`` and ``prefetch_head`` (the window: at
 most ``prefetch + 1`` regions' weights on the device at once, the first ``prefetch_head`` of a
 graph's regions among them, copied in between calls; see ``window``), ``refill_in_graph`` (bytes
-of that copy issued inside the call, after its last fetch; by default all of it) and ``offload``
-(patterns placed at the first compile) are ours; every other key goes to Inductor.
+of that copy issued inside the call, after its last fetch; by default as many as the compute
+after it hides) and ``offload`` (patterns placed at the first compile) are ours; every other key
+goes to Inductor.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ import torch.fx as fx
 from torch import nn
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from fx_offload import matching, placement, runtime, swap
-from fx_offload.regions import GraphPlan, find_regions, module_calls, module_name
+from fx_offload import estimate, matching, placement, runtime, swap
+from fx_offload.regions import AUTO, GraphPlan, find_regions, module_calls, module_name
 from fx_offload.rewrite import RewrittenRegion, has_barrier, rewrite
 
 # Regions fetched ahead of the one computing where no region is a head (RESULTS.md: deeper
@@ -42,10 +43,11 @@ DEFAULT_PREFETCH = 2
 # starts on the H100 hosts measured, so the copy engine is busy while the call is issued.
 HEAD_BYTES = 48 << 20
 # Of the heads' refill for the next call, the bytes a graph copies itself after its last fetch,
-# during its last compute (the wrapper copies the rest after the call); None: all of them.
-# RESULTS.md, eighth session: on the H100 cases, all in the call was within 1.03x of the floor
-# back to back in every case; any part left after the call delays the next call's start by its
-# copy where calls come back to back (quarter_T4096 1.14x with none in the call).
+# during its last compute (the wrapper copies the rest after the call); None: as many as that
+# compute hides, estimated per graph (``estimate``). RESULTS.md, eighth session: a part left
+# after the call delays the next call's start where calls come back to back (quarter_T4096 1.14x
+# with none in the call, 1.03x with all), a part past the tail makes the call end late (decode_T8
+# per call 1.21x with all, 1.02x with 6 MiB, about its tail).
 REFILL_IN_GRAPH: int | None = None
 
 # Called after every rewrite with (graph module, plan, regions): explain() and tests listen.
@@ -58,7 +60,7 @@ class BackendOptions:
     offload: tuple[str, ...] | None = None
     prefetch_head: int | None = None  # None: chosen per graph by ``window``
     inductor: tuple[tuple[str, object], ...] = ()
-    refill_in_graph: int | None = None  # None: REFILL_IN_GRAPH (None there: the whole heads)
+    refill_in_graph: int | None = None  # None: REFILL_IN_GRAPH (None there: estimated)
 
     @classmethod
     def parse(cls, options: Mapping[str, object] | None) -> BackendOptions:
@@ -86,7 +88,7 @@ class BackendOptions:
             options,
             "refill_in_graph",
             "bytes of the heads' refill a graph copies during its last compute, the rest after the "
-            "call; 'auto': all of it",
+            "call; 'auto': as many as that compute hides, estimated",
         )
         head = None if head is None else int(head)
         headless = head == 0 or (head is None and prefetch is not None and prefetch < 2)
@@ -254,9 +256,12 @@ def graph_plan(gm: fx.GraphModule, example_inputs: list, options: BackendOptions
             sizes.append(sum(w.nbytes for w in params))
     prefetch, heads = window(sizes, options.prefetch, options.prefetch_head)
     in_graph = REFILL_IN_GRAPH if options.refill_in_graph is None else options.refill_in_graph
-    if in_graph is None:  # the whole heads
-        in_graph = sum(sizes[:heads])
-    plan = dataclasses.replace(plan, prefetch=prefetch, prefetch_head=heads, refill_in_graph=in_graph)
+    if in_graph is None:
+        in_graph = AUTO
+    figures = estimate.device_figures(device_type) if in_graph == AUTO and heads else None
+    plan = dataclasses.replace(
+        plan, prefetch=prefetch, prefetch_head=heads, refill_in_graph=in_graph, device_figures=figures
+    )
     swap.check_together(list(_components(example_inputs, plan)))
     return plan
 

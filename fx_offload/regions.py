@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
+from fx_offload.estimate import DeviceFigures
+
 _ROOT = re.compile(r"^[LG]\[(['\"])[^'\"]*\1\]\.?")
 _DICT_ATTR = re.compile(r"\._(?:modules|parameters|buffers)\[(['\"])([^'\"\]]+)\1\]")
 _INDEX = re.compile(r"\[(['\"]?)([^'\"\]]+)\1\]")
@@ -42,7 +44,8 @@ class GraphPlan:
             under the ``swap`` policy: read from their component's fixed device copy.
         refill_in_graph: of the heads' refill for the next call, the first bytes the graph
             copies itself after its last fetch (they overlap its last compute; the wrapper copies
-            the rest when the call returns).
+            the rest when the call returns); ``AUTO``: as many as that compute hides, estimated
+            with ``device_figures`` (the whole heads without them).
     """
 
     offloaded_inputs: Mapping[int, str]
@@ -51,7 +54,11 @@ class GraphPlan:
     device_type: str = "cpu"
     prefetch_head: int = 1
     swapped_inputs: Mapping[int, tuple[str, str]] = field(default_factory=dict)
-    refill_in_graph: int = 0
+    refill_in_graph: int = 0  # or AUTO
+    device_figures: DeviceFigures | None = None  # for AUTO; measured on the device, not in cache keys
+
+
+AUTO = -1  # GraphPlan.refill_in_graph: estimated per graph (``rewrite._auto_in_graph``)
 
 
 @dataclass

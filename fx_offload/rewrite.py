@@ -13,9 +13,9 @@
    back to its use). A fetch never moves above a barrier: a node that touches memory of another
    device, or that CUDA graphs cannot capture, would split the copy from its wait across two
    captured segments. Each head gets a ``refill`` for the next call, issued after the last
-   fetch; its ``in_graph`` argument (``plan.refill_in_graph``, spent on the heads in order) is
-   how many of its bytes the graph copies there itself, the wrapper copying the rest after the
-   call.
+   fetch; its ``in_graph`` argument (``plan.refill_in_graph``, spent on the heads in order; by
+   default what ``estimate.tail_bytes`` says the compute after the last fetch can hide) is how
+   many of its bytes the graph copies there itself, the wrapper copying the rest after the call.
 
 Before (one offloaded ``Linear`` called ``visual``)::
 
@@ -39,8 +39,9 @@ import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
 
+from fx_offload import estimate
 from fx_offload.ops import FETCH, HEAD, HOLD, REFILL, RELEASE, SWAPPED, WAIT
-from fx_offload.regions import GraphPlan, Region, find_regions
+from fx_offload.regions import AUTO, GraphPlan, Region, find_regions
 
 
 @dataclass
@@ -70,7 +71,7 @@ def rewrite(graph: fx.Graph, plan: GraphPlan) -> list[RewrittenRegion]:
     heads = 0 if has_barrier(graph, plan.device_type) else min(plan.prefetch_head, len(inserted))
     _schedule(graph, inserted, plan.prefetch, heads, plan.device_type)
     if heads:
-        _serve_head(graph, inserted, plan.prefetch, plan.device_type, heads, plan.refill_in_graph)
+        _serve_head(graph, inserted, plan, heads)
     _serve_swapped(graph, plan)
     graph.lint()
     return inserted
@@ -128,11 +129,11 @@ def _schedule(
             pin.update_arg(1, [*pin.args[1], current.items[0]])
 
 
-def _serve_head(
-    graph: fx.Graph, regions: list[RewrittenRegion], depth: int, device_type: str, count: int, in_graph: int
-) -> None:
+def _serve_head(graph: fx.Graph, regions: list[RewrittenRegion], plan: GraphPlan, count: int) -> None:
     """Serve the first ``count`` regions from persistent buffers, refilled late in the call (or,
-    under fx_offload's wrapper, after it but for their first ``in_graph`` bytes) for the next one."""
+    under fx_offload's wrapper, after it but for their first ``plan.refill_in_graph`` bytes) for
+    the next one."""
+    depth, device_type, in_graph = plan.prefetch, plan.device_type, plan.refill_in_graph
     heads = regions[:count]
     for first in heads:
         with graph.inserting_before(first.fetch):
@@ -144,6 +145,9 @@ def _serve_head(
     output = next(node for node in graph.nodes if node.op == "output")
     slots = depth + 1 - count
     fetched = regions[count:]
+    if in_graph == AUTO:
+        start = fetched[-1].wait if fetched else heads[-1].release
+        in_graph = _auto_in_graph(graph, start, heads, plan.device_figures)
     previous = fetched[-1].items[-1] if fetched else None
     for j, first in enumerate(heads):
         order = {node: i for i, node in enumerate(graph.nodes)}
@@ -171,6 +175,20 @@ def _serve_head(
     for first in heads:
         with graph.inserting_before(output):
             _call(graph, WAIT, (first.items, results, first.region.name), "wait_refill")
+
+
+def _auto_in_graph(
+    graph: fx.Graph, start: fx.Node, heads: list[RewrittenRegion], figures: estimate.DeviceFigures | None
+) -> int:
+    """``refill_in_graph`` 'auto': the bytes the copy engine moves during the graph's tail (its
+    compute after ``start``, the last fetched region's wait), at most the heads' bytes; the whole
+    heads where the device gave no ``figures`` to estimate the tail with (a CPU)."""
+    whole = sum(_nbytes(param) for first in heads for param in first.region.params)
+    if figures is None:
+        return whole
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    tail = [node for node in graph.nodes if order[node] > order[start]]
+    return min(whole, estimate.tail_bytes(tail, figures))
 
 
 def _serve_swapped(graph: fx.Graph, plan: GraphPlan) -> None:

@@ -16,13 +16,14 @@ copy stream after everything the call queued on its stream, and the next call's 
 them (an external event) before it reads the head. So a call ends when its outputs are ready, not
 when the next call's head has landed. (Letting the whole refill start inside the call, after the
 last fetch, made a call end only when the refill did: measured on an H100, RESULTS.md, sixth
-session.) But the refill's first ``in_graph`` bytes (the option ``refill_in_graph``, by default
-all of them) are copied by the graph itself, after its last fetch, during its last compute; the
-graph's closing ``wait`` joins them. (Left after the call, they delay the next call's start by
-their copy where calls come back to back: RESULTS.md, eighth session.) A graph once called with
-other weights (Dynamo reuses it for several blocks) copies none in the call: its next call
-passes other weights, which the wrapper copies after the call. Without the wrapper (vLLM) ``refill`` copies everything
-inside the graph and a ``wait`` at its end joins it. ``running`` also fills the head again before
+session.) But the refill's first ``in_graph`` bytes (the option ``refill_in_graph``; by default
+as many as the compute after the last fetch hides, ``estimate``) are copied by the graph itself,
+after its last fetch, during its last compute; the graph's closing ``wait`` joins them. (Left
+after the call, they would delay the next call's start where calls come back to back: RESULTS.md,
+eighth session.) A graph once called with other weights (Dynamo reuses it for several blocks)
+copies none in the call: its next call passes other weights, which the wrapper copies after the
+call. Without the wrapper (vLLM) ``refill`` copies everything inside the graph and a ``wait`` at
+its end joins it. ``running`` also fills the head again before
 a call whenever the call passes other weights or a weight's version counter moved since the
 last refill. A write through ``.data`` bypasses that counter: see the README's guarantees.
 

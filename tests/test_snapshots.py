@@ -8,10 +8,13 @@ offloaded parameter goes through a fetched tensor, that release follows the last
 where each fetch is issued.
 """
 
+from unittest import mock
+
 import torch
 from expecttest import TestCase
 
 import fx_offload
+from fx_offload import estimate
 from tests.models import Broken, CalledTwice, Nested, Stack, Tied, seeded
 
 
@@ -226,6 +229,28 @@ class Snapshots(TestCase):
         wait_refill = torch.ops.fx_offload.wait.default([fetched, fetched_1, fetched_2, fetched_3], [mm], 'layers.0');  fetched = fetched_1 = fetched_2 = fetched_3 = wait_refill = None
         wait_refill_1 = torch.ops.fx_offload.wait.default([fetched_4, fetched_5, fetched_6, fetched_7], [mm], 'layers.1');  fetched_4 = fetched_5 = fetched_6 = fetched_7 = wait_refill_1 = None
         return (mm,)""",
+        )
+
+    def test_layer_stack_refill_estimated(self):
+        """refill_in_graph 'auto' (the default) on a device of round figures (1 GFLOP/s, 1 GB/s,
+        0.1 GB/s host to device): the tail after layers.3's wait is its two addmm and the head's
+        mm (512, 512 and 256 FLOPs; 768, 736 and 384 bytes: memory-bound), 10.89 us with a 3 us
+        launch each; doubled, at 0.1 GB/s: 2177 bytes are copied in the call, all of layers.0's
+        1120 and 1057 of layers.1's, the wrapper copies the last 63 after it."""
+        figures = estimate.DeviceFigures({torch.float32: 1e9}, 1e9, 1e8)
+        with mock.patch.object(estimate, "device_figures", lambda device_type: figures):
+            text = self.explain(
+                seeded(Stack, n=4), ["layers.*"], torch.randn(2, 8), prefetch=3, prefetch_head=2
+            )
+        self.assertIn("'layers.0', 1120)", text)
+        self.assertIn("'layers.1', 1057)", text)
+        self.assertExpectedInline(
+            "\n".join(line for line in text.splitlines() if "refill" in line),
+            """\
+        refill = torch.ops.fx_offload.refill.default([fetched, fetched_1, fetched_2, fetched_3], [arg0_1, arg1_1, arg3_1, arg4_1], [release_2], 'layers.0', 1120);  arg0_1 = arg1_1 = arg3_1 = arg4_1 = release_2 = refill = None
+        refill_1 = torch.ops.fx_offload.refill.default([fetched_4, fetched_5, fetched_6, fetched_7], [arg5_1, arg6_1, arg7_1, arg8_1], [release_3], 'layers.1', 1057);  arg5_1 = arg6_1 = arg7_1 = arg8_1 = release_3 = refill_1 = None
+        wait_refill = torch.ops.fx_offload.wait.default([fetched, fetched_1, fetched_2, fetched_3], [mm], 'layers.0');  fetched = fetched_1 = fetched_2 = fetched_3 = wait_refill = None
+        wait_refill_1 = torch.ops.fx_offload.wait.default([fetched_4, fetched_5, fetched_6, fetched_7], [mm], 'layers.1');  fetched_4 = fetched_5 = fetched_6 = fetched_7 = wait_refill_1 = None""",
         )
 
     def test_layer_stack_refill_in_graph(self):
