@@ -5,11 +5,11 @@ during its tail, the compute after its last fetched region's wait, when the copy
 otherwise idle: bytes copied there cost nothing, while bytes left after the call delay the next
 call where calls come back to back, and bytes past the tail make the call end late where the
 caller waits between calls (RESULTS.md, eighth session). ``tail_bytes`` sizes that part: the
-tail's time by a roofline of its FLOP-counted ops (FLOPs at the device's peak, bytes read and
-written at its memory bandwidth, and a launch each), times the host-to-device bandwidth, doubled
-(a short estimate leaves the copy engine idle in the tail, a long one only ends the call later
-by the excess). The device's figures are measured once (a matmul, a device copy, a pinned
-copy); where there are none (a CPU), the caller copies the whole heads in the call.
+tail's time by a roofline of its FLOP-counted ops (FLOPs at the device's measured matmul rate,
+bytes read and written at its memory rate, and a launch each), times the host-to-device
+bandwidth, doubled (a short estimate leaves the copy engine idle in the tail, a long one only
+ends the call later by the excess). The device's figures are measured once (a matmul, a device
+copy, a pinned copy); where there are none (a CPU), the caller copies the whole heads in the call.
 """
 
 from __future__ import annotations
@@ -73,8 +73,8 @@ def tail_bytes(nodes: Iterable[fx.Node], figures: DeviceFigures) -> int:
 def device_figures(device_type: str) -> DeviceFigures | None:
     """The current ``device_type`` device's figures, or None where it has none (not CUDA, or
     measuring failed)."""
-    if device_type != "cuda" or not torch.cuda.is_available():
-        return None
+    if device_type != "cuda" or not torch.cuda.is_available() or torch.cuda.is_current_stream_capturing():
+        return None  # (timing needs syncs, which a CUDA graph capture forbids)
     return _cuda_figures(torch.cuda.current_device())
 
 
@@ -87,7 +87,7 @@ def _cuda_figures(index: int) -> DeviceFigures | None:
     2.11 (units differ between versions), and a tail computes at what matmuls reach, not at a
     datasheet's peak."""
     device = torch.device("cuda", index)
-    try:  # real tensors, though the pass that asks runs under Inductor's fake mode
+    try:  # real tensors, whatever tensor mode the caller runs under
         from torch._subclasses.fake_tensor import unset_fake_temporarily
 
         with unset_fake_temporarily(), torch.cuda.device(index):
