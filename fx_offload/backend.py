@@ -43,12 +43,12 @@ DEFAULT_PREFETCH = 2
 # starts on the H100 hosts measured, so the copy engine is busy while the call is issued.
 HEAD_BYTES = 48 << 20
 # Of the heads' refill for the next call, the bytes a graph copies itself after its last fetch,
-# during its last compute (the wrapper copies the rest after the call); None: as many as that
+# during its last compute (the wrapper copies the rest after the call); AUTO: as many as that
 # compute hides, estimated per graph (``estimate``). RESULTS.md, eighth session: a part left
 # after the call delays the next call's start where calls come back to back (quarter_T4096 1.14x
 # with none in the call, 1.03x with all), a part past the tail makes the call end late (decode_T8
 # per call 1.21x with all, 1.02x with 6 MiB, about its tail).
-REFILL_IN_GRAPH: int | None = None
+REFILL_IN_GRAPH = AUTO
 
 # Called after every rewrite with (graph module, plan, regions): explain() and tests listen.
 listeners: list[Callable[[fx.GraphModule, GraphPlan, list[RewrittenRegion]], None]] = []
@@ -60,7 +60,7 @@ class BackendOptions:
     offload: tuple[str, ...] | None = None
     prefetch_head: int | None = None  # None: chosen per graph by ``window``
     inductor: tuple[tuple[str, object], ...] = ()
-    refill_in_graph: int | None = None  # None: REFILL_IN_GRAPH (None there: estimated)
+    refill_in_graph: int | None = None  # None: REFILL_IN_GRAPH
 
     @classmethod
     def parse(cls, options: Mapping[str, object] | None) -> BackendOptions:
@@ -256,8 +256,6 @@ def graph_plan(gm: fx.GraphModule, example_inputs: list, options: BackendOptions
             sizes.append(sum(w.nbytes for w in params))
     prefetch, heads = window(sizes, options.prefetch, options.prefetch_head)
     in_graph = REFILL_IN_GRAPH if options.refill_in_graph is None else options.refill_in_graph
-    if in_graph is None:
-        in_graph = AUTO
     figures = estimate.device_figures(device_type) if in_graph == AUTO and heads else None
     plan = dataclasses.replace(
         plan, prefetch=prefetch, prefetch_head=heads, refill_in_graph=in_graph, device_figures=figures

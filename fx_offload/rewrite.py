@@ -145,9 +145,10 @@ def _serve_head(graph: fx.Graph, regions: list[RewrittenRegion], plan: GraphPlan
     output = next(node for node in graph.nodes if node.op == "output")
     slots = depth + 1 - count
     fetched = regions[count:]
+    sizes = [sum(_nbytes(param) for param in first.region.params) for first in heads]
     if in_graph == AUTO:
         start = fetched[-1].wait if fetched else heads[-1].release
-        in_graph = _auto_in_graph(graph, start, heads, plan.device_figures)
+        in_graph = _auto_in_graph(graph, start, sum(sizes), plan.device_figures)
     previous = fetched[-1].items[-1] if fetched else None
     for j, first in enumerate(heads):
         order = {node: i for i, node in enumerate(graph.nodes)}
@@ -159,8 +160,7 @@ def _serve_head(graph: fx.Graph, regions: list[RewrittenRegion], plan: GraphPlan
             token = first.release
         after = previous if previous is not None and order[previous] > order[token] else token
         anchor = _last_barrier(graph, order, after, output, device_type) or after
-        size = sum(_nbytes(param) for param in first.region.params)
-        copied = min(size, in_graph)
+        copied = min(sizes[j], in_graph)
         in_graph -= copied
         args = (first.items, list(first.region.params), [token], first.region.name)
         with graph.inserting_after(anchor):
@@ -178,17 +178,15 @@ def _serve_head(graph: fx.Graph, regions: list[RewrittenRegion], plan: GraphPlan
 
 
 def _auto_in_graph(
-    graph: fx.Graph, start: fx.Node, heads: list[RewrittenRegion], figures: estimate.DeviceFigures | None
+    graph: fx.Graph, start: fx.Node, whole: int, figures: estimate.DeviceFigures | None
 ) -> int:
     """``refill_in_graph`` 'auto': the bytes the copy engine moves during the graph's tail (its
-    compute after ``start``, the last fetched region's wait), at most the heads' bytes; the whole
-    heads where the device gave no ``figures`` to estimate the tail with (a CPU)."""
-    whole = sum(_nbytes(param) for first in heads for param in first.region.params)
+    compute after ``start``, the last fetched region's wait), at most the heads' ``whole`` bytes;
+    all of them where the device gave no ``figures`` to estimate the tail with (a CPU)."""
     if figures is None:
         return whole
-    order = {node: i for i, node in enumerate(graph.nodes)}
-    tail = [node for node in graph.nodes if order[node] > order[start]]
-    return min(whole, estimate.tail_bytes(tail, figures))
+    nodes = list(graph.nodes)
+    return min(whole, estimate.tail_bytes(nodes[nodes.index(start) + 1 :], figures))
 
 
 def _serve_swapped(graph: fx.Graph, plan: GraphPlan) -> None:
