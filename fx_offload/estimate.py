@@ -80,8 +80,9 @@ def device_figures(device_type: str) -> DeviceFigures | None:
 
 @functools.cache
 def _cuda_figures(index: int) -> DeviceFigures | None:
-    """Measured once per device (0.63 s on an H100, cuBLAS's start included; about 160 MB of
-    device memory, back to the caching allocator after): a bf16 and an fp32 4096-square matmul,
+    """Measured once per device (0.63 s on an H100, cuBLAS's start included; at most 0.2 GB of
+    device memory at once, the fp32 matmul's three 64 MiB tensors, back to the caching allocator
+    after, but counted by ``max_memory_allocated``): a bf16 and an fp32 4096-square matmul,
     a 64 MiB device copy and a 32 MiB pinned host-to-device copy, each the best of three.
     Measured rather than looked up: Inductor's peak-FLOPs helper gave 0.535 for an H100 on torch
     2.11 (units differ between versions), and a tail computes at what matmuls reach, not at a
