@@ -229,9 +229,7 @@ def _refill_after(found: _Head) -> None:
     found.holds = (following, _versions(records))
     copied = found.in_graph if following == found.current else 0  # by the graph, in the call
     _, pairs = _split(found.buffers, [record.host for record in records], copied)
-    for record in records:
-        record.fetched = True
-    _add_copied(sum(buffer.nbytes for buffer, _ in pairs))
+    _count(records, sum(buffer.nbytes for buffer, _ in pairs))
     if found.refilled is None:
         for buffer, host in pairs:
             buffer.copy_(host)
@@ -269,10 +267,11 @@ def _versions(records: list) -> tuple[int, ...]:
     return tuple(param._version if param is not None else 0 for param in params)
 
 
-def _count(records: list[placement.HostParameter]) -> None:
+def _count(records: list[placement.HostParameter], nbytes: int | None = None) -> None:
+    """Mark ``records`` as fetched and count ``nbytes`` (default: all of theirs) as copied."""
     for record in records:
         record.fetched = True
-    _add_copied(sum(record.nbytes for record in records))
+    _add_copied(sum(record.nbytes for record in records) if nbytes is None else nbytes)
 
 
 def _add_copied(nbytes: int) -> None:
