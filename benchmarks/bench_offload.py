@@ -109,6 +109,11 @@ def offloaded_indices(case: Case) -> list[int]:
     return list(range(0, case.blocks, case.every))
 
 
+def block_bytes(case: Case, dtype: torch.dtype) -> int:
+    """The bytes of one block's weights (two ``dim x hidden`` matrices)."""
+    return 2 * case.dim * case.hidden * torch.finfo(dtype).bits // 8
+
+
 def build(case: Case, state: dict, device: torch.device, dtype: torch.dtype) -> Stack:
     with torch.device("meta"):
         model = Stack(case)
@@ -160,8 +165,7 @@ def transfer_only(nbytes: int, device: torch.device):
 def prepare(method: str, case: Case, state: dict, device: torch.device, dtype: torch.dtype):
     """Return a callable running one forward with ``method``, or raise if the peer is missing."""
     if method == "transfer only":
-        block_bytes = 2 * case.dim * case.hidden * torch.finfo(dtype).bits // 8
-        return transfer_only(block_bytes * len(offloaded_indices(case)), device)
+        return transfer_only(block_bytes(case, dtype) * len(offloaded_indices(case)), device)
     model = build(case, state, device, dtype)
     indices = offloaded_indices(case)
     if method.startswith("resident"):
@@ -370,10 +374,10 @@ def run_case(name: str, case: Case, device: torch.device, methods: list[str], ro
     x = torch.randn(case.tokens, case.dim, device=device, dtype=dtype)
     with torch.no_grad():
         reference = build(case, state, device, dtype)(x).float()
-    block_bytes = 2 * case.dim * case.hidden * torch.finfo(dtype).bits // 8
-    offloaded_bytes = block_bytes * len(offloaded_indices(case))
+    block = block_bytes(case, dtype)
+    offloaded_bytes = block * len(offloaded_indices(case))
     bw = bandwidth(device)
-    bw_region = bandwidth(device, block_bytes // 2)  # one parameter of one block per copy
+    bw_region = bandwidth(device, block // 2)  # one parameter of one block per copy
     runs: dict[str, list[dict]] = {method: [] for method in methods}
     for round_ in range(rounds):
         for method in methods:

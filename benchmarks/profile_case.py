@@ -254,15 +254,15 @@ def main() -> None:
     with torch.device(device):
         state = {k: v.to(dtype).cpu() for k, v in bench.Stack(case).state_dict().items()}
     x = torch.randn(case.tokens, case.dim, device=device, dtype=dtype)
-    block_bytes = 2 * case.dim * case.hidden * 2
-    offloaded = block_bytes * len(bench.offloaded_indices(case))
+    block = bench.block_bytes(case, dtype)
+    offloaded = block * len(bench.offloaded_indices(case))
     report = {
         "environment": bench.environment(device),
         "case": args.case,
         "offloaded_bytes": offloaded,
         "bandwidth_gbs": bench.bandwidth(device) / 1e9,
-        "bandwidth_one_parameter_gbs": bench.bandwidth(device, block_bytes // 2) / 1e9,
-        "bandwidth_one_block_gbs": bench.bandwidth(device, block_bytes) / 1e9,
+        "bandwidth_one_parameter_gbs": bench.bandwidth(device, block // 2) / 1e9,
+        "bandwidth_one_block_gbs": bench.bandwidth(device, block) / 1e9,
         "runs": [],
     }
     variants = [("resident reduce-overhead", {})]
