@@ -1,7 +1,7 @@
 """Offload the towers of a Qwen2.5-Omni thinker; compare resident, stream and swap; then let a
 thinker and a talker take turns on the device.
 
-    python examples/qwen_omni.py            # tiny random thinker, CPU or GPU: ~4 min on 2 CPU cores
+    python examples/qwen_omni.py            # tiny random thinker, CPU or GPU: 4-6 min on 2 CPU cores
     python examples/qwen_omni.py --full     # Qwen2.5-Omni-3B sizes, random weights: a GPU
     python examples/qwen_omni.py --full --part towers   # only the towers table (5-7 min on an H100)
 
@@ -349,6 +349,11 @@ def main() -> None:
                     f"{row['setting']}: {len(row['outside_graphs'])} offloaded parameters "
                     f"({_size(row['outside_graphs_mb'] / 1e3)}) were read outside compiled graphs: {shown}"
                 )
+        if device.type == "cpu":
+            print(
+                "(on a CPU there is no device memory to measure, and ms is mostly the per-call "
+                "overhead of a tiny model's many graphs)"
+            )
     if turns:
         print("\nthinker -> talker, 3 requests of 1 thinker forward + 4 talker steps:")
         stage = turns[0]["stage_gb"]
