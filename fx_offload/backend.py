@@ -29,7 +29,7 @@ import torch.fx as fx
 from torch import nn
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from fx_offload import estimate, matching, placement, runtime, swap
+from fx_offload import estimate, logs, matching, placement, runtime, swap
 from fx_offload.options import AUTO, Options
 from fx_offload.regions import GraphPlan, find_regions, module_calls, module_name
 from fx_offload.rewrite import RewrittenRegion, has_barrier, rewrite
@@ -188,6 +188,7 @@ def graph_plan(gm: fx.GraphModule, example_inputs: list, options: Options) -> Gr
             params = [example_inputs[position[p]] for p in region.params]
             sizes.append(sum(w.nbytes for w in params))
     prefetch, heads = window(sizes, options.prefetch, options.prefetch_head)
+    logs.planned(sizes, prefetch, heads, options)
     in_graph = options.refill_in_graph
     figures = estimate.device_figures(device_type) if in_graph == AUTO and heads else None
     plan = dataclasses.replace(
@@ -289,8 +290,10 @@ def _around_calls(compiled, key: runtime.GraphKey, components: Mapping[swap.Comp
 def _run_pass(gm: fx.GraphModule, plan: GraphPlan) -> None:
     if is_backward(gm.graph):
         return  # the plan's positions are the forward graph's; a backward reads parameters as saved
+    before = logs.graph_before(gm)
     regions = rewrite(gm.graph, plan)
     gm.recompile()
+    logs.rewritten(gm, plan, regions, before)
     for listener in list(listeners):
         listener(gm, plan, regions)
 
