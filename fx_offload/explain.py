@@ -141,18 +141,18 @@ def format_offload_nodes(gm: fx.GraphModule, plan: GraphPlan, regions: Sequence[
 
     lines = []
     for node in graph.nodes:
-        if node.target not in _OPS:
-            continue
-        schema = node.target._schema.arguments
-        args = [(arg.name, value) for arg, value in zip(schema, node.args)]
-        label, first, rest = args[-1] if node.target is not REFILL else args[3], args[0], args[1:]
-        rest = [
-            (n, v)
-            for n, v in rest
-            if n not in ("region", "component", "weights" if node.target is REFILL else "")
-        ]
-        shown = [repr(label[1]), show(first[1])] + [f"{n}={show(v)}" for n, v in rest]
-        lines.append(f"{node.name} = {_OPS[node.target]}({', '.join(shown)})")
+        if node.target in _OPS:
+            arguments = dict(zip((arg.name for arg in node.target._schema.arguments), node.args))
+            first = arguments.pop(next(iter(arguments)))  # the tensors the op is about
+            label = arguments.pop("region", None) or arguments.pop("component", None)
+            if node.target is REFILL:
+                del arguments["weights"]  # its head's parameters
+            shown = [
+                repr(label),
+                show(first),
+                *(f"{name}={show(value)}" for name, value in arguments.items()),
+            ]
+            lines.append(f"{node.name} = {_OPS[node.target]}({', '.join(shown)})")
 
     skip = set(_OPS)
     for r in regions:
