@@ -24,7 +24,9 @@ timed in rounds that interleave the rows so that a noisy machine affects them al
 
 Columns (per forward; medians over the rounds):
 
-* ``ms``: the forward, from the call to its outputs (a device sync after each call);
+* ``ms``: the forward, from the call to its outputs (a device sync after each call); on a CPU the
+  CPU time of the thread that runs it (``time.thread_time``: the machine may be shared), with the
+  wall time in the JSON;
 * ``compute``: the ``resident`` row's time: the same kernels with no offload;
 * ``copy``: exposed copy time: ``ms`` minus the time of the same row on a copy of the model whose
   host tensors were moved onto the device (``fx_offload`` then copies device to device, at the
@@ -53,6 +55,7 @@ import argparse
 import copy
 import cProfile
 import datetime
+import functools
 import json
 import operator
 import platform
@@ -73,6 +76,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import fx_offload  # noqa: E402
+from fx_offload.backend import offload_inductor  # noqa: E402
 
 
 @dataclass
@@ -151,6 +155,7 @@ class Row:
     rest_bytes: int
     free_copies: bool = False
     samples: list[float] = field(default_factory=list)
+    wall_samples: list[float] = field(default_factory=list)
     peak_bytes: int | None = None
     outputs: tuple = ()
 
@@ -187,7 +192,11 @@ def set_up(work: Workload, name: str, device: torch.device, mode: str | None, fr
         if free_copies:  # every copy becomes device to device: see the docstring's ``copy``
             for record in plan.records:
                 record.host = record.host.to(device)
-    compiled = torch.compile(model, backend="offload_inductor" if plan else "inductor", mode=mode)
+    # a backend object of its own per row: Dynamo reuses a cached graph wherever its guards pass,
+    # and they do not tell one model's offloaded parameters from another's (both are
+    # OffloadedParameters), so rows sharing the backend would run each other's graphs
+    backend = functools.partial(offload_inductor, mode=mode) if plan else "inductor"
+    compiled = torch.compile(model, backend=backend, mode=None if plan else mode)
     inputs = _to(work.inputs, device)
 
     def call():
@@ -202,17 +211,22 @@ def set_up(work: Workload, name: str, device: torch.device, mode: str | None, fr
 
 def measure(rows: list[Row], device: torch.device, rounds: int, calls: int) -> None:
     """``rounds`` rounds; in each, every row (in turn, the order rotating) runs ``calls`` forwards,
-    each timed with a sync; a row's samples are the per-round medians."""
+    each timed with a sync; a row's samples are the per-round medians. On a CPU each forward is
+    timed by the thread's CPU time (one thread computes it all), so the time other processes take
+    the core from it is not counted; the wall time is kept beside it."""
+    clock = time.thread_time if device.type == "cpu" else time.perf_counter
     for r in range(rounds):
         order = rows[r % len(rows) :] + rows[: r % len(rows)]
         for row in order:
-            times = []
+            times, walls = [], []
             for _ in range(calls):
-                t0 = time.perf_counter()
+                w0, t0 = time.perf_counter(), clock()
                 row.call()
                 _sync(device)
-                times.append((time.perf_counter() - t0) * 1e3)
+                times.append((clock() - t0) * 1e3)
+                walls.append((time.perf_counter() - w0) * 1e3)
             row.samples.append(statistics.median(times))
+            row.wall_samples.append(statistics.median(walls))
     if device.type == "cuda":
         for row in rows:
             base = torch.cuda.memory_allocated(device)
@@ -291,6 +305,8 @@ def table(work: Workload, rows: list[Row], device: torch.device) -> list[dict]:
             "peak_gb": row.peak_bytes / 1e9 if row.peak_bytes is not None else None,
             "max_abs_diff": diff,
             "samples_ms": row.samples,
+            "wall_ms": statistics.median(row.wall_samples),
+            "wall_samples_ms": row.wall_samples,
             "outside_graphs": row.plan.outside_graphs() if row.plan is not None else [],
             "swap_ins": {c.name: c.swap_ins for c in row.plan.components} if row.plan is not None else {},
         }
@@ -377,6 +393,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(1)
+    torch._dynamo.config.recompile_limit = 64  # every row compiles the same code objects again
     report = {
         "environment": {
             "device": _device_name(device),
@@ -407,7 +424,7 @@ def main() -> None:
             if args.profile:
                 entry["profiles"] = []
                 for row in rows:
-                    if row.plan is not None and not row.free_copies:
+                    if not row.free_copies:
                         found = profile(row, device, args.profile_calls)
                         print_profile(found, args.top)
                         entry["profiles"].append(found)
