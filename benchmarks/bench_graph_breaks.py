@@ -331,7 +331,13 @@ def _version_candidates(params: list[nn.Parameter]) -> dict[str, Callable[[], ob
     versions = tuple(p._version for p in params)
     refs = [weakref.ref(p) for p in params]
     stamp = [0]
+    # a call's inputs: its weights among as many activations, at positions known at compile time
+    args = [x for p in params for x in (torch.zeros(1), p)]
+    pick = operator.itemgetter(*range(1, len(args), 2))
     return {
+        "C-level from the call's inputs: tuple(map(getter, pick(args)))": lambda: tuple(
+            map(getter, pick(args))
+        ),
         "python loop: tuple(p._version for p in params)": lambda: tuple(p._version for p in params),
         "python loop through weakrefs (record.param())": lambda: tuple(r()._version for r in refs),
         "C-level: tuple(map(attrgetter('_version'), params))": lambda: tuple(map(getter, params)),
@@ -340,7 +346,7 @@ def _version_candidates(params: list[nn.Parameter]) -> dict[str, Callable[[], ob
     }
 
 
-def version_costs(counts=(50, 500), repeats: int = 2000) -> list[dict]:
+def version_costs(counts=(12, 50, 500), repeats: int = 2000) -> list[dict]:
     """The cost of seeing in-place writes on a call's path, for ``counts`` parameters: ways to read
     every version counter, against one check per component (best of five runs of ``repeats``)."""
     results = []
