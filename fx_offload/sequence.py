@@ -159,14 +159,15 @@ class CallSequence:
 
     # -- the hot path -------------------------------------------------------------------------------
 
-    def arrive(self, graph: Hashable, weights: Hashable = ()) -> Origin:
+    def arrive(self, graph: Hashable, weights: Hashable = (), held: bool = True) -> Origin:
         """Note that the call ``(graph, weights)`` starts; return where its first regions' copy was
-        issued (``NOT_PREDICTED`` where the last guess was another call, or none). Afterwards
-        ``next`` is the guess for the call after this one."""
+        issued: ``NOT_PREDICTED`` where the last guess was another call, or none, or where the
+        caller says the prefetched bytes were not ``held`` (it issued no copy for the guess, or a
+        weight was written since). Afterwards ``next`` is the guess for the call after this one."""
         call = Call(graph, weights)
         last, guessed = self._last, self._next
         starts = self._boundary or (not self._explicit and (call == self._anchor or self._anchor is None))
-        if guessed != call or last is None:
+        if guessed != call or last is None or not held:
             origin = Origin.NOT_PREDICTED
         elif starts:
             origin = Origin.BETWEEN_FORWARDS

@@ -92,6 +92,16 @@ def test_other_weights_in_a_reused_graph_are_a_wrong_guess():
     assert sequence.arrive("block", (3,)) is Origin.NOT_PREDICTED  # a weight replaced
 
 
+def test_a_guess_the_consumer_could_not_serve_is_recorded_as_not_predicted():
+    sequence = CallSequence()
+    calls = [Call("a", (1,)), Call("b", (2,))]
+    for _ in range(3):
+        _run(sequence, calls)
+    sequence.arrive(*calls[0])
+    assert sequence.arrive(*calls[1], held=False) is Origin.NOT_PREDICTED  # written in place since
+    assert sequence.next == calls[0]  # the order is still the one learned
+
+
 def test_the_gap_between_forwards_is_guessed_and_recorded():
     sequence = CallSequence()
     calls = _tower(2)
