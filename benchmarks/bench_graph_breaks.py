@@ -1,0 +1,449 @@
+"""Offload on models that Dynamo splits into many graphs: where the time of a forward goes.
+
+    python benchmarks/bench_graph_breaks.py                       # tiny towers: CPU (or GPU), minutes
+    python benchmarks/bench_graph_breaks.py --size full           # 3B/7B sizes: a GPU
+    python benchmarks/bench_graph_breaks.py --profile             # also cProfile fx_offload per call
+    python benchmarks/bench_graph_breaks.py --version-costs       # only: ways to see in-place writes
+
+Models (random weights, built from configs, no download):
+
+* ``omni``: Qwen2.5-Omni's vision and audio towers (the thinker of ``examples/qwen_omni.py``
+  without its language model), one image and one audio clip per forward;
+* ``vl``: Qwen2.5-VL's vision tower (``tests/graph_break_models.py``), one image; at ``--size full``
+  the 3B and 7B models' towers (``vl3b``, ``vl7b``).
+
+Rows, each on its own copy of the model (same weights), compiled (default mode, or ``--mode``),
+timed in rounds that interleave the rows so that a noisy machine affects them alike:
+
+* ``resident``: nothing offloaded, plain Inductor;
+* ``stream``: the towers streamed (``{"visual", "audio_tower.layers"}``: the audio tower's front end
+  runs outside compiled graphs, so it stays resident, as the example does);
+* ``swap, one at a time``: each tower a swapped component, the device budget the larger one's;
+* ``swap, both fit``: a budget that holds both (after the first forward nothing crosses the bus).
+  The vision-only models have one tower, so one ``swap`` row.
+
+Columns (per forward; medians over the rounds):
+
+* ``ms``: the forward, from the call to its outputs (a device sync after each call); on a CPU the
+  CPU time of the thread that runs it (``time.thread_time``: the machine may be shared), with the
+  wall time in the JSON;
+* ``compute``: the ``resident`` row's time: the same kernels with no offload;
+* ``copy``: exposed copy time: ``ms`` minus the time of the same row on a copy of the model whose
+  host tensors were moved onto the device (``fx_offload`` then copies device to device, at the
+  memory's rate instead of the bus's: nearly free; its copies still take a few percent of a
+  forward of the bus time at most). Only on a GPU: on a CPU host and device are the same memory,
+  no copy crosses a bus and this column is ``-``;
+* ``overhead``: ``ms - compute - copy``: what offloading costs besides its copies: the wrappers,
+  the custom ops, the runtime's Python per graph call, and kernels that wait for a copy in
+  ways the no-copy run hides (so it is a bound). On a CPU it is the whole excess over resident;
+* ``x res``: ``ms / compute``;
+* ``peak GB`` (GPU): device memory the row holds at rest (its weights, arena and head buffers,
+  measured as the allocation its set-up added) plus the most its forward allocated beyond that;
+* ``max |diff|``: the largest difference of the outputs to the ``resident`` row's.
+
+On a CPU the script sets one thread (``torch.set_num_threads(1)``): the ratio to resident is then
+the per-call overhead ratio without thread noise. ``--profile`` runs each offloaded row under
+cProfile for ``--profile-calls`` forwards and prints, per forward, the time spent in each
+fx_offload function and in the torch frames that fx_offload calls, in microseconds (profiling
+inflates Python-heavy frames; compare rows, not absolute times). The JSON (``--json``) holds the
+device, torch version, date, commit, command line and every sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import cProfile
+import datetime
+import functools
+import json
+import operator
+import platform
+import pstats
+import statistics
+import subprocess
+import sys
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import fx_offload  # noqa: E402
+from fx_offload.backend import offload_inductor  # noqa: E402
+
+
+@dataclass
+class Workload:
+    """A model to offload, the inputs of a forward, and the rows' patterns."""
+
+    name: str
+    model: nn.Module  # on the CPU; each row offloads its own copy
+    inputs: tuple
+    rows: dict[str, tuple[dict | None, dict]]  # row -> (patterns, offload kwargs)
+    towers: dict[str, int] = field(default_factory=dict)  # tower -> bytes
+
+
+class OmniTowers(nn.Module):
+    """Qwen2.5-Omni's thinker reduced to its towers: image features and audio features."""
+
+    def __init__(self, thinker: nn.Module) -> None:
+        super().__init__()
+        self.thinker = thinker
+
+    def forward(self, pixel_values, image_grid_thw, input_features, feature_attention_mask):
+        image = self.thinker.get_image_features(pixel_values, image_grid_thw)
+        audio = self.thinker.get_audio_features(input_features, feature_attention_mask)
+        return image.last_hidden_state, *image.pooler_output, audio.last_hidden_state
+
+
+def _bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def omni(size: str, dtype: torch.dtype) -> Workload:
+    sys.path.insert(0, str(ROOT / "examples"))
+    import qwen_omni
+
+    model, inputs = qwen_omni.build(size, torch.device("cpu"), dtype)
+    thinker = model.thinker
+    del thinker.model, thinker.lm_head  # the towers alone
+    towers = OmniTowers(thinker).eval()
+    visual, audio = _bytes(thinker.visual), _bytes(thinker.audio_tower.layers)
+    names = ("pixel_values", "image_grid_thw", "input_features", "feature_attention_mask")
+    stream = {"visual": "stream", "audio_tower.layers": "stream"}
+    swap = {"visual": "swap", "audio_tower.layers": "swap"}
+    rows = {
+        "resident": (None, {}),
+        "stream": (stream, {}),
+        "swap, one at a time": (swap, {}),
+        "swap, both fit": (swap, {"device_budget": visual + audio + (1 << 20)}),
+    }
+    return Workload(
+        f"omni-{size}", towers, tuple(inputs[n] for n in names), rows, {"visual": visual, "audio": audio}
+    )
+
+
+def vl(size: str, dtype: torch.dtype) -> Workload:
+    from tests.graph_break_models import vision_tower
+
+    model, inputs = vision_tower(size, "cpu", dtype)
+    rows = {"resident": (None, {}), "stream": ({"visual": "stream"}, {}), "swap": ({"visual": "swap"}, {})}
+    return Workload(f"vl-{size}", model, inputs, rows, {"visual": _bytes(model.visual)})
+
+
+WORKLOADS: dict[str, Callable[[str, torch.dtype], Workload]] = {
+    "omni": lambda size, dtype: omni(size, dtype),
+    "vl": lambda size, dtype: vl("tiny" if size == "tiny" else "3B", dtype),
+    "vl3b": lambda size, dtype: vl("3B", dtype),
+    "vl7b": lambda size, dtype: vl("7B", dtype),
+}
+
+
+@dataclass
+class Row:
+    name: str
+    model: nn.Module
+    call: Callable
+    plan: object
+    rest_bytes: int
+    free_copies: bool = False
+    samples: list[float] = field(default_factory=list)
+    wall_samples: list[float] = field(default_factory=list)
+    peak_bytes: int | None = None
+    outputs: tuple = ()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _allocated(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def _to(inputs: tuple, device: torch.device) -> tuple:
+    return tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs)
+
+
+def _tensors(out) -> tuple:
+    if isinstance(out, torch.Tensor):
+        return (out,)
+    return tuple(t for item in out for t in _tensors(item)) if isinstance(out, (tuple, list)) else ()
+
+
+def set_up(work: Workload, name: str, device: torch.device, mode: str | None, free_copies: bool) -> Row:
+    """Offload a copy of the model for row ``name``, compile it, run it once."""
+    patterns, kwargs = work.rows[name]
+    before = _allocated(device)
+    model = copy.deepcopy(work.model)
+    plan = None
+    if patterns is None:
+        model.to(device)
+    else:
+        plan = fx_offload.offload(model, patterns, device=device, **kwargs)
+        if free_copies:  # every copy becomes device to device: see the docstring's ``copy``
+            for record in plan.records:
+                record.host = record.host.to(device)
+    # a backend object of its own per row: Dynamo reuses a cached graph wherever its guards pass,
+    # and they do not tell one model's offloaded parameters from another's (both are
+    # OffloadedParameters), so rows sharing the backend would run each other's graphs
+    backend = functools.partial(offload_inductor, mode=mode) if plan else "inductor"
+    compiled = torch.compile(model, backend=backend, mode=None if plan else mode)
+    inputs = _to(work.inputs, device)
+
+    def call():
+        with torch.no_grad():
+            return compiled(*inputs)
+
+    outputs = _tensors(call())
+    _sync(device)
+    label = f"{name} (copies free)" if free_copies else name
+    return Row(label, model, call, plan, _allocated(device) - before, free_copies, outputs=outputs)
+
+
+def measure(rows: list[Row], device: torch.device, rounds: int, calls: int) -> None:
+    """``rounds`` rounds; in each, every row (in turn, the order rotating) runs ``calls`` forwards,
+    each timed with a sync; a row's samples are the per-round medians. On a CPU each forward is
+    timed by the thread's CPU time (one thread computes it all), so the time other processes take
+    the core from it is not counted; the wall time is kept beside it."""
+    clock = time.thread_time if device.type == "cpu" else time.perf_counter
+    for r in range(rounds):
+        order = rows[r % len(rows) :] + rows[: r % len(rows)]
+        for row in order:
+            times, walls = [], []
+            for _ in range(calls):
+                w0, t0 = time.perf_counter(), clock()
+                row.call()
+                _sync(device)
+                times.append((clock() - t0) * 1e3)
+                walls.append((time.perf_counter() - w0) * 1e3)
+            row.samples.append(statistics.median(times))
+            row.wall_samples.append(statistics.median(walls))
+    if device.type == "cuda":
+        for row in rows:
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            row.call()
+            _sync(device)
+            row.peak_bytes = row.rest_bytes + torch.cuda.max_memory_allocated(device) - base
+
+
+def profile(row: Row, device: torch.device, calls: int) -> dict:
+    """cProfile ``calls`` forwards of ``row``; per forward: fx_offload's functions and the torch
+    frames they call, in microseconds."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        row.call()
+        _sync(device)
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats
+    total = sum(tt for (_, _, _), (_, _, tt, _, _) in stats.items())
+    frames = []
+    for (path, _line, func), (_, ncalls, tottime, cumtime, callers) in stats.items():
+        ours = "fx_offload" in path
+        called_by_ours = any("fx_offload" in caller[0] for caller in callers)
+        if not (ours or called_by_ours):
+            continue
+        where = f"{Path(path).name}:{func}" if path != "~" else func
+        frames.append(
+            {
+                "frame": where,
+                "fx_offload": ours,
+                "calls": ncalls / calls,
+                "tot_us": tottime / calls * 1e6,
+                "cum_us": cumtime / calls * 1e6,
+            }
+        )
+    frames.sort(key=lambda f: -f["cum_us"])
+    return {"row": row.name, "forward_us": total / calls * 1e6, "frames": frames}
+
+
+def print_profile(result: dict, top: int) -> None:
+    print(f"\n== cProfile, {result['row']}: {result['forward_us']:.0f} us per forward under the profiler")
+    print(f"{'frame':58} {'calls':>7} {'cum us':>9} {'own us':>9}")
+    for frame in result["frames"][:top]:
+        mark = "" if frame["fx_offload"] else "  (torch)"
+        name = (frame["frame"] + mark)[:58]
+        print(f"{name:58} {frame['calls']:7.1f} {frame['cum_us']:9.1f} {frame['tot_us']:9.1f}")
+
+
+def table(work: Workload, rows: list[Row], device: torch.device) -> list[dict]:
+    resident = next(r for r in rows if r.plan is None)
+    compute = statistics.median(resident.samples)
+    free = {
+        r.name.removesuffix(" (copies free)"): statistics.median(r.samples) for r in rows if r.free_copies
+    }
+    results = []
+    towers = ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in work.towers.items())
+    print(f"\n{work.name} on {_device_name(device)}: towers {towers}")
+    head = ("row", "ms", "compute", "copy", "overhead", "x res", "peak GB", "max |diff|")
+    print("{:34} {:>9} {:>8} {:>8} {:>8} {:>6} {:>7} {:>10}".format(*head))
+    for row in rows:
+        ms = statistics.median(row.samples)
+        copy_ms = ms - free[row.name] if row.name in free and not row.free_copies else None
+        overhead = ms - compute - (copy_ms or 0.0)
+        diff = max(
+            ((a.float() - b.float()).abs().max().item() for a, b in zip(row.outputs, resident.outputs)),
+            default=0.0,
+        )
+        result = {
+            "row": row.name,
+            "ms": ms,
+            "compute_ms": compute,
+            "copy_ms": copy_ms,
+            "overhead_ms": overhead,
+            "ratio": ms / compute,
+            "peak_gb": row.peak_bytes / 1e9 if row.peak_bytes is not None else None,
+            "max_abs_diff": diff,
+            "samples_ms": row.samples,
+            "wall_ms": statistics.median(row.wall_samples),
+            "wall_samples_ms": row.wall_samples,
+            "outside_graphs": row.plan.outside_graphs() if row.plan is not None else [],
+            "swap_ins": {c.name: c.swap_ins for c in row.plan.components} if row.plan is not None else {},
+        }
+        results.append(result)
+        shown_copy = f"{copy_ms:8.3f}" if copy_ms is not None else f"{'-':>8}"
+        peak = f"{result['peak_gb']:7.2f}" if result["peak_gb"] is not None else f"{'-':>7}"
+        ratio = ms / compute
+        print(
+            f"{row.name:34} {ms:9.3f} {compute:8.3f} {shown_copy} {overhead:8.3f} {ratio:6.2f} {peak} "
+            f"{diff:10.2e}"
+        )
+    for result in results:
+        if result["outside_graphs"]:
+            print(
+                f"  {result['row']}: {len(result['outside_graphs'])} offloaded parameters read outside graphs"
+            )
+    return results
+
+
+def _version_candidates(params: list[nn.Parameter]) -> dict[str, Callable[[], object]]:
+    getter = operator.attrgetter("_version")
+    versions = tuple(p._version for p in params)
+    refs = [weakref.ref(p) for p in params]
+    stamp = [0]
+    # a call's inputs: its weights among as many activations, at positions known at compile time
+    args = [x for p in params for x in (torch.zeros(1), p)]
+    pick = operator.itemgetter(*range(1, len(args), 2))
+    return {
+        "C-level from the call's inputs: tuple(map(getter, pick(args)))": lambda: tuple(
+            map(getter, pick(args))
+        ),
+        "python loop: tuple(p._version for p in params)": lambda: tuple(p._version for p in params),
+        "python loop through weakrefs (record.param())": lambda: tuple(r()._version for r in refs),
+        "C-level: tuple(map(attrgetter('_version'), params))": lambda: tuple(map(getter, params)),
+        "C-level, compared: tuple(map(...)) == held": lambda: tuple(map(getter, params)) == versions,
+        "one stamp per component (an int compare)": lambda: stamp[0] == 0,
+    }
+
+
+def version_costs(counts=(12, 50, 500), repeats: int = 2000) -> list[dict]:
+    """The cost of seeing in-place writes on a call's path, for ``counts`` parameters: ways to read
+    every version counter, against one check per component (best of five runs of ``repeats``)."""
+    results = []
+    for n in counts:
+        params = [nn.Parameter(torch.zeros(4)) for _ in range(n)]
+        for name, fn in _version_candidates(params).items():
+            best = float("inf")
+            for _ in range(5):
+                t0 = time.perf_counter()
+                for _ in range(repeats):
+                    fn()
+                best = min(best, (time.perf_counter() - t0) / repeats * 1e6)
+            results.append({"params": n, "candidate": name, "us": best})
+    print(f"\n{'params':>6}  {'us per call':>11}  candidate")
+    for r in results:
+        print(f"{r['params']:6d}  {r['us']:11.2f}  {r['candidate']}")
+    return results
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=["tiny", "full"], default="tiny")
+    parser.add_argument(
+        "--models", default=None, help="comma-separated: omni, vl, vl3b, vl7b (default: all for the size)"
+    )
+    parser.add_argument("--mode", default=None, help="torch.compile mode, e.g. reduce-overhead")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--calls", type=int, default=5, help="forwards per row per round")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--profile-calls", type=int, default=20)
+    parser.add_argument("--top", type=int, default=25, help="frames shown per profile")
+    parser.add_argument(
+        "--version-costs", action="store_true", help="only measure ways to see in-place writes"
+    )
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    torch._dynamo.config.recompile_limit = 64  # every row compiles the same code objects again
+    report = {
+        "environment": {
+            "device": _device_name(device),
+            "torch": torch.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "commit": _commit(),
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "threads": torch.get_num_threads(),
+        },
+        "workloads": [],
+    }
+    if args.version_costs:
+        report["version_costs"] = version_costs()
+    else:
+        default = "omni,vl" if args.size == "tiny" else "omni,vl3b,vl7b"
+        dtype = torch.float32 if args.size == "tiny" else torch.bfloat16
+        for key in (args.models or default).split(","):
+            if key not in WORKLOADS:
+                raise SystemExit(f"--models: unknown model {key!r}; choose from {sorted(WORKLOADS)}")
+            work = WORKLOADS[key](args.size, dtype)
+            rows = []
+            for name in work.rows:
+                rows.append(set_up(work, name, device, args.mode, free_copies=False))
+                if device.type == "cuda" and work.rows[name][0] is not None:
+                    rows.append(set_up(work, name, device, args.mode, free_copies=True))
+            measure(rows, device, args.rounds, args.calls)
+            entry = {"name": work.name, "towers_bytes": work.towers, "rows": table(work, rows, device)}
+            if args.profile:
+                entry["profiles"] = []
+                for row in rows:
+                    if not row.free_copies:
+                        found = profile(row, device, args.profile_calls)
+                        print_profile(found, args.top)
+                        entry["profiles"].append(found)
+            report["workloads"].append(entry)
+            for row in rows:
+                if row.plan is not None:
+                    fx_offload.restore(row.model)
+            del rows
+            torch._dynamo.reset()
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
