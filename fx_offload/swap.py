@@ -41,6 +41,10 @@ class Component:
     def overlaps(self, other: Component) -> bool:
         return self.offset < other.offset + other.nbytes and other.offset < self.offset + self.nbytes
 
+    def __repr__(self) -> str:
+        size = f"{self.nbytes / 1e6:.1f} MB"
+        return f"Component({self.name!r}, {len(self.records)} params, {size}, swap_ins={self.swap_ins})"
+
     @property
     def resident(self) -> bool:
         return self.arena is not None and self in self.arena.resident
@@ -103,7 +107,8 @@ class Arena:
         for record in records:
             component.views[id(record)].copy_(record.host, non_blocking=True)
             component.versions[id(record)] = _version(record)
-        runtime.copied_bytes += sum(record.nbytes for record in records)
+        device = runtime.device_runtime(component.arena.device)
+        device.copied_bytes += sum(record.nbytes for record in records)
 
     def release(self) -> None:
         """Forget every component (on restore); the memory goes when the last reference does."""
