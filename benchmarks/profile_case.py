@@ -65,7 +65,7 @@ def refill_timing(fn, x, n: int = 30, gap_ms: float = 0.0) -> dict:
 
     from fx_offload import runtime
 
-    original_refill, original_running = runtime._refill_after, runtime.running
+    original_refill, original_running = runtime._refill_after, runtime.GraphRuntime.running
     idle = torch.cuda.Stream()
     stamps: dict[str, list] = {}  # the call running: what -> its events, in order
 
@@ -77,7 +77,7 @@ def refill_timing(fn, x, n: int = 30, gap_ms: float = 0.0) -> dict:
     def timed(found):
         stamp("refill_issue")
         if found.refilled is not None:  # where the call's stream lets the refill start
-            copy = runtime._copy_stream(found.buffers[0].device)
+            copy = runtime.device_runtime(found.buffers[0].device).copy_stream()
             copy.wait_stream(torch.cuda.current_stream())
             stamp("refill_start", copy)
         original_refill(found)
@@ -86,13 +86,13 @@ def refill_timing(fn, x, n: int = 30, gap_ms: float = 0.0) -> dict:
         stamp("refill_issue")
 
     @contextlib.contextmanager
-    def stamped(key, args):
+    def stamped(graph, args):
         stamp("wrapper")
-        with original_running(key, args):
+        with original_running(graph, args):
             yield
         stamp("wrapper")
 
-    runtime._refill_after, runtime.running = timed, stamped
+    runtime._refill_after, runtime.GraphRuntime.running = timed, stamped
     calls = []
     try:
         for _ in range(n):
@@ -107,7 +107,7 @@ def refill_timing(fn, x, n: int = 30, gap_ms: float = 0.0) -> dict:
             calls.append((start, end, stamps))
         torch.cuda.synchronize()
     finally:
-        runtime._refill_after, runtime.running = original_refill, original_running
+        runtime._refill_after, runtime.GraphRuntime.running = original_refill, original_running
     split: dict[str, list] = {}
 
     def add(name: str, a, b) -> None:

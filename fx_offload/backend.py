@@ -1,8 +1,12 @@
 """``offload_inductor``: the offload pass, then Inductor; and ``offload_eager``, its light twin.
 
 Both are Dynamo backends (registered through the ``torch_dynamo_backends`` entry point). For
-each graph Dynamo hands over they decide which placeholders carry offloaded parameters and
-which module calls are regions (a ``GraphPlan``), then:
+each graph Dynamo hands over, ``graph_plan`` decides everything once, in one pass over the
+graph's inputs: their parameter records, the regions, the window, the head buffers and the
+swapped inputs, into a ``GraphSetup``. Its ``GraphPlan`` (which placeholders carry offloaded
+parameters, which module calls are regions, the window) is what the pass reads; its
+``runtime.GraphRuntime`` (the head buffers) belongs to the wrapper around the compiled graph,
+which lives as long as Dynamo keeps the graph. Then:
 
 * ``offload_inductor`` compiles with Inductor and runs ``rewrite`` as Inductor's
   ``post_grad_custom_post_pass``, on the graph Inductor is about to lower;
@@ -15,6 +19,9 @@ graph's regions among them, copied in between calls; see ``window``), ``refill_i
 of that copy issued inside the call, after its last fetch; by default as many as the compute
 after it hides) and ``offload`` (patterns placed at the first compile) are ours; every other key
 goes to Inductor.
+
+Whether a graph has "nothing to offload" is decided from the graph itself: its inputs, its
+modules, and whether its parameters belong to an offloaded model; never from other models.
 """
 
 from __future__ import annotations
@@ -405,9 +412,9 @@ class _SwappedInputs:
         for i in self.positions:
             record = placement.lookup(inputs[i])
             if record is None or record.component is None or record.component.arena is None:
-                what = "is not offloaded" if record is None else "is no longer swapped"
+                what = f"parameter {record.names[0]!r}" if record is not None else f"input {i}"
                 raise RuntimeError(
-                    f"a compiled graph reads input {i} as a swapped parameter, but it {what} "
+                    f"a compiled graph reads {what} as swapped, but it is no longer swapped "
                     "(restored, and offloaded again with another policy?). Call "
                     "torch._dynamo.reset() and compile the model again"
                 )

@@ -1,4 +1,10 @@
-"""The user's verbs: ``offload`` a model's matched modules, ``restore`` it, and the printable plan."""
+"""The user's verbs: ``offload`` a model's matched modules, ``restore`` it, and the printable plan.
+
+The plans live in one registry keyed weakly by model: a model dropped without ``restore`` takes
+its plan (and its parameters' host memory) with it. A model whose parameters the backend option
+``offload`` placed at compile time has no registered plan; ``plan_of`` makes one from its
+parameters' records.
+"""
 
 from __future__ import annotations
 

@@ -279,7 +279,6 @@ class GraphRuntime:
 
     def __init__(self) -> None:
         self._first: list[_Head] = []  # made at compile time, for the first thread that calls
-        self._first_taken = False
         self._sets: weakref.WeakKeyDictionary[threading.Thread, list[_Head]] = weakref.WeakKeyDictionary()
         self._dropped = False
         self.device: DeviceRuntime | None = None
@@ -301,7 +300,9 @@ class GraphRuntime:
         if self._dropped:
             return []
         sets = list(self._sets.values())
-        return [found for heads in ([] if self._first_taken else [self._first]) + sets for found in heads]
+        if not any(heads is self._first for heads in sets):
+            sets.append(self._first)
+        return [found for heads in sets for found in heads]
 
     def drop_heads(self) -> None:
         """Free the head buffers; later calls serve their head regions from loose heads."""
@@ -321,12 +322,10 @@ class GraphRuntime:
             return []
         thread = threading.current_thread()
         heads = self._sets.get(thread)
-        if heads is None:
-            if not self._first_taken:
-                heads, self._first_taken = self._first, True
-            else:  # another thread: buffers of its own, made here, outside any capture
-                heads = [found._like() for found in self._first]
-            self._sets[thread] = heads
+        if heads is None:  # the compile-time set, or, if a live thread has it, a new one
+            taken = any(held is self._first for held in self._sets.values())
+            heads = [found._like() for found in self._first] if taken else self._first
+            self._sets[thread] = heads  # made here, in the wrapper: outside any capture
         return heads
 
     @contextlib.contextmanager
