@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import operator
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -385,27 +386,47 @@ class _SwappedInputs:
     Found from the call's own weights (a graph Dynamo reuses for another model, or for the same
     model offloaded again, reads other components), kept between calls that pass the same ones;
     records and components are held weakly.
+
+    A call that passes the same weights, unchanged (one combined stamp: the weights' identities
+    and version counters, read by C-level maps, and the arenas' swap counts), with their
+    components still in place does no per-parameter work in Python.
     """
 
     def __init__(self, positions: tuple[int, ...]) -> None:
         self.positions = positions
+        self._take = operator.itemgetter(*positions)
         self._key: tuple[int, ...] = ()
         self._groups: list[tuple[weakref.ref, list[weakref.ref]]] = []
         self._first: weakref.ref | None = None
+        self._stamp: tuple = ()
+        self._swaps: tuple[int, ...] = ()
 
     def ensure(self, inputs) -> None:
         """Put the components the call reads on the device, with their current values."""
-        key = tuple(inputs[i].data_ptr() for i in self.positions)
-        first = placement.lookup(inputs[self.positions[0]])
+        weights = self._take(inputs)
+        if len(self.positions) == 1:
+            weights = (weights,)
+        first = placement.lookup(weights[0])
+        stamp = (tuple(map(id, weights)), tuple(map(_VERSION, weights)))
+        if stamp == self._stamp and self._first is not None and self._first() is first:
+            arenas = [component().arena for component, _ in self._groups]
+            if None not in arenas and self._swaps == tuple(arena.swaps for arena in arenas):
+                return  # the same weights, unchanged, their components in place
+        key = tuple(map(torch.Tensor.data_ptr, weights))
         if key != self._key or self._first is None or self._first() is not first:
             self._group(inputs, key)
+        groups = []
         for component_ref, record_refs in self._groups:
             component = component_ref()
             records = [ref() for ref in record_refs]
             if component is None or any(record is None for record in records):
-                self._key = ()
+                self._key = self._stamp = ()
                 return self.ensure(inputs)
+            groups.append((component, records))
+        for component, records in groups:
             component.arena.ensure(component, records)
+        self._stamp = stamp
+        self._swaps = tuple(component.arena.swaps for component, _ in groups)
 
     def _group(self, inputs, key: tuple[int, ...]) -> None:
         groups: dict[swap.Component, list] = {}
@@ -425,6 +446,9 @@ class _SwappedInputs:
             for component, records in groups.items()
         ]
         self._key, self._first = key, weakref.ref(placement.lookup(inputs[self.positions[0]]))
+
+
+_VERSION = operator.attrgetter("_version")
 
 
 def run_pass(gm: fx.GraphModule, plan: GraphPlan) -> None:

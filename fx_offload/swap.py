@@ -72,6 +72,7 @@ class Arena:
         self.budget = budget
         self.device = device
         self.resident: set[Component] = set()
+        self.swaps = 0  # components copied in, and releases: a call's wrapper checks it moved
         self.memory = torch.empty(budget, dtype=torch.uint8, device=device)
         cursor = 0
         for component in components:
@@ -96,6 +97,7 @@ class Arena:
                     self.resident.discard(other)
             self._copy(component, component.records)
             component.swap_ins += 1
+            self.swaps += 1
             self.resident.add(component)
             return
         stale = [r for r in reads if component.versions.get(id(r)) != _version(r)]
@@ -113,6 +115,7 @@ class Arena:
     def release(self) -> None:
         """Forget every component (on restore); the memory goes when the last reference does."""
         self.resident.clear()
+        self.swaps += 1
         for component in self.components:
             component.views.clear()
             component.arena = None

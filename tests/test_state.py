@@ -190,3 +190,36 @@ def test_the_old_compiled_object_after_offloading_again_with_another_policy(befo
     finally:
         if fx_offload.plan_of(model) is not None:
             fx_offload.restore(model)
+
+
+def test_a_call_whose_swapped_weights_are_in_place_and_unchanged_does_no_per_parameter_work(
+    offloaded, monkeypatch
+):
+    """The wrapper skips ``Arena.ensure`` (a look at every parameter) when the call passes the
+    same weights with the same versions and no other component took their place; a write in
+    place, or the other stage swapped in between, still reaches the next call."""
+    from fx_offload import swap
+    from tests.models import TwoStage
+
+    model, reference = seeded(TwoStage), seeded(TwoStage)
+    offloaded(model, ["thinker", "talker"], policy="swap")
+    think = torch.compile(model.think, backend="offload_eager")
+    talk = torch.compile(model.talk, backend="offload_eager")
+    x = torch.randn(3, 8)
+    looks = []
+    original = swap.Arena.ensure
+    monkeypatch.setattr(swap.Arena, "ensure", lambda *args: looks.append(args[1].name) or original(*args))
+    with torch.no_grad():
+        think(x)
+        looks.clear()
+        for _ in range(3):
+            torch.testing.assert_close(think(x), reference.think(x), rtol=1e-5, atol=1e-6)
+        assert looks == []
+        for module in (model, reference):
+            module.thinker.layers[0].fc1.weight.mul_(2)
+        torch.testing.assert_close(think(x), reference.think(x), rtol=1e-5, atol=1e-6)
+        assert looks == ["thinker"]
+        h = think(x)
+        torch.testing.assert_close(talk(h), reference.talk(h), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(think(x), reference.think(x), rtol=1e-5, atol=1e-6)
+    assert looks == ["thinker", "talker", "thinker"]
