@@ -1,8 +1,12 @@
 """``offload_inductor``: the offload pass, then Inductor; and ``offload_eager``, its light twin.
 
 Both are Dynamo backends (registered through the ``torch_dynamo_backends`` entry point). For
-each graph Dynamo hands over they decide which placeholders carry offloaded parameters and
-which module calls are regions (a ``GraphPlan``), then:
+each graph Dynamo hands over, ``graph_plan`` decides everything once, in one pass over the
+graph's inputs: their parameter records, the regions, the window, the head buffers and the
+swapped inputs, into a ``GraphSetup``. Its ``GraphPlan`` (which placeholders carry offloaded
+parameters, which module calls are regions, the window) is what the pass reads; its
+``runtime.GraphRuntime`` (the head buffers) belongs to the wrapper around the compiled graph,
+which lives as long as Dynamo keeps the graph. Then:
 
 * ``offload_inductor`` compiles with Inductor and runs ``rewrite`` as Inductor's
   ``post_grad_custom_post_pass``, on the graph Inductor is about to lower;
@@ -14,6 +18,9 @@ which module calls are regions (a ``GraphPlan``), then:
 the first ``prefetch_head`` of a graph's regions among them, copied in between calls; see
 ``window``), ``refill_in_graph`` (bytes of that copy issued inside the call, after its last fetch)
 and ``offload`` (patterns placed at the first compile) are ours; every other key goes to Inductor.
+
+Whether a graph has "nothing to offload" is decided from the graph itself: its inputs, its
+modules, and whether its parameters belong to an offloaded model; never from other models.
 """
 
 from __future__ import annotations
@@ -21,7 +28,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import operator
+import weakref
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,6 +40,7 @@ from torch import nn
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from fx_offload import estimate, logs, matching, placement, runtime, swap
+from fx_offload import plan as offload_plan
 from fx_offload.options import AUTO, Options
 from fx_offload.regions import GraphPlan, find_regions, module_calls, module_name
 from fx_offload.rewrite import RewrittenRegion, has_barrier, rewrite
@@ -86,15 +97,13 @@ def offload_inductor(
     from torch._inductor.compile_fx import compile_fx
 
     parsed = Options.from_mapping(options)
-    plan = graph_plan(gm, example_inputs, parsed)
+    setup = graph_plan(gm, example_inputs, parsed)
     patches = dict(list_mode_options(mode)) if mode else {}
     patches.update(parsed.inductor)
-    if plan.offloaded_inputs or plan.swapped_inputs:
+    if setup.rewrites:
         inner = patches.get("post_grad_custom_post_pass", torch._inductor.config.post_grad_custom_post_pass)
-        patches["post_grad_custom_post_pass"] = OffloadPass(plan, inner)
-    key = _make_heads(gm, example_inputs, plan)
-    components = _components(example_inputs, plan)
-    return _around_calls(compile_fx(gm, example_inputs, config_patches=patches), key, components)
+        patches["post_grad_custom_post_pass"] = OffloadPass(setup.plan, inner)
+    return _around_calls(compile_fx(gm, example_inputs, config_patches=patches), setup)
 
 
 def offload_eager(
@@ -108,20 +117,18 @@ def offload_eager(
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
-    plan = graph_plan(gm, example_inputs, Options.from_mapping(options))
+    setup = graph_plan(gm, example_inputs, Options.from_mapping(options))
 
     def forward_compiler(aot_gm: fx.GraphModule, _inputs):
-        if plan.offloaded_inputs or plan.swapped_inputs:
-            _run_pass(aot_gm, plan)
+        if setup.rewrites:
+            run_pass(aot_gm, setup.plan)
         return make_boxed_func(aot_gm.forward)
 
     def backward_compiler(aot_gm: fx.GraphModule, _inputs):
         return make_boxed_func(aot_gm.forward)
 
-    key = _make_heads(gm, example_inputs, plan)
-    components = _components(example_inputs, plan)
     compiled = aot_autograd(fw_compiler=forward_compiler, bw_compiler=backward_compiler)(gm, example_inputs)
-    return _around_calls(compiled, key, components)
+    return _around_calls(compiled, setup)
 
 
 class OffloadPass(CustomGraphPass):
@@ -134,59 +141,61 @@ class OffloadPass(CustomGraphPass):
     def __call__(self, graph: fx.Graph) -> None:
         if self.inner is not None:
             self.inner(graph)
-        _run_pass(graph.owning_module, self.plan)
+        run_pass(graph.owning_module, self.plan)
 
     def uuid(self) -> bytes:
         inner = self.inner.uuid() if hasattr(self.inner, "uuid") else repr(self.inner)
-        return _digest(repr(_plan_key(self.plan)), repr(inner))
+        return digest(repr(_plan_key(self.plan)), repr(inner))
 
 
-def graph_plan(gm: fx.GraphModule, example_inputs: list, options: Options) -> GraphPlan:
-    """Which placeholders of ``gm`` carry offloaded parameters, which calls are regions.
+@dataclass(eq=False)
+class GraphSetup:
+    """Everything fx_offload decides about one graph at compile time, made once by ``graph_plan``.
+
+    The pass reads ``plan`` (through ``OffloadPass`` or ``run_pass``); the compiled function's
+    wrapper owns ``runtime`` (the graph's head buffers) and reads ``swapped_positions`` (which
+    inputs are swapped weights, whose components it puts on the device before each call).
+    Parameters are not held here: the graph outlives the models it ran.
+    """
+
+    plan: GraphPlan
+    runtime: runtime.GraphRuntime
+    swapped_positions: tuple[int, ...] = ()
+
+    @property
+    def rewrites(self) -> bool:
+        """Whether the pass has anything to do on this graph."""
+        return bool(self.plan.offloaded_inputs or self.plan.swapped_inputs)
+
+
+def graph_plan(gm: fx.GraphModule, example_inputs: list, options: Options) -> GraphSetup:
+    """Decide, once per graph, what offload does with ``gm``: inputs -> parameter records ->
+    regions -> window -> heads -> swapped components.
 
     With ``options.offload``, first places the parameters those patterns select (as
-    ``fx_offload.offload`` would), naming modules as the graph does, relative to the compiled root.
+    ``fx_offload.offload`` would), naming modules as the user does, relative to the compiled root.
     """
     placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    position = {node: i for i, node in enumerate(placeholders)}
     region_modules: set[str] = set()
     if options.offload is not None:
         region_modules |= _place_by_patterns(gm, placeholders, example_inputs, options.offload)
-    offloaded: dict[int, str] = {}
-    swapped: dict[int, tuple[str, str]] = {}
-    device_type = "cpu"
-    for i, example in enumerate(example_inputs):
-        stale = placement.replaced(example) if isinstance(example, torch.Tensor) else None
-        if stale is not None:
-            raise ValueError(
-                f"offloaded parameter {stale.names[0]!r} no longer holds its host memory: its data "
-                "was replaced after offload (model.to(), .half(), load_state_dict(assign=True)?). "
-                "Compiling it now would keep it on the device unannounced. Call "
-                "fx_offload.restore(model) first, change the model, then offload it again"
-            )
-        record = placement.lookup(example) if isinstance(example, torch.Tensor) else None
-        if record is not None and record.component is not None:
-            swapped[i] = (record.names[0], record.component.name)
-            device_type = record.device.type
-        elif record is not None:
-            offloaded[i] = record.names[0]
-            device_type = record.device.type
+    records = _records_of(example_inputs)
+    offloaded = {i: r.names[0] for i, r in records.items() if r.component is None}
+    swapped = {i: (r.names[0], r.component.name) for i, r in records.items() if r.component is not None}
+    device_type = next(iter(records.values())).device.type if records else "cpu"
     for node in gm.graph.nodes:
         for key in node.meta.get("nn_module_stack") or {}:
             if placement.is_region_module(key):
                 region_modules.add(key.split("@")[0])
-    _refuse_resident_in_offloaded(gm, placeholders, example_inputs, {**offloaded, **swapped})
-    if not offloaded and options.offload is None and not placement._records and not region_modules:
-        raise ValueError(
-            "offload_inductor has nothing to offload: call fx_offload.offload(model, patterns) "
-            "before compiling, or pass torch.compile(..., options={'offload': ['visual']})"
-        )
+    _refuse_resident_in_offloaded(gm, position, example_inputs, records)
+    if not records and options.offload is None and not region_modules:
+        _refuse_nothing_to_offload(example_inputs)
     plan = GraphPlan(offloaded, frozenset(region_modules), 0, device_type, 0, swapped)
+    regions = find_regions(gm.graph, plan) if offloaded else []
     sizes = []
-    if offloaded and not has_barrier(gm.graph, device_type):  # heads cannot cross a partition
-        position = {node: i for i, node in enumerate(placeholders)}
-        for region in find_regions(gm.graph, plan):
-            params = [example_inputs[position[p]] for p in region.params]
-            sizes.append(sum(w.nbytes for w in params))
+    if not has_barrier(gm.graph, device_type):  # heads cannot cross a partition
+        sizes = [sum(example_inputs[position[p]].nbytes for p in region.params) for region in regions]
     prefetch, heads = window(sizes, options.prefetch, options.prefetch_head)
     logs.planned(sizes, prefetch, heads, options)
     in_graph = options.refill_in_graph
@@ -194,23 +203,52 @@ def graph_plan(gm: fx.GraphModule, example_inputs: list, options: Options) -> Gr
     plan = dataclasses.replace(
         plan, prefetch=prefetch, prefetch_head=heads, refill_in_graph=in_graph, device_figures=figures
     )
-    swap.check_together(list(_components(example_inputs, plan)))
-    return plan
+    components: dict[swap.Component, None] = {}
+    for i in sorted(swapped):
+        components.setdefault(records[i].component, None)
+    swap.check_together(list(components))
+    graph = runtime.GraphRuntime()
+    if heads and offloaded:  # window gave a graph split by a barrier none
+        for region in regions[:heads]:
+            graph.declare_head(example_inputs, [position[p] for p in region.params], region.name)
+    return GraphSetup(plan, graph, tuple(sorted(swapped)))
 
 
-def _components(example_inputs: list, plan: GraphPlan) -> dict[swap.Component, list]:
-    """The swapped components a graph reads, each with the records of the parameters it reads."""
-    found: dict[swap.Component, list] = {}
-    for i in sorted(plan.swapped_inputs):
-        record = placement.lookup(example_inputs[i])
-        if record is not None and record.component is not None:
-            found.setdefault(record.component, []).append(record)
-    return found
+def _records_of(example_inputs: list) -> dict[int, placement.HostParameter]:
+    """The records of the offloaded parameters among a graph's inputs, by position; refuses an
+    input whose parameter was offloaded but whose data was replaced since."""
+    records: dict[int, placement.HostParameter] = {}
+    for i, example in enumerate(example_inputs):
+        if not isinstance(example, torch.Tensor):
+            continue
+        stale = placement.replaced(example)
+        if stale is not None:
+            raise ValueError(
+                f"offloaded parameter {stale.names[0]!r} no longer holds its host memory: its data "
+                "was replaced after offload (model.to(), .half(), load_state_dict(assign=True)?). "
+                "Compiling it now would keep it on the device unannounced. Call "
+                "fx_offload.restore(model) first, change the model, then offload it again"
+            )
+        record = placement.lookup(example)
+        if record is not None:
+            records[i] = record
+    return records
 
 
-def _refuse_resident_in_offloaded(gm, placeholders, example_inputs, offloaded) -> None:
+def _refuse_nothing_to_offload(example_inputs: list) -> None:
+    """A graph without offloaded parameters or modules: fine as a piece of an offloaded model (a
+    graph break left it outside the offloaded modules), refused where its parameters belong to no
+    offloaded model. Decided from this graph's own parameters, whatever else is offloaded."""
+    params = [example for example in example_inputs if isinstance(example, nn.Parameter)]
+    if params and not offload_plan.holds_offloaded_model_parameters(params):
+        raise ValueError(
+            "offload_inductor has nothing to offload: call fx_offload.offload(model, patterns) "
+            "before compiling, or pass torch.compile(..., options={'offload': ['visual']})"
+        )
+
+
+def _refuse_resident_in_offloaded(gm, position, example_inputs, offloaded) -> None:
     """A parameter read inside an offloaded module must be offloaded: else it was swapped in later."""
-    position = {node: i for i, node in enumerate(placeholders)}
     for node in gm.graph.nodes:
         stack = list((node.meta.get("nn_module_stack") or {}).items())
         if node.op == "placeholder" or not stack or not placement.is_region_module(stack[-1][0]):
@@ -228,6 +266,8 @@ def _refuse_resident_in_offloaded(gm, placeholders, example_inputs, offloaded) -
 
 
 def _place_by_patterns(gm, placeholders, example_inputs, patterns) -> set[str]:
+    """Place the parameters of the modules ``patterns`` select, named as the user names them
+    (``layers.0.fc1``, relative to the compiled root); return the selected modules' call keys."""
     params: dict[str, nn.Parameter] = {}
     for node, example in zip(placeholders, example_inputs):
         grapharg = node.meta.get("grapharg")
@@ -245,21 +285,9 @@ def _place_by_patterns(gm, placeholders, example_inputs, patterns) -> set[str]:
             owned.setdefault(id(param), (param, []))[1].append(name)
     if owned:
         device = next(iter(owned.values()))[0].device
-        placement.place([(p, tuple(n)) for p, n in owned.values()], device, None)
+        records = placement.place([(p, tuple(n)) for p, n in owned.values()], device, None)
+        offload_plan.note_placed_by_backend(records, patterns, roots)
     return {key for key, name in calls.items() if matching.is_within(name, roots)}
-
-
-def _make_heads(gm: fx.GraphModule, example_inputs: list, plan: GraphPlan) -> runtime.GraphKey:
-    """Make the graph's head buffers now, at compile time (made at the first call, they would land
-    in the pool of a CUDA graph tree that is warming up); return the key under which the graph's
-    wrapper finds them before each call."""
-    key = runtime.GraphKey()
-    if not (plan.prefetch_head and plan.offloaded_inputs):  # graph_plan gave a split graph none
-        return key
-    position = {node: i for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
-    for region in find_regions(gm.graph, plan)[: plan.prefetch_head]:
-        runtime.declare_head(key, example_inputs, [position[p] for p in region.params], region.name)
-    return key
 
 
 def is_backward(graph: fx.Graph) -> bool:
@@ -267,19 +295,19 @@ def is_backward(graph: fx.Graph) -> bool:
     return any(node.op == "placeholder" and node.name.startswith("tangents") for node in graph.nodes)
 
 
-def _around_calls(compiled, key: runtime.GraphKey, components: Mapping[swap.Component, list] | None = None):
+def _around_calls(compiled, setup: GraphSetup):
     """Wrap a compiled graph so every call (CUDA-graph replays too) first puts its swapped
     components on the device and makes its head hold the call's weights."""
     boxed = getattr(compiled, "_boxed_call", False)
-    reads = list((components or {}).items())
+    graph = setup.runtime
+    components = _SwappedInputs(setup.swapped_positions) if setup.swapped_positions else None
 
     def run(*args):
-        for component, records in reads:
-            if component.arena is not None:
-                component.arena.ensure(component, records)
         # a boxed call passes one list of inputs (whether Dynamo boxes depends on the path)
         inputs = args[0] if len(args) == 1 and isinstance(args[0], list) else args
-        with runtime.running(key, inputs):
+        if components is not None:
+            components.ensure(inputs)
+        with graph.running(inputs):
             return compiled(*args)
 
     if boxed:
@@ -287,7 +315,79 @@ def _around_calls(compiled, key: runtime.GraphKey, components: Mapping[swap.Comp
     return run
 
 
-def _run_pass(gm: fx.GraphModule, plan: GraphPlan) -> None:
+class _SwappedInputs:
+    """A graph's swapped inputs, and the components they belong to in the call running.
+
+    Found from the call's own weights (a graph Dynamo reuses for another model, or for the same
+    model offloaded again, reads other components), kept between calls that pass the same ones;
+    records and components are held weakly.
+
+    A call that passes the same weights, unchanged (one combined stamp: the weights' identities
+    and version counters, read by C-level maps, and the arenas' swap counts), with their
+    components still in place does no per-parameter work in Python.
+    """
+
+    def __init__(self, positions: tuple[int, ...]) -> None:
+        self.positions = positions
+        self._take = operator.itemgetter(*positions)
+        self._key: tuple[int, ...] = ()
+        self._groups: list[tuple[weakref.ref, list[weakref.ref]]] = []
+        self._first: weakref.ref | None = None
+        self._stamp: tuple = ()
+        self._swaps: tuple[int, ...] = ()
+
+    def ensure(self, inputs) -> None:
+        """Put the components the call reads on the device, with their current values."""
+        weights = self._take(inputs)
+        if len(self.positions) == 1:
+            weights = (weights,)
+        first = placement.lookup(weights[0])
+        stamp = (tuple(map(id, weights)), tuple(map(_VERSION, weights)))
+        if stamp == self._stamp and self._first is not None and self._first() is first:
+            arenas = [component().arena for component, _ in self._groups]
+            if None not in arenas and self._swaps == tuple(arena.swaps for arena in arenas):
+                return  # the same weights, unchanged, their components in place
+        key = tuple(map(torch.Tensor.data_ptr, weights))
+        if key != self._key or self._first is None or self._first() is not first:
+            self._group(inputs, key)
+        groups = []
+        for component_ref, record_refs in self._groups:
+            component = component_ref()
+            records = [ref() for ref in record_refs]
+            if component is None or any(record is None for record in records):
+                self._key = self._stamp = ()
+                return self.ensure(inputs)
+            groups.append((component, records))
+        for component, records in groups:
+            component.arena.ensure(component, records)
+        self._stamp = stamp
+        self._swaps = tuple(component.arena.swaps for component, _ in groups)
+
+    def _group(self, inputs, key: tuple[int, ...]) -> None:
+        groups: dict[swap.Component, list] = {}
+        for i in self.positions:
+            record = placement.lookup(inputs[i])
+            if record is None or record.component is None or record.component.arena is None:
+                what = f"parameter {record.names[0]!r}" if record is not None else f"input {i}"
+                raise RuntimeError(
+                    f"a compiled graph reads {what} as swapped, but it is no longer swapped "
+                    "(restored, and offloaded again with another policy?). Call "
+                    "torch._dynamo.reset() and compile the model again"
+                )
+            groups.setdefault(record.component, []).append(record)
+        swap.check_together(list(groups))
+        self._groups = [
+            (weakref.ref(component), [weakref.ref(r) for r in records])
+            for component, records in groups.items()
+        ]
+        self._key, self._first = key, weakref.ref(placement.lookup(inputs[self.positions[0]]))
+
+
+_VERSION = operator.attrgetter("_version")
+
+
+def run_pass(gm: fx.GraphModule, plan: GraphPlan) -> None:
+    """Run the offload pass (``rewrite``) on ``gm`` for ``plan``, then tell the listeners."""
     if is_backward(gm.graph):
         return  # the plan's positions are the forward graph's; a backward reads parameters as saved
     before = logs.graph_before(gm)
@@ -316,5 +416,6 @@ def _source_digest() -> str:
     return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(package.glob("*.py")))).hexdigest()
 
 
-def _digest(*parts: str) -> bytes:
+def digest(*parts: str) -> bytes:
+    """A cache key for an offload pass configured by ``parts``: changes with the package's code."""
     return hashlib.sha256("\0".join((_source_digest(), *parts)).encode()).digest()

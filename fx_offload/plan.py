@@ -1,4 +1,10 @@
-"""The user's verbs: ``offload`` a model's matched modules, ``restore`` it, and the printable plan."""
+"""The user's verbs: ``offload`` a model's matched modules, ``restore`` it, and the printable plan.
+
+The plans live in one registry keyed weakly by model: a model dropped without ``restore`` takes
+its plan (and its parameters' host memory) with it. A model whose parameters the backend option
+``offload`` placed at compile time has no registered plan; ``plan_of`` makes one from its
+parameters' records.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,11 @@ from torch import nn
 
 from fx_offload import matching, placement, runtime, swap
 
+# The plan of each offloaded model, held weakly: a model dropped without restore takes its plan.
 _plans: weakref.WeakKeyDictionary[nn.Module, OffloadPlan] = weakref.WeakKeyDictionary()
+# Records placed by the backend option ``offload`` -> (patterns, selected module names): for
+# ``plan_of`` of a model that only the backend offloaded. Held weakly, like the records' params.
+_by_backend: weakref.WeakKeyDictionary[placement.HostParameter, tuple] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -252,7 +262,7 @@ def restore(model: nn.Module) -> None:
             "model has no offloaded parameters: nothing to restore (offload it with "
             "fx_offload.offload(model, patterns) or the backend option 'offload')"
         )
-    runtime.forget_heads([param.data for param in model.parameters()])
+    runtime.forget_heads(list(records.values()) + (list(plan.records) if plan is not None else []))
     if plan is not None and plan.components and plan.components[0].arena is not None:
         plan.components[0].arena.release()
     for record in records.values():
@@ -262,8 +272,51 @@ def restore(model: nn.Module) -> None:
 
 
 def plan_of(model: nn.Module) -> OffloadPlan | None:
-    """The plan ``offload`` made for ``model``, if any."""
-    return _plans.get(model)
+    """The plan ``offload`` made for ``model``, or, where the backend option ``offload`` placed
+    its parameters at compile time, the plan of what it placed; ``None`` if nothing is offloaded."""
+    found = _plans.get(model)
+    if found is None and isinstance(model, nn.Module):
+        found = _backend_plan(model)  # made afresh: a later graph may have placed more
+    return found
+
+
+def note_placed_by_backend(records: list[placement.HostParameter], patterns, roots: set[str]) -> None:
+    """Remember that the backend option ``offload`` (``patterns``, which selected ``roots``)
+    placed ``records``, for ``plan_of``."""
+    for record in records:
+        _by_backend.setdefault(record, (tuple(patterns), frozenset(roots)))
+
+
+def _backend_plan(model: nn.Module) -> OffloadPlan | None:
+    owned: dict[int, tuple[placement.HostParameter, list[str]]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        record = placement.lookup(param)
+        if record is not None and record in _by_backend:
+            owned.setdefault(id(record), (record, []))[1].append(name)
+    if not owned:
+        return None
+    patterns, roots = _by_backend[next(iter(owned.values()))[0]]
+    modules = [name for name, _ in model.named_modules()]
+    heads: dict[str, list[placement.HostParameter]] = {}
+    for record, names in owned.values():
+        owner = names[0].rpartition(".")[0]
+        head = next((root for root in sorted(roots, key=len) if matching.is_within(owner, {root})), owner)
+        heads.setdefault(head, []).append(record)
+    order = {name: i for i, name in enumerate(modules)}
+    rows = tuple(
+        ModuleRow(head, len(records), sum(r.nbytes for r in records))
+        for head, records in sorted(heads.items(), key=lambda item: order.get(item[0], len(order)))
+    )
+    ids = {id(record.param()) for record, _ in owned.values()}
+    resident = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in ids)
+    records = tuple(record for record, _ in owned.values())
+    return OffloadPlan(patterns, records[0].device, rows, records, resident, ("stream",) * len(patterns))
+
+
+def holds_offloaded_model_parameters(params: list[nn.Parameter]) -> bool:
+    """Whether one of ``params`` belongs to a model that ``offload`` offloaded."""
+    ids = {id(param) for param in params}
+    return any(id(param) in ids for model in list(_plans.keys()) for param in model.parameters())
 
 
 def _outermost(names: set[str]) -> set[str]:

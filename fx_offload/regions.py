@@ -21,7 +21,7 @@ import torch.fx as fx
 
 from fx_offload.estimate import DeviceFigures
 
-_ROOT = re.compile(r"^[LG]\[(['\"])[^'\"]*\1\]\.?")
+_ROOT = re.compile(r"^[LG]\[(['\"])[^'\"]*\1\]")
 _DICT_ATTR = re.compile(r"\._(?:modules|parameters|buffers)\[(['\"])([^'\"\]]+)\1\]")
 _INDEX = re.compile(r"\[(['\"]?)([^'\"\]]+)\1\]")
 

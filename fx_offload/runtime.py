@@ -7,29 +7,45 @@ and copies the pinned host tensors on the copy stream. ``wait`` makes the comput
 those copies. ``release`` ends the buffers' life; with ``poison_released`` it overwrites them, so
 a reader scheduled after its release reads NaN instead of passing by luck.
 
+State lives in three kinds of objects:
+
+* ``DeviceRuntime``, one per device, in the module's only registry (``device_runtime``): the
+  copy stream, the copies in flight (buffer address -> the event they end with), the loose
+  heads of graphs run without fx_offload's wrapper, and the count of bytes copied
+  (``bytes_copied()``). It also knows every live ``GraphRuntime`` on the device, weakly.
+* ``GraphRuntime``, one per compiled graph: made by the backend at compile time and owned by the
+  compiled function's wrapper, it lives as long as the graph. It holds the graph's head buffers
+  (``_Head``: persistent buffers for its first regions), what they hold and the refill state. A
+  graph that several threads call keeps one set of head buffers per calling thread, so that two
+  models that share a graph (Dynamo reuses one for two instances of a class) never read each
+  other's weights; in one thread a set serves every model and block that the graph runs.
+* the call stack of each thread (``running``): which graph's heads the ``head`` and ``refill``
+  ops of the call in progress serve.
+
+Parameters are known through their records (``placement.HostParameter``), which these objects
+hold weakly: a model dropped without ``restore`` leaves nothing behind but the graph's buffers.
+
 A graph's first region (its first ``prefetch_head`` regions) is served by ``head``: persistent
 buffers refilled for the next call, so that copy runs between calls and into the CPU time before
 the next replay instead of stalling the start of the next call. Under fx_offload's wrapper
-(``running``, entered around every call, outside any CUDA graph) the graph's ``refill`` only
-notes that the wrapper will copy; the wrapper issues the copies when the call returns, on the
-copy stream after everything the call queued on its stream, and the next call's graph waits for
-them (an external event) before it reads the head. So a call ends when its outputs are ready, not
-when the next call's head has landed. (Letting the whole refill start inside the call, after the
-last fetch, made a call end only when the refill did: measured on an H100, RESULTS.md, sixth
-session.) But the refill's first ``in_graph`` bytes (the option ``refill_in_graph``; by default
-as many as the compute after the last fetch hides, ``estimate``) are copied by the graph itself,
-after its last fetch, during its last compute; the graph's closing ``wait`` joins them. (Left
-after the call, they would delay the next call's start where calls come back to back: RESULTS.md,
-eighth session.) A graph once called with other weights (Dynamo reuses it for several blocks)
-copies none in the call: its next call passes other weights, which the wrapper copies after the
-call. Without the wrapper (vLLM) ``refill`` copies everything inside the graph and a ``wait`` at
-its end joins it. ``running`` also fills the head again before
-a call whenever the call passes other weights or a weight's version counter moved since the
-last refill. A write through ``.data`` bypasses that counter: see the README's guarantees.
+(``GraphRuntime.running``, entered around every call, outside any CUDA graph) the graph's
+``refill`` only notes that the wrapper will copy; the wrapper issues the copies when the call
+returns, on the copy stream after everything the call queued on its stream, and the next call's
+graph waits for them (an external event) before it reads the head. So a call ends when its
+outputs are ready, not when the next call's head has landed. But the refill's first ``in_graph``
+bytes (the option ``refill_in_graph``; by default as many as the compute after the last fetch
+hides, ``estimate``) are copied by the graph itself, after its last fetch, during its last
+compute; the graph's closing ``wait`` joins them (left after the call, they would delay the next
+call's start where calls come back to back). A graph once called with other weights (Dynamo
+reuses it for several blocks) copies none in the call: its next call passes other weights, which
+the wrapper copies after the call. Without the wrapper (vLLM) ``refill`` copies everything inside
+the graph and a ``wait`` at its end joins it. ``running`` also fills the head again before a call
+whenever the call passes other weights or a weight's version counter moved since the last
+refill. A write through ``.data`` bypasses that counter: see the README's guarantees.
 
 The backend makes the head buffers when it compiles: made at the first run, they would land in
 a CUDA graph tree's pool, which refuses them. A graph Dynamo reuses for several blocks keeps one
-set of head buffers per head region (``_Head``).
+set of head buffers per head region and thread, not one per block.
 
 Every stream fork of one forward is joined inside that forward, so a captured CUDA graph contains
 both ends of each copy; the head's refill crosses calls only through one external event.
@@ -38,6 +54,7 @@ both ends of each copy; the head's refill crosses calls only through one externa
 from __future__ import annotations
 
 import contextlib
+import threading
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -49,14 +66,78 @@ from fx_offload import placement
 #: Debug switch: fill released buffers with NaN (or the dtype's max) to expose late readers.
 poison_released = False
 
-#: Bytes copied host -> device by fetches, refills and swaps issued from Python. A CUDA graph's
-#: replays run no Python: under ``reduce-overhead`` only the recorded calls are counted.
-copied_bytes = 0
 
-_copy_streams: dict[torch.device, torch.cuda.Stream] = {}
-# data_ptr of a fetched buffer -> the event its copies end with (None: a head buffer whose refill
-# the wrapper issues after the call, so the graph's closing wait has nothing to join)
-_inflight: dict[int, torch.cuda.Event | None] = {}
+@dataclass(eq=False)
+class _LooseHead:
+    """A head buffer of a graph run without fx_offload's wrapper (vLLM): one per weight."""
+
+    buffer: torch.Tensor
+    record: weakref.ref  # to the weight's placement.HostParameter
+    version: int
+
+
+@dataclass(eq=False)
+class DeviceRuntime:
+    """One device's copy stream, copies in flight, loose heads and counters."""
+
+    device: torch.device
+    #: Bytes copied host -> device by fetches, refills and swaps issued from Python. A CUDA
+    #: graph's replays run no Python: under ``reduce-overhead`` only the recorded calls count.
+    copied_bytes: int = 0
+    # data_ptr of a fetched buffer -> the event its copies end with (None: a head buffer whose
+    # refill the wrapper issues after the call, so the graph's closing wait has nothing to join)
+    inflight: dict[int, torch.cuda.Event | None] = field(default_factory=dict)
+    loose_heads: dict[int, _LooseHead] = field(default_factory=dict)  # weight data_ptr -> copy
+    persistent: set[int] = field(default_factory=set)  # data_ptrs of the loose heads' buffers
+    graphs: weakref.WeakSet = field(default_factory=weakref.WeakSet)  # live GraphRuntimes
+    _stream: torch.cuda.Stream | None = None
+
+    def copy_stream(self) -> torch.cuda.Stream:
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=self.device)
+        return self._stream
+
+    def count(self, records: list[placement.HostParameter], nbytes: int | None = None) -> None:
+        """Mark ``records`` as fetched and count ``nbytes`` (default: all of theirs) as copied."""
+        for record in records:
+            record.fetched = True
+        self.copied_bytes += sum(record.nbytes for record in records) if nbytes is None else nbytes
+
+
+class _Registry:
+    """The per-device runtimes, and each thread's stack of graph calls in progress."""
+
+    def __init__(self) -> None:
+        self.devices: dict[torch.device, DeviceRuntime] = {}
+        self.local = threading.local()
+
+    def stack(self) -> list[list[_Head]]:
+        stack = getattr(self.local, "stack", None)
+        if stack is None:
+            stack = self.local.stack = []
+        return stack
+
+
+_registry = _Registry()
+
+
+def device_runtime(device: torch.device) -> DeviceRuntime:
+    """The runtime of ``device`` (made at first use)."""
+    found = _registry.devices.get(device)
+    if found is None:
+        found = _registry.devices[device] = DeviceRuntime(device)
+    return found
+
+
+def bytes_copied() -> int:
+    """Bytes copied host -> device so far, on every device (also readable as ``copied_bytes``)."""
+    return sum(found.copied_bytes for found in list(_registry.devices.values()))
+
+
+def __getattr__(name: str):
+    if name == "copied_bytes":  # read-only: the counters live in the devices' runtimes
+        return bytes_copied()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def fetch(weights: list[torch.Tensor], region: str = "") -> list[torch.Tensor]:
@@ -79,8 +160,9 @@ def _start_copies(buffers: list[torch.Tensor], weights: list[torch.Tensor]) -> N
     """Copy the host values of ``weights`` into ``buffers``: on a GPU, on the copy stream, after
     the compute stream's queued work (the buffers may reuse memory it still reads), ending with
     an event that ``wait`` joins."""
-    records = [_record_of(weight) for weight in weights]
-    _count(records)
+    records = [_streamed_record_of(weight) for weight in weights]
+    if buffers:
+        device_runtime(buffers[0].device).count(records)
     _copy_in(buffers, [record.host for record in records])
 
 
@@ -90,25 +172,26 @@ def _copy_in(buffers: list[torch.Tensor], hosts: list[torch.Tensor]) -> None:
         for buffer, host in zip(buffers, hosts):
             buffer.copy_(host)
         return
-    device = buffers[0].device
-    compute = torch.cuda.current_stream(device)
-    copy = _copy_stream(device)
+    device = device_runtime(buffers[0].device)
+    compute = torch.cuda.current_stream(device.device)
+    copy = device.copy_stream()
     copy.wait_stream(compute)
     with torch.cuda.stream(copy):
         for buffer, host in zip(buffers, hosts):
             buffer.copy_(host, non_blocking=True)
         done = torch.cuda.Event()
         done.record(copy)
-    _inflight[buffers[0].data_ptr()] = done
+    device.inflight[buffers[0].data_ptr()] = done
 
 
 def wait(fetched: list[torch.Tensor]) -> None:
     """Make the compute stream wait until ``fetched`` holds its values."""
     if not fetched or fetched[0].device.type != "cuda":
         return
+    device = device_runtime(fetched[0].device)
     key = fetched[0].data_ptr()
-    if key in _inflight:
-        done = _inflight.pop(key)
+    if key in device.inflight:
+        done = device.inflight.pop(key)
         if done is not None:
             torch.cuda.current_stream(fetched[0].device).wait_event(done)
         return  # None: a head whose refill the wrapper issues after the call, nothing to join
@@ -118,7 +201,7 @@ def wait(fetched: list[torch.Tensor]) -> None:
         # on whatever it last recorded when this graph replays)
         torch.cuda.current_stream(fetched[0].device).wait_event(found.refilled)
         return
-    if key in _persistent:
+    if key in device.persistent:
         return  # a loose head's buffers: ready when the call started, nothing in flight
     raise RuntimeError(
         "fx_offload.wait found no copy in flight for its buffers: the graph's fetch and wait "
@@ -135,21 +218,16 @@ def release(fetched: list[torch.Tensor]) -> torch.Tensor:
     return torch.empty(0, device=device)
 
 
-class GraphKey:
-    """Names one compiled graph; its persistent buffers live as long as it does."""
-
-    __slots__ = ("__weakref__",)
-
-
 @dataclass(eq=False)
 class _Head:
-    """The persistent device buffers of one of a compiled graph's first regions (its head).
+    """The persistent device buffers of one of a compiled graph's first regions (its head), for
+    the calls of one thread.
 
-    One set per graph and head region, whatever weights a call passes: a graph that Dynamo reuses
-    for every block of a stack (a graph break inside the block) keeps one set, not one per block.
-    The wrapper refills it after each call for the next one (after all the call queued), and
-    copies it again before a call, on the compute stream, only when the call passes other
-    weights or their values changed in place.
+    One set per graph, head region and calling thread, whatever weights a call passes: a graph
+    that Dynamo reuses for every block of a stack (a graph break inside the block) keeps one set,
+    not one per block. The wrapper refills it after each call for the next one (after all the
+    call queued), and copies it again before a call, on the compute stream, only when the call
+    passes other weights or their values changed in place.
     """
 
     buffers: list[torch.Tensor]
@@ -164,55 +242,114 @@ class _Head:
     # a graph reused for several blocks: the weights each call passed -> those of the call after
     # it last time, so that the refill after a call loads the block that comes next
     successor: dict[tuple[int, ...], tuple[int, ...]] = field(default_factory=dict)
-    known: dict[tuple[int, ...], list] = field(default_factory=dict)  # data_ptrs -> their records
+    # data_ptrs -> weak references to their records (a dropped model leaves dead ones)
+    known: dict[tuple[int, ...], list[weakref.ref]] = field(default_factory=dict)
 
     @property
-    def records(self) -> list:
+    def records(self) -> list[placement.HostParameter]:
         """The records of the weights of the call running."""
-        return self.known.get(self.current, [])
+        return self._records(self.current)
+
+    def _records(self, pointers: tuple[int, ...]) -> list[placement.HostParameter]:
+        records = [ref() for ref in self.known.get(pointers, ())]
+        return [] if any(record is None for record in records) else records
+
+    def _like(self) -> _Head:
+        """A set of buffers shaped like these, for another thread."""
+        buffers = [torch.empty_like(buffer) for buffer in self.buffers]
+        return _made(buffers, self.positions, self.region)
 
 
-_graph_heads: weakref.WeakKeyDictionary[GraphKey, list[_Head]] = weakref.WeakKeyDictionary()
-_persistent: set[int] = set()  # data_ptrs of the loose heads' buffers (a graph's head: _serving)
-_running: list[GraphKey] = []
-
-
-def declare_head(graph_key: GraphKey, example_inputs: list, positions: list[int], region: str = "") -> None:
-    """At compile time: make the buffers of one head region of a graph (the next of its first
-    regions), given the positions of its weights among the graph's inputs. Made at the first run
-    instead, they would land in the memory pool of a CUDA graph tree that is warming up, which
-    refuses them."""
-    weights = [example_inputs[p] for p in positions]
-    buffers = [torch.empty(w.shape, dtype=w.dtype, device=w.device) for w in weights]
+def _made(buffers: list[torch.Tensor], positions: list[int], region: str) -> _Head:
     found = _Head(buffers, list(positions), region)
-    _graph_heads.setdefault(graph_key, []).append(found)
-    if buffers[0].device.type == "cuda":
+    if buffers and buffers[0].device.type == "cuda":
         found.refilled = torch.cuda.Event(external=True)
-        copy = _copy_stream(buffers[0].device)
+        copy = device_runtime(buffers[0].device).copy_stream()
         for buffer in buffers:  # the copy stream writes them: freed, wait for it before reuse
             buffer.record_stream(copy)
+    return found
 
 
-@contextlib.contextmanager
-def running(graph_key: GraphKey, args: list) -> Iterator[None]:
-    """Around one call of a compiled graph: make its head hold this call's weights before it,
-    note what the head holds after it (the graph's refill copied them).
+class GraphRuntime:
+    """One compiled graph's call-time state: its head buffers, per calling thread.
 
-    Runs in Python on every call, CUDA-graph replays included, outside the captured graph.
+    Made by the backend at compile time (``declare_head`` for each head region), owned by the
+    compiled function's wrapper, which enters ``running`` around every call.
     """
-    heads = _graph_heads.get(graph_key, ())
-    for found in heads:
-        _fill(found, [args[p] for p in found.positions])
-    _running.append(graph_key)
-    try:
-        yield
-    finally:
-        _running.pop()
-    for found in heads:  # in region order: the copy stream is FIFO
-        if found.deferred:
-            _refill_after(found)
-        else:
-            found.holds = (found.current, _versions(found.records))
+
+    def __init__(self) -> None:
+        self._first: list[_Head] = []  # made at compile time, for the first thread that calls
+        self._sets: weakref.WeakKeyDictionary[threading.Thread, list[_Head]] = weakref.WeakKeyDictionary()
+        self._dropped = False
+        self.device: DeviceRuntime | None = None
+
+    def declare_head(self, example_inputs: list, positions: list[int], region: str = "") -> None:
+        """At compile time: make the buffers of one head region of the graph (the next of its
+        first regions), given the positions of its weights among the graph's inputs. Made at the
+        first run instead, they would land in the memory pool of a CUDA graph tree that is
+        warming up, which refuses them."""
+        weights = [example_inputs[p] for p in positions]
+        buffers = [torch.empty(w.shape, dtype=w.dtype, device=w.device) for w in weights]
+        self._first.append(_made(buffers, positions, region))
+        if self.device is None and buffers:
+            self.device = device_runtime(buffers[0].device)
+            self.device.graphs.add(self)
+
+    def heads(self) -> list[_Head]:
+        """Every head of the graph, of every thread that called it."""
+        if self._dropped:
+            return []
+        sets = list(self._sets.values())
+        if not any(heads is self._first for heads in sets):
+            sets.append(self._first)
+        return [found for heads in sets for found in heads]
+
+    def drop_heads(self) -> None:
+        """Free the head buffers; later calls serve their head regions from loose heads."""
+        self._dropped = True
+        self._first, self._sets = [], weakref.WeakKeyDictionary()
+
+    def holds_any(self, records: set[int]) -> bool:
+        """Whether a head of the graph knows one of the records whose ids are ``records``."""
+        for found in self.heads():
+            for refs in found.known.values():
+                if any(id(ref()) in records for ref in refs if ref() is not None):
+                    return True
+        return False
+
+    def _thread_heads(self) -> list[_Head]:
+        if self._dropped or not self._first:
+            return []
+        thread = threading.current_thread()
+        heads = self._sets.get(thread)
+        if heads is None:  # the compile-time set, or, if a live thread has it, a new one
+            taken = any(held is self._first for held in self._sets.values())
+            heads = [found._like() for found in self._first] if taken else self._first
+            self._sets[thread] = heads  # made here, in the wrapper: outside any capture
+        return heads
+
+    @contextlib.contextmanager
+    def running(self, args: list) -> Iterator[None]:
+        """Around one call of the compiled graph: make the calling thread's head hold this
+        call's weights before it, note what the head holds after it (the graph's refill copied
+        them, or the wrapper copies them now).
+
+        Runs in Python on every call, CUDA-graph replays included, outside the captured graph.
+        """
+        heads = self._thread_heads()
+        for found in heads:
+            _fill(found, [args[p] for p in found.positions])
+        stack = _registry.stack()
+        stack.append(heads)
+        try:
+            yield
+        finally:
+            stack.pop()
+        for found in heads:  # in region order: the copy stream is FIFO
+            if found.deferred:
+                _refill_after(found)
+            else:
+                found.holds = (found.current, _versions(found.records))
 
 
 def _refill_after(found: _Head) -> None:
@@ -225,18 +362,20 @@ def _refill_after(found: _Head) -> None:
     before the call, as without a refill). Where the graph's refill copied the first bytes of
     these same weights during the call (``in_graph``), only the rest is copied here."""
     following = found.successor.get(found.current, found.current)
-    records = found.known.get(following, found.records)
+    records = found._records(following)
+    if not records:  # the block that followed is gone: refill with the current one
+        following, records = found.current, found.records
     found.holds = (following, _versions(records))
     copied = found.in_graph if following == found.current else 0  # by the graph, in the call
     _, pairs = _split(found.buffers, [record.host for record in records], copied)
-    _count(records, sum(buffer.nbytes for buffer, _ in pairs))
+    device = device_runtime(found.buffers[0].device)
+    device.count(records, sum(buffer.nbytes for buffer, _ in pairs))
     if found.refilled is None:
         for buffer, host in pairs:
             buffer.copy_(host)
         return
-    device = found.buffers[0].device
-    copy = _copy_stream(device)
-    copy.wait_stream(torch.cuda.current_stream(device))
+    copy = device.copy_stream()
+    copy.wait_stream(torch.cuda.current_stream(device.device))
     with torch.cuda.stream(copy):
         for buffer, host in pairs:
             buffer.copy_(host, non_blocking=True)
@@ -248,18 +387,34 @@ def _fill(found: _Head, weights: list[torch.Tensor]) -> None:
     if pointers != found.current:
         if found.current:
             found.successor[found.current] = pointers
-        if pointers not in found.known:
-            found.known[pointers] = [_record_of(w) for w in weights]
         found.current = pointers
-    state = (pointers, _versions(found.records))
+    records = found._records(pointers)
+    # the same addresses may carry other records: restored and offloaded again in place
+    if not records or placement.lookup(weights[0]) is not records[0]:
+        records = [_streamed_record_of(w) for w in weights]
+        _forget_dead(found)
+        found.known[pointers] = [weakref.ref(record) for record in records]
+        found.holds = ()
+    state = (pointers, _versions(records))
     if found.holds == state:
         return  # the previous call refilled it with these values
     if found.refilled is not None:  # after the previous call's refill, which writes them too
         torch.cuda.current_stream(found.buffers[0].device).wait_event(found.refilled)
-    for buffer, record in zip(found.buffers, found.records):
+    for buffer, record in zip(found.buffers, records):
         buffer.copy_(record.host, non_blocking=True)  # on the compute stream, before the call
-    _count(found.records)
+    device_runtime(found.buffers[0].device).count(records)
     found.holds = state
+
+
+def _forget_dead(found: _Head) -> None:
+    """Drop what a head remembers of weights whose parameters are gone."""
+    dead = [pointers for pointers, refs in found.known.items() if any(ref() is None for ref in refs)]
+    for pointers in dead:
+        del found.known[pointers]
+        found.successor.pop(pointers, None)
+    for pointers, following in list(found.successor.items()):
+        if following in dead:
+            del found.successor[pointers]
 
 
 def _versions(records: list) -> tuple[int, ...]:
@@ -267,23 +422,16 @@ def _versions(records: list) -> tuple[int, ...]:
     return tuple(param._version if param is not None else 0 for param in params)
 
 
-def _count(records: list[placement.HostParameter], nbytes: int | None = None) -> None:
-    """Mark ``records`` as fetched and count ``nbytes`` (default: all of theirs) as copied."""
-    for record in records:
-        record.fetched = True
-    _add_copied(sum(record.nbytes for record in records) if nbytes is None else nbytes)
-
-
-def _add_copied(nbytes: int) -> None:
-    global copied_bytes
-    copied_bytes += nbytes
+def _running_heads() -> list[_Head]:
+    stack = _registry.stack()
+    return stack[-1] if stack else []
 
 
 def head(weights: list[torch.Tensor], region: str = "") -> list[torch.Tensor]:
     """The head buffers of the graph running for ``region``, which hold ``weights``' values (a
     module called twice, or a tied weight, makes two head regions of the same weights)."""
     pointers = tuple(w.data_ptr() for w in weights)
-    heads = [h for h in _graph_heads.get(_running[-1], ()) if h.current == pointers] if _running else []
+    heads = [h for h in _running_heads() if h.current == pointers]
     for found in heads:
         if found.region == region:
             return found.buffers
@@ -294,10 +442,10 @@ def head(weights: list[torch.Tensor], region: str = "") -> list[torch.Tensor]:
 
 def _serving(buffers: list[torch.Tensor]) -> _Head | None:
     """The head of the graph running, if ``buffers`` are its buffers."""
-    if not _running or not buffers:
+    if not buffers:
         return None
     pointer = buffers[0].data_ptr()
-    return next((h for h in _graph_heads.get(_running[-1], ()) if h.buffers[0].data_ptr() == pointer), None)
+    return next((h for h in _running_heads() if h.buffers[0].data_ptr() == pointer), None)
 
 
 def refill(buffers: list[torch.Tensor], weights: list[torch.Tensor], in_graph: int = 0) -> None:
@@ -315,11 +463,12 @@ def refill(buffers: list[torch.Tensor], weights: list[torch.Tensor], in_graph: i
         in_graph = 0  # (the wrapper refills the next block's whole head after the call)
     first = _split(buffers, [_record_of(w).host for w in weights], in_graph)[0] if in_graph else []
     found.in_graph = sum(b.nbytes for b, _ in first)
-    _add_copied(found.in_graph)
+    device = device_runtime(buffers[0].device)
+    device.copied_bytes += found.in_graph
     if first:
         _copy_in([b for b, _ in first], [h for _, h in first])
     elif buffers[0].device.type == "cuda":
-        _inflight[buffers[0].data_ptr()] = None
+        device.inflight[buffers[0].data_ptr()] = None
 
 
 def _split(buffers: list[torch.Tensor], hosts: list[torch.Tensor], nbytes: int) -> tuple[list, list]:
@@ -343,61 +492,75 @@ def _split(buffers: list[torch.Tensor], hosts: list[torch.Tensor], nbytes: int) 
     return first, rest
 
 
-@dataclass(eq=False)
-class _HeadBuffer:
-    """A head buffer of a graph run without fx_offload's wrapper (vLLM): one per weight."""
-
-    buffer: torch.Tensor
-    record: placement.HostParameter
-    version: int
-
-
-_heads: dict[int, _HeadBuffer] = {}  # data_ptr of a weight -> its persistent copy
-
-
 def _loose_head(weights: list[torch.Tensor]) -> list[torch.Tensor]:
     """Without the wrapper: one persistent copy per weight, copied again here (outside capture)
     when its version counter moved."""
+    if not weights:
+        return []
+    device = device_runtime(weights[0].device)
     buffers = []
-    capturing = weights and weights[0].device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    capturing = weights[0].device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     for weight in weights:
-        record = _record_of(weight)
-        found = _heads.get(weight.data_ptr())
-        if found is None or found.record is not record:
+        record = _streamed_record_of(weight)
+        found = device.loose_heads.get(weight.data_ptr())
+        if found is None or found.record() is not record:
             if capturing:
                 raise RuntimeError(
                     "fx_offload.head met a new weight while a CUDA graph is being captured; run "
                     "the compiled model once without capture first"
                 )
+            _forget_dead_loose(device)
+            if found is not None:
+                device.persistent.discard(found.buffer.data_ptr())
             buffer = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-            found = _heads[weight.data_ptr()] = _HeadBuffer(buffer, record, -1)
-            _persistent.add(buffer.data_ptr())
+            found = device.loose_heads[weight.data_ptr()] = _LooseHead(buffer, weakref.ref(record), -1)
+            device.persistent.add(buffer.data_ptr())
         version = _versions([record])[0]
         if found.version != version and not capturing:
             found.buffer.copy_(record.host, non_blocking=True)
-            _count([record])
+            device.count([record])
             found.version = version
         buffers.append(found.buffer)
     return buffers
 
 
+def _forget_dead_loose(device: DeviceRuntime) -> None:
+    for pointer, found in list(device.loose_heads.items()):
+        if found.record() is None:
+            del device.loose_heads[pointer]
+            device.persistent.discard(found.buffer.data_ptr())
+
+
+def live_heads() -> list[_Head]:
+    """The heads of every live compiled graph, of every thread that called it."""
+    return [
+        found
+        for device in list(_registry.devices.values())
+        for g in list(device.graphs)
+        for found in g.heads()
+    ]
+
+
 def persistent_bytes() -> int:
     """Device bytes held between calls by head buffers (of every live compiled graph)."""
-    buffers = [b for heads in _graph_heads.values() for found in heads for b in found.buffers]
-    buffers += [loose.buffer for loose in _heads.values()]
+    buffers = [b for found in live_heads() for b in found.buffers]
+    for device in list(_registry.devices.values()):
+        buffers += [loose.buffer for loose in device.loose_heads.values() if loose.record() is not None]
     return sum(b.nbytes for b in buffers)
 
 
-def forget_heads(tensors: list[torch.Tensor]) -> None:
-    """Free the persistent copies that held ``tensors`` (on restore)."""
-    pointers = {tensor.data_ptr() for tensor in tensors}
-    for pointer in pointers:
-        found = _heads.pop(pointer, None)
-        if found is not None:
-            _persistent.discard(found.buffer.data_ptr())
-    for key, heads in list(_graph_heads.items()):
-        if any(not pointers.isdisjoint(held) for found in heads for held in found.known):
-            del _graph_heads[key]
+def forget_heads(records: list[placement.HostParameter]) -> None:
+    """Free the persistent copies that held ``records`` (on restore): the loose heads of their
+    weights, and the head buffers of every graph whose heads held them."""
+    ids = {id(record) for record in records}
+    for device in list(_registry.devices.values()):
+        for pointer, found in list(device.loose_heads.items()):
+            if found.record() is None or id(found.record()) in ids:
+                del device.loose_heads[pointer]
+                device.persistent.discard(found.buffer.data_ptr())
+        for graph in list(device.graphs):
+            if graph.holds_any(ids):
+                graph.drop_heads()
 
 
 def swapped(weights: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -408,7 +571,9 @@ def swapped(weights: list[torch.Tensor]) -> list[torch.Tensor]:
         component = record.component
         if component is None:
             raise RuntimeError(
-                f"fx_offload.swapped got a weight of a module that is not swapped: {record.names}"
+                f"parameter {record.names[0]!r} is no longer swapped (restored and offloaded again "
+                "with policy 'stream'?), but this compiled graph reads it as swapped. Call "
+                "torch._dynamo.reset() and compile the model again"
             )
         if not component.resident:
             raise RuntimeError(
@@ -419,6 +584,18 @@ def swapped(weights: list[torch.Tensor]) -> list[torch.Tensor]:
         record.fetched = True
         buffers.append(component.views[id(record)])
     return buffers
+
+
+def _streamed_record_of(weight: torch.Tensor) -> placement.HostParameter:
+    """``_record_of`` for a graph compiled to stream ``weight``: refuses one swapped since."""
+    record = _record_of(weight)
+    if record.component is not None:
+        raise RuntimeError(
+            f"parameter {record.names[0]!r} is swapped (restored and offloaded again with policy "
+            "'swap'?), but this compiled graph streams it. Call torch._dynamo.reset() and compile "
+            "the model again"
+        )
+    return record
 
 
 def _record_of(weight: torch.Tensor) -> placement.HostParameter:
@@ -432,9 +609,3 @@ def _record_of(weight: torch.Tensor) -> placement.HostParameter:
             "then offload and compile again"
         )
     return record
-
-
-def _copy_stream(device: torch.device) -> torch.cuda.Stream:
-    if device not in _copy_streams:
-        _copy_streams[device] = torch.cuda.Stream(device=device)
-    return _copy_streams[device]

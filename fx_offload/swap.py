@@ -41,6 +41,10 @@ class Component:
     def overlaps(self, other: Component) -> bool:
         return self.offset < other.offset + other.nbytes and other.offset < self.offset + self.nbytes
 
+    def __repr__(self) -> str:
+        size = f"{self.nbytes / 1e6:.1f} MB"
+        return f"Component({self.name!r}, {len(self.records)} params, {size}, swap_ins={self.swap_ins})"
+
     @property
     def resident(self) -> bool:
         return self.arena is not None and self in self.arena.resident
@@ -68,6 +72,7 @@ class Arena:
         self.budget = budget
         self.device = device
         self.resident: set[Component] = set()
+        self.swaps = 0  # components copied in, and releases: a call's wrapper checks it moved
         self.memory = torch.empty(budget, dtype=torch.uint8, device=device)
         cursor = 0
         for component in components:
@@ -92,6 +97,7 @@ class Arena:
                     self.resident.discard(other)
             self._copy(component, component.records)
             component.swap_ins += 1
+            self.swaps += 1
             self.resident.add(component)
             return
         stale = [r for r in reads if component.versions.get(id(r)) != _version(r)]
@@ -103,11 +109,13 @@ class Arena:
         for record in records:
             component.views[id(record)].copy_(record.host, non_blocking=True)
             component.versions[id(record)] = _version(record)
-        runtime.copied_bytes += sum(record.nbytes for record in records)
+        device = runtime.device_runtime(component.arena.device)
+        device.copied_bytes += sum(record.nbytes for record in records)
 
     def release(self) -> None:
         """Forget every component (on restore); the memory goes when the last reference does."""
         self.resident.clear()
+        self.swaps += 1
         for component in self.components:
             component.views.clear()
             component.arena = None

@@ -100,12 +100,12 @@ class OffloadPass(InductorPass):
 
     def uuid(self) -> str:
         # vLLM caches compiled graphs by this: it changes with the patterns, options and our code
-        return backend._digest(json.dumps(self.config(), sort_keys=True)).hex()
+        return backend.digest(json.dumps(self.config(), sort_keys=True)).hex()
 
     def __call__(self, graph: fx.Graph) -> None:
         plan = self.plan(graph)
         if plan.offloaded_inputs:
-            backend._run_pass(graph.owning_module, plan)
+            backend.run_pass(graph.owning_module, plan)
 
     def plan(self, graph: fx.Graph) -> GraphPlan:
         """Place what this graph's patterns select and say which placeholders are offloaded."""

@@ -46,7 +46,7 @@ def _split(rows: int, figures) -> list[int]:
             )
             x = torch.randn(rows, 8)
             torch.testing.assert_close(compiled(x), compiled(x))
-            return [found.in_graph for heads in runtime._graph_heads.values() for found in heads]
+            return [found.in_graph for found in runtime.live_heads()]
     finally:
         fx_offload.restore(model)
         torch._dynamo.reset()

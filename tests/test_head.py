@@ -22,10 +22,10 @@ def test_every_call_copies_every_offloaded_byte_once(head, offloaded):
     x = torch.randn(3, 8)
     with torch.no_grad():
         compiled(x)
-        before = runtime.copied_bytes
+        before = runtime.bytes_copied()
         compiled(x)
         compiled(x)
-    assert runtime.copied_bytes - before == 2 * plan.offloaded_bytes
+    assert runtime.bytes_copied() - before == 2 * plan.offloaded_bytes
 
 
 @pytest.mark.parametrize("head", [True, 2])
@@ -117,13 +117,13 @@ def test_the_graph_copies_the_first_refill_in_graph_bytes_and_the_wrapper_the_re
     copied = []
     with torch.no_grad():
         for _ in range(3):
-            before = runtime.copied_bytes
+            before = runtime.bytes_copied()
             out = compiled(x)
-            copied.append(runtime.copied_bytes - before)
+            copied.append(runtime.bytes_copied() - before)
         torch.testing.assert_close(out, _restored_output(model, x), rtol=1e-5, atol=1e-6)
-        assert [found.in_graph for heads in runtime._graph_heads.values() for found in heads] == split
+        assert [found.in_graph for found in runtime.live_heads()] == split
         assert copied[1:] == [plan.offloaded_bytes] * 2, (copied, plan.offloaded_bytes)
-        for found in (found for heads in runtime._graph_heads.values() for found in heads):
+        for found in runtime.live_heads():
             for buffer in found.buffers:
                 buffer.fill_(float("nan"))
         compiled(x)  # reads the garbage, then refills both parts for the next call
@@ -189,12 +189,12 @@ def test_a_reused_graph_refills_its_head_with_the_block_that_comes_next(backend,
     copied, outs = [], []
     with torch.no_grad():
         for x in inputs:
-            before = runtime.copied_bytes
+            before = runtime.bytes_copied()
             outs.append(compiled(x))
-            copied.append(runtime.copied_bytes - before)
+            copied.append(runtime.bytes_copied() - before)
     for out, ref in zip(outs, expected):
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-    reused = [found for heads in runtime._graph_heads.values() for found in heads if found.successor]
+    reused = [found for found in runtime.live_heads() if found.successor]
     assert reused and all(found.in_graph == 0 for found in reused)
     assert copied[2:] == [plan.offloaded_bytes] * 2, (copied, plan.offloaded_bytes)
 

@@ -249,7 +249,7 @@ def test_refill_in_graph_copies_part_of_the_heads_inside_the_call(mode, cls):
                             layer.fc1.weight.mul_(0.9)
                 out = compiled(x)
                 torch.testing.assert_close(out, plain(x), **TOLERANCE[torch.float32])
-        split = [found.in_graph for heads in runtime._graph_heads.values() for found in heads]
+        split = [found.in_graph for found in runtime.live_heads()]
         assert (in_graph in split) if big else (split and not any(split)), split
         if mode == "reduce-overhead":
             assert graphs.skips == 0, "Inductor skipped CUDA graphs"
@@ -276,7 +276,7 @@ def test_the_next_call_waits_for_the_refill_of_its_head(mode, head):
         compute = torch.cuda.current_stream()
         for buffer in found.buffers:  # after this call's kernels, which read them
             buffer.fill_(float("nan"))
-        copy = runtime._copy_stream(found.buffers[0].device)
+        copy = runtime.device_runtime(found.buffers[0].device).copy_stream()
         copy.wait_stream(compute)
         with torch.cuda.stream(copy):
             torch.cuda._sleep(50_000_000)
