@@ -64,6 +64,11 @@ def lookup(tensor: torch.Tensor) -> HostParameter | None:
     return record
 
 
+def any_placed() -> bool:
+    """Whether any parameter in the process is offloaded now."""
+    return bool(_records)
+
+
 def place(
     params: list[tuple[nn.Parameter, tuple[str, ...]]],
     device: torch.device,

@@ -313,3 +313,57 @@ def test_parameters_read_outside_compiled_graphs_are_named_and_still_correct():
         assert sorted(plan.outside_graphs()) == ["front.bias", "front.weight"]
     finally:
         fx_offload.restore(model)
+
+
+def _train(model, optimizer, compiled, steps=4):
+    torch.manual_seed(11)
+    losses = []
+    for _ in range(steps):
+        x = torch.randn(4, 8)
+        loss = compiled(x).square().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("policy", ["stream", "swap"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda params: torch.optim.AdamW(params, lr=0.05, fused=True),
+        lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, fused=True),
+    ],
+    ids=["adamw_fused", "sgd_fused"],
+)
+def test_fused_optimizer_steps_are_seen_by_heads_and_swapped_components(policy, make):
+    """Fused optimizer kernels leave the version counter alone; the next call must still read the
+    new weights (heads in the stream policy, the component's device copy in swap)."""
+    plain, model = seeded(Stack).train(), seeded(Stack).train()
+    expected = _train(plain, make(plain.parameters()), plain)
+    fx_offload.offload(model, ["layers.*"], device="cpu", policy=policy)
+    try:
+        got = _train(model, make(model.parameters()), _compiled(model, prefetch_head=1))
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    finally:
+        fx_offload.restore(model)
+
+
+@pytest.mark.parametrize("policy", ["stream", "swap"])
+@pytest.mark.parametrize("backend", ["offload_eager", "offload_inductor"])
+def test_in_place_writes_inside_forward_reach_the_offloaded_parameter(policy, backend):
+    from tests.models import SelfWriting
+
+    plain, model = seeded(SelfWriting), seeded(SelfWriting)
+    fx_offload.offload(model, ["body"], device="cpu", policy=policy)
+    compiled = torch.compile(model, backend=backend)
+    x = torch.randn(3, 8)
+    try:
+        with torch.no_grad():
+            for _ in range(3):
+                torch.testing.assert_close(compiled(x), plain(x), rtol=1e-5, atol=1e-6)
+        for (name, p), q in zip(plain.named_parameters(), model.parameters()):
+            assert torch.equal(q, p), name
+    finally:
+        fx_offload.restore(model)
