@@ -199,3 +199,15 @@ class SelfWriting(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(torch.tanh(self.body(x)))
+
+
+class Normed(nn.Module):
+    """Linear layers around a BatchNorm, whose running statistics are buffers."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(dim, dim), nn.BatchNorm1d(dim), nn.Linear(dim, dim))
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.body(x))
