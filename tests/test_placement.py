@@ -126,3 +126,31 @@ def test_cuda_without_a_gpu_raises_naming_it_and_keeps_every_buffer():
     with pytest.raises(ValueError, match="device 'cuda' .*no GPU.*device='cpu'"):
         fx_offload.offload(model, ["body"], device="cuda")
     _assert_same_state(_state(model), before)
+
+
+@pytest.mark.parametrize("policy", ["stream", "swap"])
+def test_deepcopy_of_an_offloaded_model_is_a_plain_resident_model_and_the_original_stays_offloaded(policy):
+    import copy
+
+    plain, model = seeded(Stack), seeded(Stack)
+    fx_offload.offload(model, ["layers.*"], device="cpu", policy=policy)
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        expected = plain(x)
+        compiled = torch.compile(model, backend="offload_eager")
+        assert torch.equal(compiled(x), expected)
+        twin = copy.deepcopy(model)
+        assert all(type(p) is torch.nn.Parameter and placement.lookup(p) is None for p in twin.parameters())
+        assert not {p.data_ptr() for p in twin.parameters()} & {p.data_ptr() for p in model.parameters()}
+        _assert_same_state(_state(twin), _state(plain))
+        assert torch.equal(torch.compile(twin, backend="eager")(x), expected)
+        with pytest.raises(ValueError, match="nothing to restore"):
+            fx_offload.restore(twin)  # it was never offloaded
+        fx_offload.offload(twin, ["layers"], device="cpu", policy=policy)  # on its own
+        torch._dynamo.reset()  # graphs shared across models of one class are another matter
+        assert torch.equal(torch.compile(twin, backend="offload_eager")(x), expected)
+        fx_offload.restore(twin)
+        assert torch.equal(compiled(x), expected)  # the original is untouched
+    assert all(placement.lookup(p) is not None for p in model.layers.parameters())
+    fx_offload.restore(model)
+    _assert_same_state(_state(model), _state(plain))
