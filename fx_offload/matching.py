@@ -16,7 +16,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 _GLOB_CHARS = set("*?[")
 
@@ -27,6 +27,16 @@ def normalize_patterns(patterns: object, *, argument: str = "patterns") -> tuple
     A mapping (pattern -> policy) contributes its keys. Raises ``TypeError`` or ``ValueError``
     naming the bad entry.
     """
+    if isinstance(patterns, (bytes, bytearray)):
+        raise TypeError(
+            f"{argument} must be strings, got bytes {bytes(patterns)!r}; decode it, e.g. "
+            f"[{bytes(patterns).decode(errors='replace')!r}]"
+        )
+    if isinstance(patterns, Iterator):
+        raise TypeError(
+            f"{argument} is a one-shot iterator ({type(patterns).__name__}), which would be read "
+            f"once and then be empty; pass a list, e.g. list(...)"
+        )
     if isinstance(patterns, str):
         patterns = [patterns]
     elif isinstance(patterns, Mapping):
@@ -38,6 +48,11 @@ def normalize_patterns(patterns: object, *, argument: str = "patterns") -> tuple
         )
     result = []
     for pattern in patterns:
+        if isinstance(pattern, (bytes, bytearray)):
+            raise TypeError(
+                f"{argument} must hold strings; got bytes {bytes(pattern)!r}; decode it, e.g. "
+                f"{bytes(pattern).decode(errors='replace')!r}"
+            )
         if not isinstance(pattern, str):
             raise TypeError(
                 f"{argument} must hold strings; got {pattern!r} ({type(pattern).__name__}). "
@@ -46,6 +61,11 @@ def normalize_patterns(patterns: object, *, argument: str = "patterns") -> tuple
         if not pattern.strip():
             raise ValueError(f"{argument} holds an empty pattern; remove it or name a module")
         if pattern.startswith("re:"):
+            if not pattern[3:].strip():
+                raise ValueError(
+                    f"pattern {pattern!r} has an empty regular expression, which would select the "
+                    "whole model; write one, e.g. 're:layers\\.[0-3]', or '*' for every module"
+                )
             try:
                 re.compile(pattern[3:])
             except re.error as error:

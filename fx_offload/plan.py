@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -101,6 +102,8 @@ def offload(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(patterns, Iterator):
+        patterns = list(patterns)  # read once, checked twice below
     policies = matching.normalize_policies(patterns, policy)
     patterns = matching.normalize_patterns(patterns)
     _check_budget(device_budget, policies)
