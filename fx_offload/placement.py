@@ -174,8 +174,11 @@ def _offloaded_class(cls: type) -> type:
 
 
 def _forget(key: int, record: HostParameter) -> None:
+    """The parameter is gone (its module replaced and dropped): so is its host copy, which a plan
+    or a compiled graph's head records would otherwise keep alive."""
     if _records.get(key) is record:
         del _records[key]
+    record.host = record.host.new_empty(0)
 
 
 def _host_copy(

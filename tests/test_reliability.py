@@ -71,6 +71,26 @@ def test_replacing_a_submodule_after_offload_runs_the_new_one_resident_and_corre
     fx_offload.restore(model)
 
 
+def test_replacing_a_submodule_frees_the_old_ones_host_copy():
+    import gc
+    import weakref
+
+    model = seeded(Stack)
+    plan = fx_offload.offload(model, ["layers.*"], device="cpu")
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        _compiled(model)(x)
+        hosts = [weakref.ref(placement.lookup(p).host) for p in model.layers[1].parameters()]
+        offloaded = plan.offloaded_bytes
+        model.layers[1] = seeded(Block, seed=9)
+        gc.collect()
+        assert all(host() is None for host in hosts)
+        old = sum(p.numel() * p.element_size() for p in seeded(Block).parameters())
+        assert plan.offloaded_bytes == offloaded - old
+        assert torch.equal(_compiled(model)(x), model(x))
+    fx_offload.restore(model)
+
+
 def test_swapping_in_new_data_after_offload_raises_naming_restore():
     model = seeded(Stack)
     fx_offload.offload(model, ["layers.*"], device="cpu")
