@@ -434,3 +434,31 @@ def test_a_write_into_an_offloaded_parameter_stores_into_it_and_raises_under_cud
     p = next(iter(graph.nodes))
     (store,) = [n for n in graph.nodes if n.target is torch.ops.aten.copy_.default]
     assert store.args[0] is p  # the parameter itself, not a fetched copy
+
+
+def _write_through_data(p, value):
+    p.data.copy_(value)
+
+
+def _write_through_numpy(p, value):
+    p.detach().numpy()[...] = value.numpy()
+
+
+@pytest.mark.parametrize("policy", ["stream", "swap"])
+@pytest.mark.parametrize("write", [_write_through_data, _write_through_numpy], ids=["data", "numpy"])
+def test_a_write_that_bypasses_the_version_counter_is_seen_after_increment_version(policy, write):
+    """The remedy the README gives for writes a held copy cannot see (a head's or a swapped
+    component's): bump the parameter's version counter after writing."""
+    from torch.autograd.graph import increment_version
+
+    model = seeded(Stack)
+    fx_offload.offload(model, ["layers.*"], device="cpu", policy=policy)
+    compiled = _compiled(model, prefetch_head=1)
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        compiled(x)
+        weight = model.layers[0].fc1.weight  # the head's, under stream
+        write(weight, torch.randn(16, 8))
+        increment_version(weight)
+        assert torch.equal(compiled(x), model(x))
+    fx_offload.restore(model)
