@@ -4,8 +4,11 @@ A pattern is one of:
 
 * a bare name (``visual``, ``thinker.visual``): every module whose qualified name is that name
   or ends with ``.<name>``, at any depth;
-* a glob (``layers.*.mlp``, ``audio_tower.*``): ``fnmatch`` on the qualified name; a glob that
-  ends in ``.*`` also selects the module it names (``visual.*`` selects ``visual``);
+* a glob (``layers.*.mlp``, ``audio_tower.*``): at any depth, like a bare name: it selects a
+  module when ``fnmatch`` matches its qualified name or any dotted suffix of it
+  (``layers.*.mlp`` selects ``model.layers.0.mlp``; ``*`` also crosses dots); a glob that ends
+  in ``.*`` also selects the module it names (``audio_tower.*`` selects ``thinker.audio_tower``
+  and its descendants);
 * ``re:<regex>``: a regular expression that must match the whole qualified name.
 
 A selected module brings all its descendants with it.
@@ -117,9 +120,11 @@ def pattern_matches(pattern: str, name: str) -> bool:
     if pattern.startswith("re:"):
         return re.fullmatch(pattern[3:], name) is not None
     if _GLOB_CHARS & set(pattern):
-        if pattern.endswith(".*") and name == pattern[:-2]:
-            return True
-        return fnmatch.fnmatchcase(name, pattern)
+        parts = name.split(".")
+        for suffix in (".".join(parts[i:]) for i in range(len(parts))):
+            if (pattern.endswith(".*") and suffix == pattern[:-2]) or fnmatch.fnmatchcase(suffix, pattern):
+                return True
+        return False
     return name == pattern or name.endswith("." + pattern)
 
 

@@ -16,7 +16,16 @@ from tests.models import Nested, Stack, Tied, seeded
         ("thinker.visual", "model.thinker.visual", True),
         ("visual.*", "visual", True),
         ("visual.*", "visual.block.fc1", True),
-        ("visual.*", "thinker.visual", False),
+        ("visual.*", "thinker.visual", True),
+        ("visual.*", "thinker.visual.block.fc1", True),
+        ("visual.*", "thinker.unvisual", False),
+        ("visual.*", "thinker.visualx.proj", False),
+        ("audio_tower.*", "thinker.audio_tower", True),
+        ("layers.*.mlp", "model.layers.0.mlp", True),
+        ("layers.*.mlp", "model.layers.0.mlp.up", False),
+        ("layers.*.mlp", "model.sublayers.0.mlp", False),
+        ("thinker.*.fc1", "model.thinker.visual.block.fc1", True),
+        ("*", "", True),
         ("layers.*.fc1", "layers.3.fc1", True),
         ("layers.*.fc1", "layers.3.fc2", False),
         ("re:layers\\.[01]", "layers.1", True),
@@ -139,3 +148,11 @@ def test_an_empty_regex_offloads_nothing():
     with pytest.raises(ValueError, match="empty regular expression"):
         fx_offload.offload(model, ["re:"], device="cpu")
     assert fx_offload.plan_of(model) is None
+
+
+def test_a_glob_selects_at_any_depth_like_a_bare_name(offloaded):
+    model = seeded(Nested)
+    plan = offloaded(model, ["visual.*"])
+    assert _offloaded_names(plan) == sorted(
+        f"thinker.visual.{n}" for n, _ in model.thinker.visual.named_parameters()
+    )
