@@ -10,9 +10,9 @@ leaves ``p._version`` as it was. The autograd kernel runs before the device kern
 this holds on every device.
 
 An optimizer step post-hook, registered for every ``torch.optim.Optimizer`` once this module is
-imported, bumps the version counters of the offloaded parameters the optimizer holds after each
-step. It costs a dictionary lookup per parameter, and nothing while no parameter is offloaded.
-A parameter the step did not change (no gradient) is then recopied once: correct, and rare.
+imported, bumps the version counters of the offloaded parameters with a gradient that the
+optimizer holds, after each step. It costs a dictionary lookup per parameter, and nothing while
+no parameter is offloaded.
 
 Writes that remain unseen are listed in the README's Guarantees: ``p.data`` writes, and writes
 through a NumPy view or a DLPack capsule, into a parameter that a head or a swapped component
@@ -29,14 +29,15 @@ from fx_offload import placement
 
 
 def written_by_step(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """The offloaded parameters that ``optimizer`` holds (those its step may have written)."""
+    """The offloaded parameters that ``optimizer`` holds and may have written: those with a
+    gradient (every ``torch.optim`` step skips the others)."""
     if not placement.any_placed():
         return []
     return [
         param
         for group in optimizer.param_groups
         for param in group["params"]
-        if placement.lookup(param.data) is not None
+        if param.grad is not None and placement.lookup(param.data) is not None
     ]
 
 
