@@ -219,7 +219,7 @@ def time_back_to_back(fn, x: torch.Tensor, calls: int = 20, samples: int = 5, bu
     (a serving loop that queues the next step while the GPU runs this one): the median of
     ``samples`` such runs, fewer where they pass ``budget_s`` (one run reads the bus's moments: on
     the H100 a lone run of 20 calls ranged 0.98-1.09x of the floor where the median of eight was
-    1.01x, RESULTS.md)."""
+    1.01x)."""
     if x.device.type != "cuda":
         return float("nan")
     runs = []

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Make fx_offload importable, with its Dynamo backends registered, on a machine with no network
-# (the lent GPU machine): source this from the repository root. Carried wheels in .whl/ (the
-# benchmark's peers: diffusers and what it needs) are installed beside it.
+# Make the package importable on an offline GPU machine from a checkout, without pip's network:
+# source this from the repository root (`source benchmarks/device_setup.sh`). It writes a minimal
+# dist-info for fx_offload (so torch finds the offload_inductor / offload_eager backends through
+# their entry points) under /tmp/fx_offload_site, installs any wheels found in .whl/ there (the
+# benchmark's peers and test needs: diffusers, importlib_metadata, zipp, pytest, ...), and puts
+# that folder and the checkout on PYTHONPATH. Uses the machine's own python3 and torch.
 site=/tmp/fx_offload_site
 mkdir -p "$site/fx_offload-0.1.0.dist-info"
 if ls .whl/*.whl >/dev/null 2>&1; then

@@ -1,15 +1,17 @@
-"""Where the time of one offloaded forward goes: a GPU timeline of one steady-state call.
+"""Where the time of an offloaded forward goes: a GPU timeline of one case's calls.
 
     python benchmarks/profile_case.py --case decode_T8 [--prefetch N] [--head H] [--refill-in-graph B]
-        [--trace t.json]
+        [--calls 3] [--gap-ms 1] [--cprofile] [--trace t.json] [--json profile.json]
 
-For fx_offload under ``reduce-overhead`` (and the resident model, for comparison) it prints:
-per-call time with a sync after every call (what ``bench_offload.py`` reports), per-call time of
-50 calls issued back to back, the CPU time to issue one call, and from a torch.profiler trace of
-one call: the host->device copies (start, length, bandwidth), the copy stream's idle gaps, and
-the time from the call's first GPU activity to its last; and, without the profiler, when the
-refill the wrapper issues after each call ends, against that call's end and the next call's
-start.
+Builds one of ``bench_offload.py``'s cases on a GPU and, for the resident model and for fx_offload
+under ``reduce-overhead`` (once per combination of the options given), prints: the per-call time
+with a sync after every call (what ``bench_offload.py`` reports), the per-call time of 50 calls
+issued back to back, the CPU time to issue one call, and from a torch.profiler trace of
+``--calls`` calls: every host->device copy (start, length, bandwidth, stream), the gaps between
+copies, the kernels' busy spans per stream and the time from the first GPU activity to the last.
+``--gap-ms`` sleeps on the host before each call (a serving loop's work between steps);
+``--cprofile`` prints where the CPU time of issuing a call goes. The timings are taken before the
+profiler runs: a process's timings after a profile are not comparable. Writes the figures as JSON.
 """
 
 from __future__ import annotations
@@ -51,88 +53,6 @@ def issue_ms(fn, x, n: int = 30) -> float:
         times.append((time.perf_counter() - t0) * 1e3)
     torch.cuda.synchronize()
     return statistics.median(times)
-
-
-def refill_timing(fn, x, n: int = 30, gap_ms: float = 0.0) -> dict:
-    """Without the profiler: where one call's time goes, on the GPU clock, from when the CPU
-    issues it (``bench.issued_now``). Events on an idle stream stamp when the CPU enters and
-    leaves fx_offload's wrapper (leaving: after the graph's launch and the refill's issue), starts
-    and ends issuing the refill, and returns; events on the copy stream stamp where the refill
-    starts and ends, against the call's end and the next call's start. Medians in ms; a refill
-    that ends after the next call started may delay it. (The sixth session's JSON names
-    ``in_wrapper`` "wrapper_to_launched" and ``wrapper_exit_to_end`` "launched_to_end".)"""
-    import contextlib
-
-    from fx_offload import runtime
-
-    original_refill, original_running = runtime._refill_after, runtime.running
-    idle = torch.cuda.Stream()
-    stamps: dict[str, list] = {}  # the call running: what -> its events, in order
-
-    def stamp(what: str, stream=idle) -> None:
-        event = torch.cuda.Event(enable_timing=True)
-        event.record(stream)
-        stamps.setdefault(what, []).append(event)
-
-    def timed(found):
-        stamp("refill_issue")
-        if found.refilled is not None:  # where the call's stream lets the refill start
-            copy = runtime._copy_stream(found.buffers[0].device)
-            copy.wait_stream(torch.cuda.current_stream())
-            stamp("refill_start", copy)
-        original_refill(found)
-        if found.refilled is not None:
-            stamp("refill_end", copy)
-        stamp("refill_issue")
-
-    @contextlib.contextmanager
-    def stamped(key, args):
-        stamp("wrapper")
-        with original_running(key, args):
-            yield
-        stamp("wrapper")
-
-    runtime._refill_after, runtime.running = timed, stamped
-    calls = []
-    try:
-        for _ in range(n):
-            if gap_ms:
-                time.sleep(gap_ms / 1e3)
-            stamps = {}
-            start, end = bench.issued_now(), torch.cuda.Event(enable_timing=True)
-            fn(x)
-            stamp("returned")
-            end.record()
-            end.synchronize()
-            calls.append((start, end, stamps))
-        torch.cuda.synchronize()
-    finally:
-        runtime._refill_after, runtime.running = original_refill, original_running
-    split: dict[str, list] = {}
-
-    def add(name: str, a, b) -> None:
-        split.setdefault(name, []).append(a.elapsed_time(b))
-
-    for (start, end, events), following in zip(calls, calls[1:] + [None]):
-        add("call", start, end)
-        if "wrapper" in events:
-            entered, left = events["wrapper"][0], events["wrapper"][-1]
-            add("to_wrapper", start, entered)
-            add("in_wrapper", entered, left)
-            add("wrapper_exit_to_end", left, end)
-        if "refill_issue" in events:
-            add("to_refill_issue", start, events["refill_issue"][0])
-            add("refill_issue", events["refill_issue"][0], events["refill_issue"][-1])
-        add("to_return", start, events["returned"][0])
-        if "refill_start" in events:
-            add("refill_starts_after_call_start", start, events["refill_start"][0])
-        if "refill_end" in events:
-            add("refill_ends_after_call_end", end, events["refill_end"][-1])
-            if following is not None:
-                add("refill_ends_after_next_start", following[0], events["refill_end"][-1])
-    report = {f"{name}_ms": statistics.median(v) for name, v in split.items()}
-    report["calls"] = n
-    return report
 
 
 def python_profile(fn, x, n: int = 50) -> str:
@@ -221,8 +141,10 @@ def timeline(fn, x, trace_path: Path | None, calls: int = 1, gap_ms: float = 0.0
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--case", default="decode_T8", choices=list(bench.CASES))
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--case", default="decode_T8", choices=list(bench.CASES), help="default: decode_T8")
     parser.add_argument("--prefetch", type=int, action="append", help="repeatable; default: the backend's")
     parser.add_argument(
         "--head",
@@ -236,18 +158,15 @@ def main() -> None:
         help="refill_in_graph bytes (repeatable); default: the backend's",
     )
     parser.add_argument("--trace", help="write the fx_offload call's chrome trace here")
-    parser.add_argument("--json", default="profile_case.json")
+    parser.add_argument("--json", default="profile_case.json", help="where to write the figures")
     parser.add_argument("--cprofile", action="store_true", help="print a cProfile of issuing calls")
     parser.add_argument("--calls", type=int, default=1, help="calls in the profiled timeline")
     parser.add_argument(
         "--gap-ms", type=float, default=0.0, help="host sleep before each timed and profiled call"
     )
-    parser.add_argument(
-        "--refill-timing",
-        action="store_true",
-        help="also split, without the profiler, each call's time and time when its refill ends",
-    )
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_case.py profiles CUDA copies and kernels: run it on a machine with a GPU")
     case = bench.CASES[args.case]
     device, dtype = torch.device("cuda"), torch.bfloat16
     torch.manual_seed(0)
@@ -291,8 +210,6 @@ def main() -> None:
                 "back_to_back_ms": bench.time_back_to_back(fn, x, calls=50),
                 "issue_ms": issue_ms(fn, x),
             }
-            if args.refill_timing:
-                run["refill"] = refill_timing(fn, x, gap_ms=args.gap_ms)
             if args.cprofile:
                 print(f"== cProfile, {method} {options}\n{python_profile(fn, x)}", flush=True)
             trace = Path(args.trace) if args.trace and method.startswith("fx") else None
@@ -304,8 +221,7 @@ def main() -> None:
                 f"{run['back_to_back_ms']:.3f} ms, issue {run['issue_ms']:.3f} ms; GPU span "
                 f"{tl.get('span_us', 0) / 1e3:.3f} ms, copies busy {tl.get('copy_busy_us', 0) / 1e3:.3f} ms "
                 f"({len(tl.get('copies', []))} copies), first copy at {tl.get('first_copy_at_us')} us, "
-                f"kernels busy {tl.get('kernel_busy_us', 0) / 1e3:.3f} ms; refill after the call "
-                f"{run.get('refill', '-')}",
+                f"kernels busy {tl.get('kernel_busy_us', 0) / 1e3:.3f} ms",
                 flush=True,
             )
             for row in tl.get("copies", []):

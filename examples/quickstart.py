@@ -56,6 +56,10 @@ def main() -> None:
     calls = [line.strip() for line in text.splitlines() if "fx_offload" in line]
     print(f"\nthe rewritten graph has {len(calls)} fx_offload calls; the first three:")
     print("\n".join(call.split(";")[0] for call in calls[:3]))
+    print(
+        "(head: a region whose weights stay on the device between calls, refilled after each call; "
+        "fetch / wait / release: a region copied in during the call and freed after its last use)"
+    )
 
     fx_offload.restore(model)
     with torch.no_grad():

@@ -9,12 +9,11 @@ which module calls are regions (a ``GraphPlan``), then:
 * ``offload_eager`` runs AOTAutograd and ``rewrite`` on its forward graph, and executes that
   graph without Inductor (fast to compile: for tests and ``explain``).
 
-``options`` are those of ``torch.compile``: ``prefetch`` and ``prefetch_head`` (the window: at
-most ``prefetch + 1`` regions' weights on the device at once, the first ``prefetch_head`` of a
-graph's regions among them, copied in between calls; see ``window``), ``refill_in_graph`` (bytes
-of that copy issued inside the call, after its last fetch; by default as many as the compute
-after it hides) and ``offload`` (patterns placed at the first compile) are ours; every other key
-goes to Inductor.
+``options`` are those of ``torch.compile``, read by ``Options.from_mapping``: ``prefetch`` and
+``prefetch_head`` (the window: at most ``prefetch + 1`` regions' weights on the device at once,
+the first ``prefetch_head`` of a graph's regions among them, copied in between calls; see
+``window``), ``refill_in_graph`` (bytes of that copy issued inside the call, after its last fetch)
+and ``offload`` (patterns placed at the first compile) are ours; every other key goes to Inductor.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ import dataclasses
 import functools
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,8 +29,9 @@ import torch.fx as fx
 from torch import nn
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from fx_offload import estimate, matching, placement, runtime, swap
-from fx_offload.regions import AUTO, GraphPlan, find_regions, module_calls, module_name
+from fx_offload import estimate, logs, matching, placement, runtime, swap
+from fx_offload.options import AUTO, Options
+from fx_offload.regions import GraphPlan, find_regions, module_calls, module_name
 from fx_offload.rewrite import RewrittenRegion, has_barrier, rewrite
 
 # Regions fetched ahead of the one computing where no region is a head (RESULTS.md: deeper
@@ -42,102 +41,36 @@ DEFAULT_PREFETCH = 2
 # 55 GB/s, more than the 0.35-0.6 ms of CPU time a compiled call spends before its CUDA graph
 # starts on the H100 hosts measured, so the copy engine is busy while the call is issued.
 HEAD_BYTES = 48 << 20
-# Of the heads' refill for the next call, the bytes a graph copies itself after its last fetch,
-# during its last compute (the wrapper copies the rest after the call); AUTO: as many as that
-# compute hides, estimated per graph (``estimate``). RESULTS.md, eighth session: a part left
-# after the call delays the next call's start where calls come back to back (quarter_T4096 1.14x
-# with none in the call, 1.03x with all), a part past the tail makes the call end late (decode_T8
-# per call 1.21x with all, 1.02x with 6 MiB, about its tail).
-REFILL_IN_GRAPH = AUTO
-
 # Called after every rewrite with (graph module, plan, regions): explain() and tests listen.
 listeners: list[Callable[[fx.GraphModule, GraphPlan, list[RewrittenRegion]], None]] = []
 
 
-@dataclass(frozen=True)
-class BackendOptions:
-    prefetch: int | None = None  # None: chosen per graph by ``window``
-    offload: tuple[str, ...] | None = None
-    prefetch_head: int | None = None  # None: chosen per graph by ``window``
-    inductor: tuple[tuple[str, object], ...] = ()
-    refill_in_graph: int | None = None  # None: REFILL_IN_GRAPH
-
-    @classmethod
-    def parse(cls, options: Mapping[str, object] | None) -> BackendOptions:
-        options = dict(options or {})
-        prefetch = _count_option(options, "prefetch", "at most prefetch + 1 regions on the device at once")
-        patterns = options.pop("offload", None)
-        if patterns is not None:
-            patterns = matching.normalize_patterns(patterns, argument="options['offload']")
-        head = options_head = options.pop("prefetch_head", None)
-        if head == "auto":
-            head = None
-        if head is not None and (not isinstance(head, int) or head < 0):
-            raise ValueError(
-                "options['prefetch_head'] must be True, False, an int >= 0 (how many of each "
-                f"graph's first regions are copied in during the previous call) or 'auto', got {head!r}"
-            )
-        if head is not None and prefetch is not None and head > prefetch:
-            raise ValueError(
-                f"options['prefetch_head']={head!r} asks for more head regions than "
-                f"options['prefetch']={prefetch} leaves room for: the heads count among the prefetch + 1 "
-                f"regions on the device, beside the one computing. Raise prefetch to {int(head)} or more, "
-                "or lower prefetch_head"
-            )
-        in_graph = _count_option(
-            options,
-            "refill_in_graph",
-            "bytes of the heads' refill a graph copies during its last compute, the rest after the "
-            "call; 'auto': as many as that compute hides, estimated",
-        )
-        head = None if head is None else int(head)
-        headless = head == 0 or (head is None and prefetch is not None and prefetch < 2)
-        if in_graph and headless:
-            raise ValueError(
-                f"options['refill_in_graph']={in_graph} splits the refill of head regions, but "
-                f"prefetch_head={'auto' if options_head is None else options_head!r} with "
-                f"prefetch={'auto' if prefetch is None else prefetch!r} leaves no head. Give "
-                "prefetch_head >= 1 (and prefetch >= prefetch_head), or drop refill_in_graph"
-            )
-        return cls(prefetch, patterns, head, tuple(options.items()), in_graph)
-
-
-def _count_option(options: dict, name: str, meaning: str) -> int | None:
-    """Pop ``options[name]``: an int >= 0, or None where absent or ``'auto'``."""
-    value = options.pop(name, None)
-    if value is None or value == "auto":
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"options[{name!r}] must be an int >= 0 ({meaning}) or 'auto', got {value!r}")
-    return value
-
-
-def window(sizes: Sequence[int], prefetch: int | None, head: int | None) -> tuple[int, int]:
+def window(sizes: Sequence[int], prefetch: int | str, head: int | str) -> tuple[int, int]:
     """``(prefetch, heads)`` for a graph whose regions hold ``sizes`` bytes, in the order they run.
 
     At most ``prefetch + 1`` regions' weights are on the device during a call, the ``heads``
-    among them (the first regions, copied in between calls). Chosen when not given: as many first
+    among them (the first regions, copied in between calls). Chosen where ``AUTO``: as many first
     regions as make ``HEAD_BYTES``, at least one and at most half the graph's regions (so that
     offloading still keeps most of a small graph's weights off the device between calls), and at
     most ``prefetch - 1`` when ``prefetch`` is given (so one region can still be copied while
     another computes); ``prefetch`` is ``default_prefetch(heads)``.
     """
-    if head is None:
+    if head == AUTO:
         heads = total = 0
         for size in sizes:
             if heads and total >= HEAD_BYTES:
                 break
             heads, total = heads + 1, total + size
         heads = min(heads, max(1, len(sizes) // 2))
-        if prefetch is not None:
+        if prefetch != AUTO:
             heads = min(heads, max(prefetch - 1, 0))
     else:
         heads = min(head, len(sizes))
-    return (default_prefetch(heads) if prefetch is None else prefetch), heads
+    return (default_prefetch(heads) if prefetch == AUTO else prefetch), heads
 
 
 def default_prefetch(heads: int) -> int:
-    """``prefetch`` when not given: ``DEFAULT_PREFETCH``, or room for two regions beside ``heads``."""
+    """``prefetch`` where ``AUTO``: ``DEFAULT_PREFETCH``, or room for two regions beside ``heads``."""
     return max(DEFAULT_PREFETCH, heads + 1)
 
 
@@ -152,7 +85,7 @@ def offload_inductor(
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
-    parsed = BackendOptions.parse(options)
+    parsed = Options.from_mapping(options)
     plan = graph_plan(gm, example_inputs, parsed)
     patches = dict(list_mode_options(mode)) if mode else {}
     patches.update(parsed.inductor)
@@ -175,7 +108,7 @@ def offload_eager(
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
-    plan = graph_plan(gm, example_inputs, BackendOptions.parse(options))
+    plan = graph_plan(gm, example_inputs, Options.from_mapping(options))
 
     def forward_compiler(aot_gm: fx.GraphModule, _inputs):
         if plan.offloaded_inputs or plan.swapped_inputs:
@@ -208,7 +141,7 @@ class OffloadPass(CustomGraphPass):
         return _digest(repr(_plan_key(self.plan)), repr(inner))
 
 
-def graph_plan(gm: fx.GraphModule, example_inputs: list, options: BackendOptions) -> GraphPlan:
+def graph_plan(gm: fx.GraphModule, example_inputs: list, options: Options) -> GraphPlan:
     """Which placeholders of ``gm`` carry offloaded parameters, which calls are regions.
 
     With ``options.offload``, first places the parameters those patterns select (as
@@ -255,7 +188,8 @@ def graph_plan(gm: fx.GraphModule, example_inputs: list, options: BackendOptions
             params = [example_inputs[position[p]] for p in region.params]
             sizes.append(sum(w.nbytes for w in params))
     prefetch, heads = window(sizes, options.prefetch, options.prefetch_head)
-    in_graph = REFILL_IN_GRAPH if options.refill_in_graph is None else options.refill_in_graph
+    logs.planned(sizes, prefetch, heads, options)
+    in_graph = options.refill_in_graph
     figures = estimate.device_figures(device_type) if in_graph == AUTO and heads else None
     plan = dataclasses.replace(
         plan, prefetch=prefetch, prefetch_head=heads, refill_in_graph=in_graph, device_figures=figures
@@ -356,8 +290,10 @@ def _around_calls(compiled, key: runtime.GraphKey, components: Mapping[swap.Comp
 def _run_pass(gm: fx.GraphModule, plan: GraphPlan) -> None:
     if is_backward(gm.graph):
         return  # the plan's positions are the forward graph's; a backward reads parameters as saved
+    before = logs.graph_before(gm)
     regions = rewrite(gm.graph, plan)
     gm.recompile()
+    logs.rewritten(gm, plan, regions, before)
     for listener in list(listeners):
         listener(gm, plan, regions)
 

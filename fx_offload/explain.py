@@ -1,17 +1,24 @@
-"""``explain``: compile a model with the offload pass and return the rewritten graphs as text."""
+"""``explain``: compile a model with the offload pass and return the rewritten graphs as text.
+
+Two views of a rewritten graph: ``format_graph``, its whole code; ``format_offload_nodes``, only
+what the pass added (the fx_offload nodes in graph order, with their arguments) and the reads it
+rewired, so that moving one fetch changes one line.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import operator
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.fx as fx
 from torch import nn
 
 from fx_offload import backend
+from fx_offload.ops import FETCH, HEAD, HOLD, REFILL, RELEASE, SWAPPED, WAIT
 from fx_offload.regions import GraphPlan
 from fx_offload.rewrite import RewrittenRegion
 
@@ -23,12 +30,14 @@ def explain(
     *args,
     backend_name: str = "offload_eager",
     options: Mapping[str, object] | None = None,
+    compact: bool = False,
     **kwargs,
 ) -> str:
     """Run ``model(*args, **kwargs)`` compiled with the offload pass; return the graphs it made.
 
     ``backend_name="offload_eager"`` shows the AOTAutograd graph the pass rewrote;
-    ``"offload_inductor"`` shows Inductor's post-grad graph (decomposed further).
+    ``"offload_inductor"`` shows Inductor's post-grad graph (decomposed further). ``compact``
+    shows only the pass's nodes and the reads they rewired (``format_offload_nodes``).
     """
     compiler = {"offload_eager": backend.offload_eager, "offload_inductor": backend.offload_inductor}
     if backend_name not in compiler:
@@ -36,7 +45,7 @@ def explain(
     # a fresh callable, so Dynamo compiles again instead of reusing an earlier cache entry
     fresh = functools.partial(compiler[backend_name], options=dict(options or {}))
     # a cache hit would skip the pass: compile for real
-    with recording() as graphs, _no_compile_caches():
+    with recording(format_offload_nodes if compact else format_graph) as graphs, _no_compile_caches():
         torch.compile(model, backend=fresh)(*args, **kwargs)
     total = len(graphs)
     return "\n\n".join(f"# graph {i + 1} of {total}\n{text}" for i, text in enumerate(graphs))
@@ -51,13 +60,18 @@ def _no_compile_caches() -> Iterator[None]:
         yield
 
 
+Formatter = Callable[[fx.GraphModule, GraphPlan, Sequence[RewrittenRegion]], str]
+
+
 @contextlib.contextmanager
-def recording() -> Iterator[list[str]]:
-    """Collect ``format_graph`` of every graph the offload pass rewrites inside the block."""
+def recording(formatter: Formatter | None = None) -> Iterator[list[str]]:
+    """Collect ``formatter`` (``format_graph`` by default) of every graph the offload pass
+    rewrites inside the block."""
     graphs: list[str] = []
+    formatter = formatter or format_graph
 
     def listener(gm: fx.GraphModule, plan: GraphPlan, regions: list[RewrittenRegion]) -> None:
-        graphs.append(format_graph(gm, plan, regions))
+        graphs.append(formatter(gm, plan, regions))
 
     backend.listeners.append(listener)
     try:
@@ -74,3 +88,99 @@ def format_graph(gm: fx.GraphModule, plan: GraphPlan, regions: list[RewrittenReg
     code = gm.print_readable(print_output=False, include_stride=False, include_device=False)
     body = [line for line in code.splitlines() if line.strip() and not _TRACE_COMMENT.match(line)]
     return "\n".join(head + body[1:])  # body[0] is "class GraphModule(torch.nn.Module):"
+
+
+_OPS = {
+    FETCH: "fetch",
+    WAIT: "wait",
+    RELEASE: "release",
+    HEAD: "head",
+    REFILL: "refill",
+    SWAPPED: "swapped",
+    HOLD: "hold",
+}
+
+
+def format_offload_nodes(gm: fx.GraphModule, plan: GraphPlan, regions: Sequence[RewrittenRegion]) -> str:
+    """The fx_offload nodes of ``gm`` in graph order, then the reads the pass rewired.
+
+    One line per node: ``name = op(region, buffers, <other arguments by their schema names>)``,
+    offloaded parameters by name, a whole fetch's tensors as ``first..last``; a refill's
+    ``weights`` (its head's parameters) are left out. Then, per region in the order they run,
+    each node that reads its fetched tensors: ``addmm <- fetched_1 (layers.0.fc1.bias)``; and any
+    read of an offloaded parameter the pass left on the host.
+    """
+    graph = gm.graph
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+    names = {placeholders[i]: name for i, name in plan.offloaded_inputs.items()}
+    names.update({placeholders[i]: name for i, (name, _component) in plan.swapped_inputs.items()})
+    items: dict[fx.Node, list[fx.Node]] = {}  # a fetch, head or swapped node -> its tensors
+    carries: dict[fx.Node, str] = {}  # one of those tensors -> the parameter it carries
+    for node in graph.nodes:
+        if node.target is operator.getitem and getattr(node.args[0], "target", None) in (
+            FETCH,
+            HEAD,
+            SWAPPED,
+        ):
+            source = node.args[0]
+            items.setdefault(source, []).append(node)
+            param = source.args[0][node.args[1]]
+            carries[node] = names.get(param, param.name)
+    whole = {
+        tuple(tensors): f"{tensors[0].name}..{tensors[-1].name}"
+        for tensors in items.values()
+        if len(tensors) > 1
+    }
+
+    def show(value) -> str:
+        if isinstance(value, (list, tuple)):
+            return whole.get(tuple(value)) or "[" + ", ".join(show(v) for v in value) + "]"
+        if isinstance(value, fx.Node):
+            return names.get(value, value.name)
+        return repr(value)
+
+    lines = []
+    for node in graph.nodes:
+        if node.target in _OPS:
+            arguments = dict(zip((arg.name for arg in node.target._schema.arguments), node.args))
+            first = arguments.pop(next(iter(arguments)))  # the tensors the op is about
+            label = arguments.pop("region", None) or arguments.pop("component", None)
+            if node.target is REFILL:
+                del arguments["weights"]  # its head's parameters
+            shown = [
+                repr(label),
+                show(first),
+                *(f"{name}={show(value)}" for name, value in arguments.items()),
+            ]
+            lines.append(f"{node.name} = {_OPS[node.target]}({', '.join(shown)})")
+
+    skip = set(_OPS)
+    for r in regions:
+        lines.append(f"reads of {r.region.name}:")
+        lines += _reads(graph, r.items, carries, skip)
+    for node in graph.nodes:
+        if node.target is SWAPPED:
+            lines.append(f"reads of swapped component {node.args[1]}:")
+            lines += _reads(graph, items.get(node, []), carries, skip)
+    left = [
+        f"  {user.name} <- {param.name} ({names[param]})"
+        for param in names
+        for user in param.users
+        if user.target not in skip
+    ]
+    if left:
+        lines += ["reads left on the host:", *left]
+    return "\n".join(lines)
+
+
+def _reads(graph: fx.Graph, tensors: Sequence[fx.Node], carries: Mapping[fx.Node, str], skip) -> list[str]:
+    readers: dict[fx.Node, list[fx.Node]] = {}
+    for tensor in tensors:
+        for user in tensor.users:
+            if user.target not in skip:
+                readers.setdefault(user, []).append(tensor)
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    return [
+        f"  {user.name} <- " + ", ".join(f"{t.name} ({carries[t]})" for t in read)
+        for user, read in sorted(readers.items(), key=lambda pair: order[pair[0]])
+    ]

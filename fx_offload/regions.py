@@ -45,7 +45,7 @@ class GraphPlan:
             under the ``swap`` policy: read from their component's fixed device copy.
         refill_in_graph: of the heads' refill for the next call, the first bytes the graph
             copies itself after its last fetch (they overlap its last compute; the wrapper copies
-            the rest when the call returns); ``AUTO``: as many as that compute hides, estimated
+            the rest when the call returns); ``options.AUTO``: as many as that compute hides, estimated
             with ``device_figures`` (the whole heads without them).
     """
 
@@ -55,11 +55,8 @@ class GraphPlan:
     device_type: str = "cpu"
     prefetch_head: int = 1
     swapped_inputs: Mapping[int, tuple[str, str]] = field(default_factory=dict)
-    refill_in_graph: int = 0  # or AUTO
+    refill_in_graph: int | str = 0  # or options.AUTO: estimated per graph (``rewrite._auto_in_graph``)
     device_figures: DeviceFigures | None = None  # for AUTO; measured on the device, not in cache keys
-
-
-AUTO = -1  # GraphPlan.refill_in_graph: estimated per graph (``rewrite._auto_in_graph``)
 
 
 @dataclass

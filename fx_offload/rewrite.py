@@ -41,7 +41,8 @@ from torch._guards import detect_fake_mode
 
 from fx_offload import estimate
 from fx_offload.ops import FETCH, HEAD, HOLD, REFILL, RELEASE, SWAPPED, WAIT
-from fx_offload.regions import AUTO, GraphPlan, Region, find_regions, is_write_back
+from fx_offload.options import AUTO
+from fx_offload.regions import GraphPlan, Region, find_regions, is_write_back
 
 
 @dataclass

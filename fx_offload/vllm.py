@@ -33,6 +33,7 @@ from torch._guards import detect_fake_mode
 from vllm.compilation.passes.inductor_pass import InductorPass
 
 from fx_offload import backend, matching, placement
+from fx_offload.options import AUTO, Options
 from fx_offload.regions import GraphPlan, module_calls, module_name
 
 ENVIRONMENT = "FX_OFFLOAD_VLLM"
@@ -56,7 +57,7 @@ class OffloadPass(InductorPass):
         self,
         patterns: Sequence[str] | None = None,
         *,
-        prefetch: int | None = backend.DEFAULT_PREFETCH,
+        prefetch: int | str = backend.DEFAULT_PREFETCH,
         prefetch_head: bool | int = False,
         adopt_vllm_offloaded: bool = True,
     ) -> None:
@@ -67,10 +68,10 @@ class OffloadPass(InductorPass):
                 "'stream' (a list of patterns) under vLLM"
             )
         self.patterns = None if patterns is None else matching.normalize_patterns(patterns)
-        options = backend.BackendOptions.parse({"prefetch": prefetch, "prefetch_head": prefetch_head})
-        self.prefetch_head = options.prefetch_head or 0  # 'auto' is off here too
+        options = Options(prefetch=prefetch, prefetch_head=prefetch_head)
+        self.prefetch_head = 0 if options.prefetch_head == AUTO else options.prefetch_head  # 'auto': off
         self.prefetch = options.prefetch
-        if self.prefetch is None:
+        if self.prefetch == AUTO:
             self.prefetch = backend.default_prefetch(self.prefetch_head)
         self.adopt_vllm_offloaded = bool(adopt_vllm_offloaded)
 

@@ -3,9 +3,15 @@
 Each graph is what ``offload_eager`` runs: the AOTAutograd inference graph after the offload
 pass, with ``prefetch=2, prefetch_head=1`` (at most three regions on the device: the head and two
 fetched; the defaults choose these per graph by bytes, which on models this small would make
-every region a head). Read them for: which parameters each fetch carries, that every read of an
-offloaded parameter goes through a fetched tensor, that release follows the last reader, and
-where each fetch is issued.
+every region a head) and ``refill_in_graph=0`` unless a test is about it (the bytes of the refill
+copied in the call are a policy of their own: the snapshots show structure).
+
+Three snapshots show whole graphs, for reference; the rest show the compact view
+(``format_offload_nodes``): the fx_offload nodes in graph order with their arguments, then the
+reads each region's fetched tensors serve. Read them for: which parameters each fetch carries,
+that every read of an offloaded parameter goes through a fetched tensor (no "reads left on the
+host"), that release follows the last reader, and where each fetch is issued (its ``after``
+token, and the ``issued`` list of the wait that first needs it started).
 """
 
 from unittest import mock
@@ -28,16 +34,17 @@ class Snapshots(TestCase):
             fx_offload.restore(model)
         torch._dynamo.reset()
 
-    def explain(self, model, patterns, *inputs, **options):
+    def explain(self, model, patterns, *inputs, compact=True, **options):
         options.setdefault("prefetch", 2)
         options.setdefault("prefetch_head", 1)
+        options.setdefault("refill_in_graph", 0)
         fx_offload.offload(model, patterns, device="cpu")
         self.models.append(model)
         with torch.no_grad():
-            return fx_offload.explain(model, *inputs, options=options)
+            return fx_offload.explain(model, *inputs, options=options, compact=compact)
 
     def test_nested_visual_tower(self):
-        text = self.explain(seeded(Nested), ["visual"], torch.randn(2, 8))
+        text = self.explain(seeded(Nested), ["visual"], torch.randn(2, 8), compact=False)
         self.assertExpectedInline(
             text,
             """\
@@ -67,7 +74,7 @@ class Snapshots(TestCase):
         t_2: "f32[16, 8]" = torch.ops.aten.t.default(fetched_4)
         addmm_2: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_5, relu, t_2);  relu = t_2 = None
         release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1, fetched_2, fetched_3, fetched_4, fetched_5], [addmm, addmm_1, addmm_2], 'thinker.visual');  addmm = addmm_1 = None
-        refill = torch.ops.fx_offload.refill.default([fetched, fetched_1, fetched_2, fetched_3, fetched_4, fetched_5], [arg0_1, arg1_1, arg3_1, arg4_1, arg5_1, arg6_1], [release], 'thinker.visual', 1408);  arg0_1 = arg1_1 = arg3_1 = arg4_1 = arg5_1 = arg6_1 = release = refill = None
+        refill = torch.ops.fx_offload.refill.default([fetched, fetched_1, fetched_2, fetched_3, fetched_4, fetched_5], [arg0_1, arg1_1, arg3_1, arg4_1, arg5_1, arg6_1], [release], 'thinker.visual');  arg0_1 = arg1_1 = arg3_1 = arg4_1 = arg5_1 = arg6_1 = release = refill = None
         add: "f32[2, 8]" = torch.ops.aten.add.Tensor(tanh, addmm_2);  tanh = addmm_2 = None
         native_layer_norm = torch.ops.aten.native_layer_norm.default(add, [8], arg7_1, arg8_1, 1e-05);  add = arg7_1 = arg8_1 = None
         getitem: "f32[2, 8]" = native_layer_norm[0];  native_layer_norm = None
@@ -78,7 +85,7 @@ class Snapshots(TestCase):
         )
 
     def test_layer_stack(self):
-        text = self.explain(seeded(Stack), ["layers.*"], torch.randn(2, 8))
+        text = self.explain(seeded(Stack), ["layers.*"], torch.randn(2, 8), compact=False)
         self.assertExpectedInline(
             text,
             """\
@@ -127,7 +134,7 @@ class Snapshots(TestCase):
         t_3: "f32[16, 8]" = torch.ops.aten.t.default(fetched_6)
         addmm_3: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_7, relu_1, t_3);  relu_1 = t_3 = None
         release_1: "f32[0]" = torch.ops.fx_offload.release.default([fetched_4, fetched_5, fetched_6, fetched_7], [addmm_2, addmm_3], 'layers.1');  fetched_4 = fetched_5 = fetched_6 = fetched_7 = addmm_2 = None
-        refill = torch.ops.fx_offload.refill.default([fetched, fetched_1, fetched_2, fetched_3], [arg0_1, arg1_1, arg3_1, arg4_1], [release_1], 'layers.0', 1120);  arg0_1 = arg1_1 = arg3_1 = arg4_1 = release_1 = refill = None
+        refill = torch.ops.fx_offload.refill.default([fetched, fetched_1, fetched_2, fetched_3], [arg0_1, arg1_1, arg3_1, arg4_1], [release_1], 'layers.0');  arg0_1 = arg1_1 = arg3_1 = arg4_1 = release_1 = refill = None
         add_1: "f32[2, 8]" = torch.ops.aten.add.Tensor(add, addmm_3);  add = addmm_3 = None
         wait_2 = torch.ops.fx_offload.wait.default([fetched_8, fetched_9, fetched_10, fetched_11], [fetched], 'layers.2');  wait_2 = None
         t_4: "f32[8, 16]" = torch.ops.aten.t.default(fetched_8)
@@ -152,83 +159,42 @@ class Snapshots(TestCase):
             text,
             """\
 # graph 1 of 1
-# regions: layers.0, layers.1, layers.2, layers.3
-# arg0_1: layers.0.fc1.weight
-# arg1_1: layers.0.fc1.bias
-# arg3_1: layers.0.fc2.weight
-# arg4_1: layers.0.fc2.bias
-# arg5_1: layers.1.fc1.weight
-# arg6_1: layers.1.fc1.bias
-# arg7_1: layers.1.fc2.weight
-# arg8_1: layers.1.fc2.bias
-# arg9_1: layers.2.fc1.weight
-# arg10_1: layers.2.fc1.bias
-# arg11_1: layers.2.fc2.weight
-# arg12_1: layers.2.fc2.bias
-# arg13_1: layers.3.fc1.weight
-# arg14_1: layers.3.fc1.bias
-# arg15_1: layers.3.fc2.weight
-# arg16_1: layers.3.fc2.bias
-    def forward(self, arg0_1: "f32[16, 8]", arg1_1: "f32[16]", arg2_1: "f32[2, 8]", arg3_1: "f32[8, 16]", arg4_1: "f32[8]", arg5_1: "f32[16, 8]", arg6_1: "f32[16]", arg7_1: "f32[8, 16]", arg8_1: "f32[8]", arg9_1: "f32[16, 8]", arg10_1: "f32[16]", arg11_1: "f32[8, 16]", arg12_1: "f32[8]", arg13_1: "f32[16, 8]", arg14_1: "f32[16]", arg15_1: "f32[8, 16]", arg16_1: "f32[8]", arg17_1: "f32[8, 8]"):
-        head = torch.ops.fx_offload.head.default([arg0_1, arg1_1, arg3_1, arg4_1], 'layers.0')
-        fetched: "f32[16, 8]" = head[0]
-        fetched_1: "f32[16]" = head[1]
-        fetched_2: "f32[8, 16]" = head[2]
-        fetched_3: "f32[8]" = head[3];  head = None
-        head_1 = torch.ops.fx_offload.head.default([arg5_1, arg6_1, arg7_1, arg8_1], 'layers.1')
-        fetched_4: "f32[16, 8]" = head_1[0]
-        fetched_5: "f32[16]" = head_1[1]
-        fetched_6: "f32[8, 16]" = head_1[2]
-        fetched_7: "f32[8]" = head_1[3];  head_1 = None
-        fetch_2 = torch.ops.fx_offload.fetch.default([arg9_1, arg10_1, arg11_1, arg12_1], [], 'layers.2');  arg9_1 = arg10_1 = arg11_1 = arg12_1 = None
-        fetched_8: "f32[16, 8]" = fetch_2[0]
-        fetched_9: "f32[16]" = fetch_2[1]
-        fetched_10: "f32[8, 16]" = fetch_2[2]
-        fetched_11: "f32[8]" = fetch_2[3];  fetch_2 = None
-        fetch_3 = torch.ops.fx_offload.fetch.default([arg13_1, arg14_1, arg15_1, arg16_1], [], 'layers.3');  arg13_1 = arg14_1 = arg15_1 = arg16_1 = None
-        fetched_12: "f32[16, 8]" = fetch_3[0]
-        fetched_13: "f32[16]" = fetch_3[1]
-        fetched_14: "f32[8, 16]" = fetch_3[2]
-        fetched_15: "f32[8]" = fetch_3[3];  fetch_3 = None
-        wait = torch.ops.fx_offload.wait.default([fetched, fetched_1, fetched_2, fetched_3], [fetched_4, fetched_8, fetched_12], 'layers.0');  wait = None
-        t: "f32[8, 16]" = torch.ops.aten.t.default(fetched)
-        addmm: "f32[2, 16]" = torch.ops.aten.addmm.default(fetched_1, arg2_1, t);  t = None
-        relu: "f32[2, 16]" = torch.ops.aten.relu.default(addmm)
-        t_1: "f32[16, 8]" = torch.ops.aten.t.default(fetched_2)
-        addmm_1: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_3, relu, t_1);  relu = t_1 = None
-        release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1, fetched_2, fetched_3], [addmm, addmm_1], 'layers.0');  addmm = release = None
-        add: "f32[2, 8]" = torch.ops.aten.add.Tensor(arg2_1, addmm_1);  arg2_1 = addmm_1 = None
-        wait_1 = torch.ops.fx_offload.wait.default([fetched_4, fetched_5, fetched_6, fetched_7], [], 'layers.1');  wait_1 = None
-        t_2: "f32[8, 16]" = torch.ops.aten.t.default(fetched_4)
-        addmm_2: "f32[2, 16]" = torch.ops.aten.addmm.default(fetched_5, add, t_2);  t_2 = None
-        relu_1: "f32[2, 16]" = torch.ops.aten.relu.default(addmm_2)
-        t_3: "f32[16, 8]" = torch.ops.aten.t.default(fetched_6)
-        addmm_3: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_7, relu_1, t_3);  relu_1 = t_3 = None
-        release_1: "f32[0]" = torch.ops.fx_offload.release.default([fetched_4, fetched_5, fetched_6, fetched_7], [addmm_2, addmm_3], 'layers.1');  addmm_2 = release_1 = None
-        add_1: "f32[2, 8]" = torch.ops.aten.add.Tensor(add, addmm_3);  add = addmm_3 = None
-        wait_2 = torch.ops.fx_offload.wait.default([fetched_8, fetched_9, fetched_10, fetched_11], [], 'layers.2');  wait_2 = None
-        t_4: "f32[8, 16]" = torch.ops.aten.t.default(fetched_8)
-        addmm_4: "f32[2, 16]" = torch.ops.aten.addmm.default(fetched_9, add_1, t_4);  t_4 = None
-        relu_2: "f32[2, 16]" = torch.ops.aten.relu.default(addmm_4)
-        t_5: "f32[16, 8]" = torch.ops.aten.t.default(fetched_10)
-        addmm_5: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_11, relu_2, t_5);  relu_2 = t_5 = None
-        release_2: "f32[0]" = torch.ops.fx_offload.release.default([fetched_8, fetched_9, fetched_10, fetched_11], [addmm_4, addmm_5], 'layers.2');  fetched_8 = fetched_9 = fetched_10 = fetched_11 = addmm_4 = None
-        refill = torch.ops.fx_offload.refill.default([fetched, fetched_1, fetched_2, fetched_3], [arg0_1, arg1_1, arg3_1, arg4_1], [release_2], 'layers.0', 1120);  arg0_1 = arg1_1 = arg3_1 = arg4_1 = release_2 = refill = None
-        add_2: "f32[2, 8]" = torch.ops.aten.add.Tensor(add_1, addmm_5);  add_1 = addmm_5 = None
-        wait_3 = torch.ops.fx_offload.wait.default([fetched_12, fetched_13, fetched_14, fetched_15], [fetched], 'layers.3');  wait_3 = None
-        t_6: "f32[8, 16]" = torch.ops.aten.t.default(fetched_12)
-        addmm_6: "f32[2, 16]" = torch.ops.aten.addmm.default(fetched_13, add_2, t_6);  t_6 = None
-        relu_3: "f32[2, 16]" = torch.ops.aten.relu.default(addmm_6)
-        t_7: "f32[16, 8]" = torch.ops.aten.t.default(fetched_14)
-        addmm_7: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_15, relu_3, t_7);  relu_3 = t_7 = None
-        release_3: "f32[0]" = torch.ops.fx_offload.release.default([fetched_12, fetched_13, fetched_14, fetched_15], [addmm_6, addmm_7], 'layers.3');  fetched_12 = fetched_13 = fetched_14 = fetched_15 = addmm_6 = None
-        refill_1 = torch.ops.fx_offload.refill.default([fetched_4, fetched_5, fetched_6, fetched_7], [arg5_1, arg6_1, arg7_1, arg8_1], [release_3], 'layers.1', 1120);  arg5_1 = arg6_1 = arg7_1 = arg8_1 = release_3 = refill_1 = None
-        add_3: "f32[2, 8]" = torch.ops.aten.add.Tensor(add_2, addmm_7);  add_2 = addmm_7 = None
-        t_8: "f32[8, 8]" = torch.ops.aten.t.default(arg17_1);  arg17_1 = None
-        mm: "f32[2, 8]" = torch.ops.aten.mm.default(add_3, t_8);  add_3 = t_8 = None
-        wait_refill = torch.ops.fx_offload.wait.default([fetched, fetched_1, fetched_2, fetched_3], [mm], 'layers.0');  fetched = fetched_1 = fetched_2 = fetched_3 = wait_refill = None
-        wait_refill_1 = torch.ops.fx_offload.wait.default([fetched_4, fetched_5, fetched_6, fetched_7], [mm], 'layers.1');  fetched_4 = fetched_5 = fetched_6 = fetched_7 = wait_refill_1 = None
-        return (mm,)""",
+head = head('layers.0', [layers.0.fc1.weight, layers.0.fc1.bias, layers.0.fc2.weight, layers.0.fc2.bias])
+head_1 = head('layers.1', [layers.1.fc1.weight, layers.1.fc1.bias, layers.1.fc2.weight, layers.1.fc2.bias])
+fetch_2 = fetch('layers.2', [layers.2.fc1.weight, layers.2.fc1.bias, layers.2.fc2.weight, layers.2.fc2.bias], after=[])
+fetch_3 = fetch('layers.3', [layers.3.fc1.weight, layers.3.fc1.bias, layers.3.fc2.weight, layers.3.fc2.bias], after=[])
+wait = wait('layers.0', fetched..fetched_3, issued=[fetched_4, fetched_8, fetched_12])
+release = release('layers.0', fetched..fetched_3, readers=[addmm, addmm_1])
+wait_1 = wait('layers.1', fetched_4..fetched_7, issued=[])
+release_1 = release('layers.1', fetched_4..fetched_7, readers=[addmm_2, addmm_3])
+wait_2 = wait('layers.2', fetched_8..fetched_11, issued=[])
+release_2 = release('layers.2', fetched_8..fetched_11, readers=[addmm_4, addmm_5])
+refill = refill('layers.0', fetched..fetched_3, after=[release_2])
+wait_3 = wait('layers.3', fetched_12..fetched_15, issued=[fetched])
+release_3 = release('layers.3', fetched_12..fetched_15, readers=[addmm_6, addmm_7])
+refill_1 = refill('layers.1', fetched_4..fetched_7, after=[release_3])
+wait_refill = wait('layers.0', fetched..fetched_3, issued=[mm])
+wait_refill_1 = wait('layers.1', fetched_4..fetched_7, issued=[mm])
+reads of layers.0:
+  t <- fetched (layers.0.fc1.weight)
+  addmm <- fetched_1 (layers.0.fc1.bias)
+  t_1 <- fetched_2 (layers.0.fc2.weight)
+  addmm_1 <- fetched_3 (layers.0.fc2.bias)
+reads of layers.1:
+  t_2 <- fetched_4 (layers.1.fc1.weight)
+  addmm_2 <- fetched_5 (layers.1.fc1.bias)
+  t_3 <- fetched_6 (layers.1.fc2.weight)
+  addmm_3 <- fetched_7 (layers.1.fc2.bias)
+reads of layers.2:
+  t_4 <- fetched_8 (layers.2.fc1.weight)
+  addmm_4 <- fetched_9 (layers.2.fc1.bias)
+  t_5 <- fetched_10 (layers.2.fc2.weight)
+  addmm_5 <- fetched_11 (layers.2.fc2.bias)
+reads of layers.3:
+  t_6 <- fetched_12 (layers.3.fc1.weight)
+  addmm_6 <- fetched_13 (layers.3.fc1.bias)
+  t_7 <- fetched_14 (layers.3.fc2.weight)
+  addmm_7 <- fetched_15 (layers.3.fc2.bias)""",
         )
 
     def test_layer_stack_refill_estimated(self):
@@ -240,22 +206,25 @@ class Snapshots(TestCase):
         figures = estimate.DeviceFigures({torch.float32: 1e9}, 1e9, 1e8)
         with mock.patch.object(estimate, "device_figures", lambda device_type: figures):
             text = self.explain(
-                seeded(Stack, n=4), ["layers.*"], torch.randn(2, 8), prefetch=3, prefetch_head=2
+                seeded(Stack, n=4),
+                ["layers.*"],
+                torch.randn(2, 8),
+                prefetch=3,
+                prefetch_head=2,
+                refill_in_graph="auto",
             )
-        self.assertIn("'layers.0', 1120)", text)
-        self.assertIn("'layers.1', 1057)", text)
         self.assertExpectedInline(
             "\n".join(line for line in text.splitlines() if "refill" in line),
             """\
-        refill = torch.ops.fx_offload.refill.default([fetched, fetched_1, fetched_2, fetched_3], [arg0_1, arg1_1, arg3_1, arg4_1], [release_2], 'layers.0', 1120);  arg0_1 = arg1_1 = arg3_1 = arg4_1 = release_2 = refill = None
-        refill_1 = torch.ops.fx_offload.refill.default([fetched_4, fetched_5, fetched_6, fetched_7], [arg5_1, arg6_1, arg7_1, arg8_1], [release_3], 'layers.1', 1057);  arg5_1 = arg6_1 = arg7_1 = arg8_1 = release_3 = refill_1 = None
-        wait_refill = torch.ops.fx_offload.wait.default([fetched, fetched_1, fetched_2, fetched_3], [mm], 'layers.0');  fetched = fetched_1 = fetched_2 = fetched_3 = wait_refill = None
-        wait_refill_1 = torch.ops.fx_offload.wait.default([fetched_4, fetched_5, fetched_6, fetched_7], [mm], 'layers.1');  fetched_4 = fetched_5 = fetched_6 = fetched_7 = wait_refill_1 = None""",
+refill = refill('layers.0', fetched..fetched_3, after=[release_2], in_graph=1120)
+refill_1 = refill('layers.1', fetched_4..fetched_7, after=[release_3], in_graph=1057)
+wait_refill = wait('layers.0', fetched..fetched_3, issued=[mm])
+wait_refill_1 = wait('layers.1', fetched_4..fetched_7, issued=[mm])""",
         )
 
     def test_layer_stack_refill_in_graph(self):
         """refill_in_graph=1500 with two heads of 1120 bytes each: the first head's refill copies
-        all its bytes inside the call (its fifth argument), the second its first 380; the wrapper
+        all its bytes inside the call (its in_graph), the second its first 380; the wrapper
         copies the remaining 740 after the call."""
         text = self.explain(
             seeded(Stack, n=4),
@@ -269,87 +238,48 @@ class Snapshots(TestCase):
             text,
             """\
 # graph 1 of 1
-# regions: layers.0, layers.1, layers.2, layers.3
-# arg0_1: layers.0.fc1.weight
-# arg1_1: layers.0.fc1.bias
-# arg3_1: layers.0.fc2.weight
-# arg4_1: layers.0.fc2.bias
-# arg5_1: layers.1.fc1.weight
-# arg6_1: layers.1.fc1.bias
-# arg7_1: layers.1.fc2.weight
-# arg8_1: layers.1.fc2.bias
-# arg9_1: layers.2.fc1.weight
-# arg10_1: layers.2.fc1.bias
-# arg11_1: layers.2.fc2.weight
-# arg12_1: layers.2.fc2.bias
-# arg13_1: layers.3.fc1.weight
-# arg14_1: layers.3.fc1.bias
-# arg15_1: layers.3.fc2.weight
-# arg16_1: layers.3.fc2.bias
-    def forward(self, arg0_1: "f32[16, 8]", arg1_1: "f32[16]", arg2_1: "f32[2, 8]", arg3_1: "f32[8, 16]", arg4_1: "f32[8]", arg5_1: "f32[16, 8]", arg6_1: "f32[16]", arg7_1: "f32[8, 16]", arg8_1: "f32[8]", arg9_1: "f32[16, 8]", arg10_1: "f32[16]", arg11_1: "f32[8, 16]", arg12_1: "f32[8]", arg13_1: "f32[16, 8]", arg14_1: "f32[16]", arg15_1: "f32[8, 16]", arg16_1: "f32[8]", arg17_1: "f32[8, 8]"):
-        head = torch.ops.fx_offload.head.default([arg0_1, arg1_1, arg3_1, arg4_1], 'layers.0')
-        fetched: "f32[16, 8]" = head[0]
-        fetched_1: "f32[16]" = head[1]
-        fetched_2: "f32[8, 16]" = head[2]
-        fetched_3: "f32[8]" = head[3];  head = None
-        head_1 = torch.ops.fx_offload.head.default([arg5_1, arg6_1, arg7_1, arg8_1], 'layers.1')
-        fetched_4: "f32[16, 8]" = head_1[0]
-        fetched_5: "f32[16]" = head_1[1]
-        fetched_6: "f32[8, 16]" = head_1[2]
-        fetched_7: "f32[8]" = head_1[3];  head_1 = None
-        fetch_2 = torch.ops.fx_offload.fetch.default([arg9_1, arg10_1, arg11_1, arg12_1], [], 'layers.2');  arg9_1 = arg10_1 = arg11_1 = arg12_1 = None
-        fetched_8: "f32[16, 8]" = fetch_2[0]
-        fetched_9: "f32[16]" = fetch_2[1]
-        fetched_10: "f32[8, 16]" = fetch_2[2]
-        fetched_11: "f32[8]" = fetch_2[3];  fetch_2 = None
-        fetch_3 = torch.ops.fx_offload.fetch.default([arg13_1, arg14_1, arg15_1, arg16_1], [], 'layers.3');  arg13_1 = arg14_1 = arg15_1 = arg16_1 = None
-        fetched_12: "f32[16, 8]" = fetch_3[0]
-        fetched_13: "f32[16]" = fetch_3[1]
-        fetched_14: "f32[8, 16]" = fetch_3[2]
-        fetched_15: "f32[8]" = fetch_3[3];  fetch_3 = None
-        wait = torch.ops.fx_offload.wait.default([fetched, fetched_1, fetched_2, fetched_3], [fetched_4, fetched_8, fetched_12], 'layers.0');  wait = None
-        t: "f32[8, 16]" = torch.ops.aten.t.default(fetched)
-        addmm: "f32[2, 16]" = torch.ops.aten.addmm.default(fetched_1, arg2_1, t);  t = None
-        relu: "f32[2, 16]" = torch.ops.aten.relu.default(addmm)
-        t_1: "f32[16, 8]" = torch.ops.aten.t.default(fetched_2)
-        addmm_1: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_3, relu, t_1);  relu = t_1 = None
-        release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1, fetched_2, fetched_3], [addmm, addmm_1], 'layers.0');  addmm = release = None
-        add: "f32[2, 8]" = torch.ops.aten.add.Tensor(arg2_1, addmm_1);  arg2_1 = addmm_1 = None
-        wait_1 = torch.ops.fx_offload.wait.default([fetched_4, fetched_5, fetched_6, fetched_7], [], 'layers.1');  wait_1 = None
-        t_2: "f32[8, 16]" = torch.ops.aten.t.default(fetched_4)
-        addmm_2: "f32[2, 16]" = torch.ops.aten.addmm.default(fetched_5, add, t_2);  t_2 = None
-        relu_1: "f32[2, 16]" = torch.ops.aten.relu.default(addmm_2)
-        t_3: "f32[16, 8]" = torch.ops.aten.t.default(fetched_6)
-        addmm_3: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_7, relu_1, t_3);  relu_1 = t_3 = None
-        release_1: "f32[0]" = torch.ops.fx_offload.release.default([fetched_4, fetched_5, fetched_6, fetched_7], [addmm_2, addmm_3], 'layers.1');  addmm_2 = release_1 = None
-        add_1: "f32[2, 8]" = torch.ops.aten.add.Tensor(add, addmm_3);  add = addmm_3 = None
-        wait_2 = torch.ops.fx_offload.wait.default([fetched_8, fetched_9, fetched_10, fetched_11], [], 'layers.2');  wait_2 = None
-        t_4: "f32[8, 16]" = torch.ops.aten.t.default(fetched_8)
-        addmm_4: "f32[2, 16]" = torch.ops.aten.addmm.default(fetched_9, add_1, t_4);  t_4 = None
-        relu_2: "f32[2, 16]" = torch.ops.aten.relu.default(addmm_4)
-        t_5: "f32[16, 8]" = torch.ops.aten.t.default(fetched_10)
-        addmm_5: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_11, relu_2, t_5);  relu_2 = t_5 = None
-        release_2: "f32[0]" = torch.ops.fx_offload.release.default([fetched_8, fetched_9, fetched_10, fetched_11], [addmm_4, addmm_5], 'layers.2');  fetched_8 = fetched_9 = fetched_10 = fetched_11 = addmm_4 = None
-        refill = torch.ops.fx_offload.refill.default([fetched, fetched_1, fetched_2, fetched_3], [arg0_1, arg1_1, arg3_1, arg4_1], [release_2], 'layers.0', 1120);  arg0_1 = arg1_1 = arg3_1 = arg4_1 = release_2 = refill = None
-        add_2: "f32[2, 8]" = torch.ops.aten.add.Tensor(add_1, addmm_5);  add_1 = addmm_5 = None
-        wait_3 = torch.ops.fx_offload.wait.default([fetched_12, fetched_13, fetched_14, fetched_15], [fetched], 'layers.3');  wait_3 = None
-        t_6: "f32[8, 16]" = torch.ops.aten.t.default(fetched_12)
-        addmm_6: "f32[2, 16]" = torch.ops.aten.addmm.default(fetched_13, add_2, t_6);  t_6 = None
-        relu_3: "f32[2, 16]" = torch.ops.aten.relu.default(addmm_6)
-        t_7: "f32[16, 8]" = torch.ops.aten.t.default(fetched_14)
-        addmm_7: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_15, relu_3, t_7);  relu_3 = t_7 = None
-        release_3: "f32[0]" = torch.ops.fx_offload.release.default([fetched_12, fetched_13, fetched_14, fetched_15], [addmm_6, addmm_7], 'layers.3');  fetched_12 = fetched_13 = fetched_14 = fetched_15 = addmm_6 = None
-        refill_1 = torch.ops.fx_offload.refill.default([fetched_4, fetched_5, fetched_6, fetched_7], [arg5_1, arg6_1, arg7_1, arg8_1], [release_3], 'layers.1', 380);  arg5_1 = arg6_1 = arg7_1 = arg8_1 = release_3 = refill_1 = None
-        add_3: "f32[2, 8]" = torch.ops.aten.add.Tensor(add_2, addmm_7);  add_2 = addmm_7 = None
-        t_8: "f32[8, 8]" = torch.ops.aten.t.default(arg17_1);  arg17_1 = None
-        mm: "f32[2, 8]" = torch.ops.aten.mm.default(add_3, t_8);  add_3 = t_8 = None
-        wait_refill = torch.ops.fx_offload.wait.default([fetched, fetched_1, fetched_2, fetched_3], [mm], 'layers.0');  fetched = fetched_1 = fetched_2 = fetched_3 = wait_refill = None
-        wait_refill_1 = torch.ops.fx_offload.wait.default([fetched_4, fetched_5, fetched_6, fetched_7], [mm], 'layers.1');  fetched_4 = fetched_5 = fetched_6 = fetched_7 = wait_refill_1 = None
-        return (mm,)""",
+head = head('layers.0', [layers.0.fc1.weight, layers.0.fc1.bias, layers.0.fc2.weight, layers.0.fc2.bias])
+head_1 = head('layers.1', [layers.1.fc1.weight, layers.1.fc1.bias, layers.1.fc2.weight, layers.1.fc2.bias])
+fetch_2 = fetch('layers.2', [layers.2.fc1.weight, layers.2.fc1.bias, layers.2.fc2.weight, layers.2.fc2.bias], after=[])
+fetch_3 = fetch('layers.3', [layers.3.fc1.weight, layers.3.fc1.bias, layers.3.fc2.weight, layers.3.fc2.bias], after=[])
+wait = wait('layers.0', fetched..fetched_3, issued=[fetched_4, fetched_8, fetched_12])
+release = release('layers.0', fetched..fetched_3, readers=[addmm, addmm_1])
+wait_1 = wait('layers.1', fetched_4..fetched_7, issued=[])
+release_1 = release('layers.1', fetched_4..fetched_7, readers=[addmm_2, addmm_3])
+wait_2 = wait('layers.2', fetched_8..fetched_11, issued=[])
+release_2 = release('layers.2', fetched_8..fetched_11, readers=[addmm_4, addmm_5])
+refill = refill('layers.0', fetched..fetched_3, after=[release_2], in_graph=1120)
+wait_3 = wait('layers.3', fetched_12..fetched_15, issued=[fetched])
+release_3 = release('layers.3', fetched_12..fetched_15, readers=[addmm_6, addmm_7])
+refill_1 = refill('layers.1', fetched_4..fetched_7, after=[release_3], in_graph=380)
+wait_refill = wait('layers.0', fetched..fetched_3, issued=[mm])
+wait_refill_1 = wait('layers.1', fetched_4..fetched_7, issued=[mm])
+reads of layers.0:
+  t <- fetched (layers.0.fc1.weight)
+  addmm <- fetched_1 (layers.0.fc1.bias)
+  t_1 <- fetched_2 (layers.0.fc2.weight)
+  addmm_1 <- fetched_3 (layers.0.fc2.bias)
+reads of layers.1:
+  t_2 <- fetched_4 (layers.1.fc1.weight)
+  addmm_2 <- fetched_5 (layers.1.fc1.bias)
+  t_3 <- fetched_6 (layers.1.fc2.weight)
+  addmm_3 <- fetched_7 (layers.1.fc2.bias)
+reads of layers.2:
+  t_4 <- fetched_8 (layers.2.fc1.weight)
+  addmm_4 <- fetched_9 (layers.2.fc1.bias)
+  t_5 <- fetched_10 (layers.2.fc2.weight)
+  addmm_5 <- fetched_11 (layers.2.fc2.bias)
+reads of layers.3:
+  t_6 <- fetched_12 (layers.3.fc1.weight)
+  addmm_6 <- fetched_13 (layers.3.fc1.bias)
+  t_7 <- fetched_14 (layers.3.fc2.weight)
+  addmm_7 <- fetched_15 (layers.3.fc2.bias)""",
         )
 
     def test_layer_stack_prefetch_0(self):
-        text = self.explain(seeded(Stack, n=2), ["layers.*"], torch.randn(2, 8), prefetch=0, prefetch_head=0)
+        text = self.explain(
+            seeded(Stack, n=2), ["layers.*"], torch.randn(2, 8), prefetch=0, prefetch_head=0, compact=False
+        )
         self.assertExpectedInline(
             text,
             """\
@@ -401,29 +331,20 @@ class Snapshots(TestCase):
             text,
             """\
 # graph 1 of 1
-# regions: shared, shared@1
-# arg0_1: shared.weight
-# arg1_1: shared.bias
-    def forward(self, arg0_1: "f32[8, 8]", arg1_1: "f32[8]", arg2_1: "f32[2, 8]", arg3_1: "f32[8, 8]", arg4_1: "f32[8]"):
-        head = torch.ops.fx_offload.head.default([arg0_1, arg1_1], 'shared')
-        fetched: "f32[8, 8]" = head[0]
-        fetched_1: "f32[8]" = head[1];  head = None
-        fetch_1 = torch.ops.fx_offload.fetch.default([arg0_1, arg1_1], [], 'shared@1')
-        fetched_2: "f32[8, 8]" = fetch_1[0]
-        fetched_3: "f32[8]" = fetch_1[1];  fetch_1 = None
-        wait = torch.ops.fx_offload.wait.default([fetched, fetched_1], [fetched_2], 'shared');  wait = None
-        t: "f32[8, 8]" = torch.ops.aten.t.default(fetched)
-        addmm: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_1, arg2_1, t);  arg2_1 = t = None
-        release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1], [addmm], 'shared')
-        refill = torch.ops.fx_offload.refill.default([fetched, fetched_1], [arg0_1, arg1_1], [release], 'shared', 288);  arg0_1 = arg1_1 = release = refill = None
-        t_1: "f32[8, 8]" = torch.ops.aten.t.default(arg3_1);  arg3_1 = None
-        addmm_1: "f32[2, 8]" = torch.ops.aten.addmm.default(arg4_1, addmm, t_1);  arg4_1 = addmm = t_1 = None
-        wait_1 = torch.ops.fx_offload.wait.default([fetched_2, fetched_3], [fetched], 'shared@1');  wait_1 = None
-        t_2: "f32[8, 8]" = torch.ops.aten.t.default(fetched_2)
-        addmm_2: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_3, addmm_1, t_2);  addmm_1 = t_2 = None
-        release_1: "f32[0]" = torch.ops.fx_offload.release.default([fetched_2, fetched_3], [addmm_2], 'shared@1');  fetched_2 = fetched_3 = release_1 = None
-        wait_refill = torch.ops.fx_offload.wait.default([fetched, fetched_1], [addmm_2], 'shared');  fetched = fetched_1 = wait_refill = None
-        return (addmm_2,)""",
+head = head('shared', [shared.weight, shared.bias])
+fetch_1 = fetch('shared@1', [shared.weight, shared.bias], after=[])
+wait = wait('shared', fetched..fetched_1, issued=[fetched_2])
+release = release('shared', fetched..fetched_1, readers=[addmm])
+refill = refill('shared', fetched..fetched_1, after=[release])
+wait_1 = wait('shared@1', fetched_2..fetched_3, issued=[fetched])
+release_1 = release('shared@1', fetched_2..fetched_3, readers=[addmm_2])
+wait_refill = wait('shared', fetched..fetched_1, issued=[addmm_2])
+reads of shared:
+  t <- fetched (shared.weight)
+  addmm <- fetched_1 (shared.bias)
+reads of shared@1:
+  t_2 <- fetched_2 (shared.weight)
+  addmm_2 <- fetched_3 (shared.bias)""",
         )
 
     def test_tied_embedding_and_head(self):
@@ -432,30 +353,18 @@ class Snapshots(TestCase):
             text,
             """\
 # graph 1 of 1
-# regions: embed, lm_head (not offloaded)
-# arg0_1: embed.weight
-    def forward(self, arg0_1: "f32[16, 8]", arg1_1: "i64[1, 3]", arg2_1: "f32[8, 8]", arg3_1: "f32[8]"):
-        head = torch.ops.fx_offload.head.default([arg0_1], 'embed')
-        fetched: "f32[16, 8]" = head[0];  head = None
-        fetch_1 = torch.ops.fx_offload.fetch.default([arg0_1], [], 'lm_head (not offloaded)')
-        fetched_1: "f32[16, 8]" = fetch_1[0];  fetch_1 = None
-        wait = torch.ops.fx_offload.wait.default([fetched], [fetched_1], 'embed');  wait = None
-        embedding: "f32[1, 3, 8]" = torch.ops.aten.embedding.default(fetched, arg1_1);  arg1_1 = None
-        release: "f32[0]" = torch.ops.fx_offload.release.default([fetched], [embedding], 'embed')
-        refill = torch.ops.fx_offload.refill.default([fetched], [arg0_1], [release], 'embed', 512);  arg0_1 = release = refill = None
-        view: "f32[3, 8]" = torch.ops.aten.view.default(embedding, [3, 8]);  embedding = None
-        t: "f32[8, 8]" = torch.ops.aten.t.default(arg2_1);  arg2_1 = None
-        addmm: "f32[3, 8]" = torch.ops.aten.addmm.default(arg3_1, view, t);  arg3_1 = view = t = None
-        view_1: "f32[1, 3, 8]" = torch.ops.aten.view.default(addmm, [1, 3, 8]);  addmm = None
-        relu: "f32[1, 3, 8]" = torch.ops.aten.relu.default(view_1);  view_1 = None
-        wait_1 = torch.ops.fx_offload.wait.default([fetched_1], [fetched], 'lm_head (not offloaded)');  wait_1 = None
-        t_1: "f32[8, 16]" = torch.ops.aten.t.default(fetched_1)
-        view_2: "f32[3, 8]" = torch.ops.aten.view.default(relu, [3, 8]);  relu = None
-        mm: "f32[3, 16]" = torch.ops.aten.mm.default(view_2, t_1);  view_2 = t_1 = None
-        release_1: "f32[0]" = torch.ops.fx_offload.release.default([fetched_1], [mm], 'lm_head (not offloaded)');  fetched_1 = release_1 = None
-        _unsafe_view: "f32[1, 3, 16]" = torch.ops.aten._unsafe_view.default(mm, [1, 3, 16]);  mm = None
-        wait_refill = torch.ops.fx_offload.wait.default([fetched], [_unsafe_view], 'embed');  fetched = wait_refill = None
-        return (_unsafe_view,)""",
+head = head('embed', [embed.weight])
+fetch_1 = fetch('lm_head (not offloaded)', [embed.weight], after=[])
+wait = wait('embed', [fetched], issued=[fetched_1])
+release = release('embed', [fetched], readers=[embedding])
+refill = refill('embed', [fetched], after=[release])
+wait_1 = wait('lm_head (not offloaded)', [fetched_1], issued=[fetched])
+release_1 = release('lm_head (not offloaded)', [fetched_1], readers=[mm])
+wait_refill = wait('embed', [fetched], issued=[_unsafe_view])
+reads of embed:
+  embedding <- fetched (embed.weight)
+reads of lm_head (not offloaded):
+  t_1 <- fetched_1 (embed.weight)""",
         )
 
     def test_graph_break_between_offloaded_blocks(self):
@@ -464,50 +373,52 @@ class Snapshots(TestCase):
             text,
             """\
 # graph 1 of 2
-# regions: first
-# arg0_1: first.fc1.weight
-# arg1_1: first.fc1.bias
-# arg3_1: first.fc2.weight
-# arg4_1: first.fc2.bias
-    def forward(self, arg0_1: "f32[16, 8]", arg1_1: "f32[16]", arg2_1: "f32[2, 8]", arg3_1: "f32[8, 16]", arg4_1: "f32[8]"):
-        head = torch.ops.fx_offload.head.default([arg0_1, arg1_1, arg3_1, arg4_1], 'first')
-        fetched: "f32[16, 8]" = head[0]
-        fetched_1: "f32[16]" = head[1]
-        fetched_2: "f32[8, 16]" = head[2]
-        fetched_3: "f32[8]" = head[3];  head = None
-        wait = torch.ops.fx_offload.wait.default([fetched, fetched_1, fetched_2, fetched_3], [], 'first');  wait = None
-        t: "f32[8, 16]" = torch.ops.aten.t.default(fetched)
-        addmm: "f32[2, 16]" = torch.ops.aten.addmm.default(fetched_1, arg2_1, t);  t = None
-        relu: "f32[2, 16]" = torch.ops.aten.relu.default(addmm)
-        t_1: "f32[16, 8]" = torch.ops.aten.t.default(fetched_2)
-        addmm_1: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_3, relu, t_1);  relu = t_1 = None
-        release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1, fetched_2, fetched_3], [addmm, addmm_1], 'first');  addmm = None
-        refill = torch.ops.fx_offload.refill.default([fetched, fetched_1, fetched_2, fetched_3], [arg0_1, arg1_1, arg3_1, arg4_1], [release], 'first', 1120);  arg0_1 = arg1_1 = arg3_1 = arg4_1 = release = refill = None
-        add: "f32[2, 8]" = torch.ops.aten.add.Tensor(arg2_1, addmm_1);  arg2_1 = addmm_1 = None
-        wait_refill = torch.ops.fx_offload.wait.default([fetched, fetched_1, fetched_2, fetched_3], [add], 'first');  fetched = fetched_1 = fetched_2 = fetched_3 = wait_refill = None
-        return (add,)
+head = head('first', [first.fc1.weight, first.fc1.bias, first.fc2.weight, first.fc2.bias])
+wait = wait('first', fetched..fetched_3, issued=[])
+release = release('first', fetched..fetched_3, readers=[addmm, addmm_1])
+refill = refill('first', fetched..fetched_3, after=[release])
+wait_refill = wait('first', fetched..fetched_3, issued=[add])
+reads of first:
+  t <- fetched (first.fc1.weight)
+  addmm <- fetched_1 (first.fc1.bias)
+  t_1 <- fetched_2 (first.fc2.weight)
+  addmm_1 <- fetched_3 (first.fc2.bias)
 
 # graph 2 of 2
-# regions: second
-# arg0_1: second.fc1.weight
-# arg1_1: second.fc1.bias
-# arg3_1: second.fc2.weight
-# arg4_1: second.fc2.bias
-    def forward(self, arg0_1: "f32[16, 8]", arg1_1: "f32[16]", arg2_1: "f32[2, 8]", arg3_1: "f32[8, 16]", arg4_1: "f32[8]"):
-        head = torch.ops.fx_offload.head.default([arg0_1, arg1_1, arg3_1, arg4_1], 'second')
-        fetched: "f32[16, 8]" = head[0]
-        fetched_1: "f32[16]" = head[1]
-        fetched_2: "f32[8, 16]" = head[2]
-        fetched_3: "f32[8]" = head[3];  head = None
-        wait = torch.ops.fx_offload.wait.default([fetched, fetched_1, fetched_2, fetched_3], [], 'second');  wait = None
-        t: "f32[8, 16]" = torch.ops.aten.t.default(fetched)
-        addmm: "f32[2, 16]" = torch.ops.aten.addmm.default(fetched_1, arg2_1, t);  t = None
-        relu: "f32[2, 16]" = torch.ops.aten.relu.default(addmm)
-        t_1: "f32[16, 8]" = torch.ops.aten.t.default(fetched_2)
-        addmm_1: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_3, relu, t_1);  relu = t_1 = None
-        release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1, fetched_2, fetched_3], [addmm, addmm_1], 'second');  addmm = None
-        refill = torch.ops.fx_offload.refill.default([fetched, fetched_1, fetched_2, fetched_3], [arg0_1, arg1_1, arg3_1, arg4_1], [release], 'second', 1120);  arg0_1 = arg1_1 = arg3_1 = arg4_1 = release = refill = None
-        add: "f32[2, 8]" = torch.ops.aten.add.Tensor(arg2_1, addmm_1);  arg2_1 = addmm_1 = None
-        wait_refill = torch.ops.fx_offload.wait.default([fetched, fetched_1, fetched_2, fetched_3], [add], 'second');  fetched = fetched_1 = fetched_2 = fetched_3 = wait_refill = None
-        return (add,)""",
+head = head('second', [second.fc1.weight, second.fc1.bias, second.fc2.weight, second.fc2.bias])
+wait = wait('second', fetched..fetched_3, issued=[])
+release = release('second', fetched..fetched_3, readers=[addmm, addmm_1])
+refill = refill('second', fetched..fetched_3, after=[release])
+wait_refill = wait('second', fetched..fetched_3, issued=[add])
+reads of second:
+  t <- fetched (second.fc1.weight)
+  addmm <- fetched_1 (second.fc1.bias)
+  t_1 <- fetched_2 (second.fc2.weight)
+  addmm_1 <- fetched_3 (second.fc2.bias)""",
+        )
+
+    def test_swapped_component_is_read_from_its_device_copy(self):
+        """thinker is swapped (its norm is read from the component's device copy, held to the end
+        of the graph), the visual tower inside it streams."""
+        text = self.explain(
+            seeded(Nested), {"visual": "stream", "thinker": "swap"}, torch.randn(2, 8), prefetch_head=0
+        )
+        self.assertExpectedInline(
+            text,
+            """\
+# graph 1 of 1
+swapped = swapped('thinker', [thinker.norm.weight, thinker.norm.bias])
+fetch = fetch('thinker.visual', [thinker.visual.proj.weight, thinker.visual.proj.bias, thinker.visual.block.fc1.weight, thinker.visual.block.fc1.bias, thinker.visual.block.fc2.weight, thinker.visual.block.fc2.bias], after=[])
+wait = wait('thinker.visual', fetched..fetched_5, issued=[])
+release = release('thinker.visual', fetched..fetched_5, readers=[addmm, addmm_1, addmm_2])
+hold = hold('thinker', on_device..on_device_1, readers=[addmm_3])
+reads of thinker.visual:
+  t <- fetched (thinker.visual.proj.weight)
+  addmm <- fetched_1 (thinker.visual.proj.bias)
+  t_1 <- fetched_2 (thinker.visual.block.fc1.weight)
+  addmm_1 <- fetched_3 (thinker.visual.block.fc1.bias)
+  t_2 <- fetched_4 (thinker.visual.block.fc2.weight)
+  addmm_2 <- fetched_5 (thinker.visual.block.fc2.bias)
+reads of swapped component thinker:
+  native_layer_norm <- on_device (thinker.norm.weight), on_device_1 (thinker.norm.bias)""",
         )

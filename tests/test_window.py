@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fx_offload import backend, runtime
+from fx_offload.options import AUTO
 from tests.models import Stack, seeded
 
 MiB = 1 << 20
@@ -15,19 +16,19 @@ MiB = 1 << 20
 @pytest.mark.parametrize(
     ("sizes", "prefetch", "head", "expected"),
     [
-        ([537 * MiB] * 8, None, None, (2, 1)),  # large regions: one head, one region computing, one copying
-        ([16 * MiB] * 8, None, None, (4, 3)),  # small ones: heads up to 48 MiB, two regions beside them
-        ([16 * MiB] * 2, None, None, (2, 1)),  # at most half the regions are heads
-        ([1 * MiB] * 5, None, None, (3, 2)),
-        ([1 * MiB], None, None, (2, 1)),
-        ([1 * MiB] * 100, None, None, (49, 48)),
-        ([16 * MiB] * 8, 2, None, (2, 1)),  # a given prefetch leaves room for one region to copy
-        ([16 * MiB] * 8, 1, None, (1, 0)),
-        ([16 * MiB] * 8, 0, None, (0, 0)),
-        ([16 * MiB] * 8, None, 0, (2, 0)),  # no head: three regions fetched in the call, as before
-        ([16 * MiB] * 8, None, 5, (6, 5)),
+        ([537 * MiB] * 8, AUTO, AUTO, (2, 1)),  # large regions: one head, one region computing, one copying
+        ([16 * MiB] * 8, AUTO, AUTO, (4, 3)),  # small ones: heads up to 48 MiB, two regions beside them
+        ([16 * MiB] * 2, AUTO, AUTO, (2, 1)),  # at most half the regions are heads
+        ([1 * MiB] * 5, AUTO, AUTO, (3, 2)),
+        ([1 * MiB], AUTO, AUTO, (2, 1)),
+        ([1 * MiB] * 100, AUTO, AUTO, (49, 48)),
+        ([16 * MiB] * 8, 2, AUTO, (2, 1)),  # a given prefetch leaves room for one region to copy
+        ([16 * MiB] * 8, 1, AUTO, (1, 0)),
+        ([16 * MiB] * 8, 0, AUTO, (0, 0)),
+        ([16 * MiB] * 8, AUTO, 0, (2, 0)),  # no head: three regions fetched in the call, as before
+        ([16 * MiB] * 8, AUTO, 5, (6, 5)),
         ([16 * MiB] * 2, 4, 3, (4, 2)),  # never more heads than regions
-        ([], None, None, (2, 0)),  # no region, or a graph whose heads would cross a partition
+        ([], AUTO, AUTO, (2, 0)),  # no region, or a graph whose heads would cross a partition
     ],
 )
 def test_window_chooses_heads_by_bytes_and_counts_them_in_prefetch(sizes, prefetch, head, expected):

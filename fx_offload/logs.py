@@ -1,0 +1,130 @@
+"""What the offload pass did to each graph: ``TORCH_LOGS`` output and counters, like Inductor's passes.
+
+``TORCH_LOGS="fx_offload"`` logs, per graph, the window chosen and each region with its bytes
+and how it is served; ``TORCH_LOGS="+fx_offload"`` adds the graph before and after the pass
+(formatted only when enabled). ``torch._logging.set_logs(modules={"fx_offload": logging.DEBUG})``
+is the in-process form.
+
+Counters add up in ``torch._dynamo.utils.counters["fx_offload"]``, beside Dynamo's and Inductor's
+(``counters["inductor"]``), so that the tools and tests that read or clear those see ours too:
+
+* ``graphs``: graphs rewritten; ``regions``: regions in them; ``heads``: regions served from
+  head buffers;
+* ``fetched_bytes``: bytes the rewritten graphs fetch inside one call each (their regions that
+  are no heads); ``head_bytes``: bytes of their heads;
+* ``refills``: head refills inserted; ``refill_in_graph_bytes``: the part of them each call
+  copies itself;
+* ``swapped``: swapped components the graphs read.
+
+They count what the pass built, at compile time; ``runtime.copied_bytes`` counts the bytes
+actually copied host to device at run time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch.fx as fx
+from torch._dynamo.utils import counters
+from torch._logging import LazyString
+from torch._logging._internal import register_log
+
+from fx_offload.ops import FETCH, HEAD, REFILL, SWAPPED
+from fx_offload.regions import GraphPlan
+
+register_log("fx_offload", "fx_offload")
+log = logging.getLogger(__name__)
+
+
+def planned(sizes: Sequence[int], prefetch: int, heads: int, options) -> None:
+    """Log the window ``graph_plan`` chose for a graph whose regions hold ``sizes`` bytes."""
+    log.info(
+        "window: prefetch=%s, heads=%s for %d regions of %s (asked: prefetch=%s, prefetch_head=%s)",
+        prefetch,
+        heads,
+        len(sizes),
+        LazyString(lambda: ", ".join(_bytes(size) for size in sizes) or "no bytes"),
+        options.prefetch,
+        options.prefetch_head,
+    )
+
+
+def graph_before(gm: fx.GraphModule) -> str | None:
+    """The code of ``gm`` before the pass where ``+fx_offload`` asks for it, else ``None``."""
+    if not log.isEnabledFor(logging.DEBUG):
+        return None
+    return _code(gm)
+
+
+def rewritten(gm: fx.GraphModule, plan: GraphPlan, regions: Sequence, before: str | None = None) -> None:
+    """Count and log what the pass did to ``gm`` under ``plan``: ``regions`` are ``rewrite``'s
+    result, ``before`` is ``graph_before(gm)`` taken before the pass."""
+    graph = gm.graph
+    refills = {node.args[3]: _in_graph(node) for node in graph.nodes if node.target is REFILL}
+    swapped = [node for node in graph.nodes if node.target is SWAPPED]
+    sizes = [sum(_nbytes(param) for param in r.region.params) for r in regions]
+    heads = [r.fetch.target is HEAD for r in regions]
+    count = counters["fx_offload"]
+    count["graphs"] += 1
+    count["regions"] += len(regions)
+    count["heads"] += sum(heads)
+    count["head_bytes"] += sum(size for size, head in zip(sizes, heads) if head)
+    count["fetched_bytes"] += sum(size for size, head in zip(sizes, heads) if not head)
+    count["refills"] += len(refills)
+    count["refill_in_graph_bytes"] += sum(refills.values())
+    count["swapped"] += len(swapped)
+    log.info("%s", LazyString(_summary, plan, regions, sizes, refills, swapped))
+    if before is not None:
+        log.debug("graph before the offload pass:\n%s", before)
+    log.debug("graph after the offload pass:\n%s", LazyString(_code, gm))
+
+
+def _summary(
+    plan: GraphPlan, regions: Sequence, sizes: list[int], refills: dict[str, int], swapped: list[fx.Node]
+) -> str:
+    heads = sum(r.fetch.target is HEAD for r in regions)
+    lines = [
+        f"rewrote a graph: {len(regions)} regions, {_bytes(sum(sizes))} offloaded; "
+        f"prefetch={plan.prefetch}, heads={heads}, refill_in_graph={plan.refill_in_graph}"
+        + (f"; {len(swapped)} swapped components" if swapped else "")
+    ]
+    release_of = {r.release: r.region.name for r in regions}
+    width = max((len(r.region.name) for r in regions), default=0)
+    for r, size in zip(regions, sizes):
+        name = r.region.name
+        if r.fetch.target is HEAD:
+            how = "head: copied in between calls"
+            if name in refills:
+                how += f", {_bytes(refills[name])} of its refill inside the call"
+        elif r.fetch.target is FETCH:
+            after = [release_of.get(token, token.name) for token in r.fetch.args[1]]
+            how = "fetched after the release of " + ", ".join(after) if after else "fetched at the start"
+        else:
+            how = f"served by {r.fetch.target}"
+        lines.append(f"  {name:<{width}}  {_bytes(size):>10}  {how}")
+    for node in swapped:
+        lines.append(f"  swapped component {node.args[1]}: {len(node.args[0])} parameters")
+    return "\n".join(lines)
+
+
+def _in_graph(refill: fx.Node) -> int:
+    return refill.args[4] if len(refill.args) > 4 else 0
+
+
+def _nbytes(node: fx.Node) -> int:
+    value = node.meta.get("val", node.meta.get("example_value"))
+    return getattr(value, "nbytes", 0)
+
+
+def _bytes(n: float) -> str:
+    if n < 10 * 1024:
+        return f"{n} B"
+    for unit in ("KiB", "MiB", "GiB"):
+        n /= 1024
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}"
+
+
+def _code(gm: fx.GraphModule) -> str:
+    return gm.print_readable(print_output=False, include_stride=False, include_device=True)

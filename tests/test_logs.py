@@ -1,0 +1,103 @@
+"""``TORCH_LOGS="+fx_offload"`` shows what the pass did to each graph; counters add it up."""
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from fx_offload import logs
+from tests.models import Stack, seeded
+
+SCRIPT = """
+import torch
+import fx_offload
+from tests.models import Stack, seeded
+
+model = seeded(Stack, n=2)
+fx_offload.offload(model, ["layers.*"], device="cpu")
+with torch.no_grad():
+    torch.compile(model, backend="offload_eager")(torch.randn(2, 8))
+"""
+
+
+def _run_with_torch_logs(setting: str) -> str:
+    root = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "TORCH_LOGS": setting,
+        "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
+    done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, cwd=root)
+    assert done.returncode == 0, done.stderr
+    return done.stderr
+
+
+def test_torch_logs_shows_regions_bytes_window_and_graphs():
+    """Two blocks of 1120 bytes (fc1 16x8 + 16, fc2 8x16 + 8, float32): the default window makes
+    the first a head, fetches the second at the start, and refills the head inside the call."""
+    out = _run_with_torch_logs("+fx_offload")
+    assert "window: prefetch=2, heads=1 for 2 regions of 1120 B, 1120 B" in out, out
+    assert "rewrote a graph: 2 regions, 2240 B offloaded; prefetch=2, heads=1, refill_in_graph=auto" in out
+    assert "layers.0      1120 B  head: copied in between calls, 1120 B of its refill inside the call" in out
+    assert "layers.1      1120 B  fetched at the start" in out
+    before, _, after = out.partition("graph after the offload pass:")
+    assert "graph before the offload pass:" in before and "torch.ops.fx_offload" not in before
+    assert "torch.ops.fx_offload.fetch.default([arg5_1, arg6_1, arg7_1, arg8_1], [], 'layers.1')" in after
+
+
+def test_counters_add_up_what_the_pass_built(offloaded):
+    counters.clear()
+    model = seeded(Stack, n=3)
+    offloaded(model, ["layers.*"])
+    with torch.no_grad():
+        torch.compile(model, backend="offload_eager", options={"prefetch": 2, "prefetch_head": 1})(
+            torch.randn(2, 8)
+        )
+    assert dict(counters["fx_offload"]) == {
+        "graphs": 1,
+        "regions": 3,
+        "heads": 1,
+        "head_bytes": 1120,
+        "fetched_bytes": 2 * 1120,
+        "refills": 1,
+        "refill_in_graph_bytes": 1120,  # on a CPU 'auto' copies all of the heads in the call
+        "swapped": 0,
+    }
+
+
+def test_nothing_is_formatted_when_the_log_is_off(offloaded, monkeypatch):
+    assert not logging.getLogger("fx_offload").isEnabledFor(logging.INFO)
+
+    def refuse(gm):
+        raise AssertionError("a graph was formatted for a log that is off")
+
+    monkeypatch.setattr(logs, "_code", refuse)
+    monkeypatch.setattr(logs, "_summary", refuse)
+    model = seeded(Stack, n=2)
+    offloaded(model, ["layers.*"])
+    with torch.no_grad():
+        torch.compile(model, backend="offload_eager")(torch.randn(2, 8))
+    assert counters["fx_offload"]["graphs"] >= 1
+
+
+@pytest.fixture
+def fx_offload_logs():
+    """Set logs in the test (so that their handler writes to the captured stderr); reset them after."""
+    yield
+    torch._logging.set_logs()
+
+
+def test_set_logs_info_level_logs_regions_but_not_graphs(offloaded, fx_offload_logs, capsys):
+    torch._logging.set_logs(modules={"fx_offload": logging.INFO})
+    model = seeded(Stack, n=2)
+    offloaded(model, ["layers.*"])
+    with torch.no_grad():
+        torch.compile(model, backend="offload_eager")(torch.randn(2, 8))
+    err = capsys.readouterr().err
+    assert "rewrote a graph: 2 regions, 2240 B offloaded" in err
+    assert "graph before the offload pass" not in err and "graph after" not in err  # those are +fx_offload
