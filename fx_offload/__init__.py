@@ -5,6 +5,7 @@
 """
 
 from fx_offload import ops as _ops  # noqa: F401  (registers the fx_offload:: custom ops)
+from fx_offload import writers as _writers  # noqa: F401  (sees fused optimizers' writes)
 from fx_offload.backend import offload_eager, offload_inductor
 from fx_offload.explain import explain
 from fx_offload.options import AUTO, OffloadOptionError, Options

@@ -4,8 +4,11 @@ A pattern is one of:
 
 * a bare name (``visual``, ``thinker.visual``): every module whose qualified name is that name
   or ends with ``.<name>``, at any depth;
-* a glob (``layers.*.mlp``, ``audio_tower.*``): ``fnmatch`` on the qualified name; a glob that
-  ends in ``.*`` also selects the module it names (``visual.*`` selects ``visual``);
+* a glob (``layers.*.mlp``, ``audio_tower.*``): at any depth, like a bare name: it selects a
+  module when ``fnmatch`` matches its qualified name or any dotted suffix of it
+  (``layers.*.mlp`` selects ``model.layers.0.mlp``; ``*`` also crosses dots); a glob that ends
+  in ``.*`` also selects the module it names (``audio_tower.*`` selects ``thinker.audio_tower``
+  and its descendants);
 * ``re:<regex>``: a regular expression that must match the whole qualified name.
 
 A selected module brings all its descendants with it.
@@ -16,7 +19,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 _GLOB_CHARS = set("*?[")
 
@@ -27,6 +30,16 @@ def normalize_patterns(patterns: object, *, argument: str = "patterns") -> tuple
     A mapping (pattern -> policy) contributes its keys. Raises ``TypeError`` or ``ValueError``
     naming the bad entry.
     """
+    if isinstance(patterns, (bytes, bytearray)):
+        raise TypeError(
+            f"{argument} must be strings, got bytes {bytes(patterns)!r}; decode it, e.g. "
+            f"[{bytes(patterns).decode(errors='replace')!r}]"
+        )
+    if isinstance(patterns, Iterator):
+        raise TypeError(
+            f"{argument} is a one-shot iterator ({type(patterns).__name__}), which would be read "
+            f"once and then be empty; pass a list, e.g. list(...)"
+        )
     if isinstance(patterns, str):
         patterns = [patterns]
     elif isinstance(patterns, Mapping):
@@ -38,6 +51,11 @@ def normalize_patterns(patterns: object, *, argument: str = "patterns") -> tuple
         )
     result = []
     for pattern in patterns:
+        if isinstance(pattern, (bytes, bytearray)):
+            raise TypeError(
+                f"{argument} must hold strings; got bytes {bytes(pattern)!r}; decode it, e.g. "
+                f"{bytes(pattern).decode(errors='replace')!r}"
+            )
         if not isinstance(pattern, str):
             raise TypeError(
                 f"{argument} must hold strings; got {pattern!r} ({type(pattern).__name__}). "
@@ -46,6 +64,11 @@ def normalize_patterns(patterns: object, *, argument: str = "patterns") -> tuple
         if not pattern.strip():
             raise ValueError(f"{argument} holds an empty pattern; remove it or name a module")
         if pattern.startswith("re:"):
+            if not pattern[3:].strip():
+                raise ValueError(
+                    f"pattern {pattern!r} has an empty regular expression, which would select the "
+                    "whole model; write one, e.g. 're:layers\\.[0-3]', or '*' for every module"
+                )
             try:
                 re.compile(pattern[3:])
             except re.error as error:
@@ -97,9 +120,11 @@ def pattern_matches(pattern: str, name: str) -> bool:
     if pattern.startswith("re:"):
         return re.fullmatch(pattern[3:], name) is not None
     if _GLOB_CHARS & set(pattern):
-        if pattern.endswith(".*") and name == pattern[:-2]:
-            return True
-        return fnmatch.fnmatchcase(name, pattern)
+        parts = name.split(".")
+        for suffix in (".".join(parts[i:]) for i in range(len(parts))):
+            if (pattern.endswith(".*") and suffix == pattern[:-2]) or fnmatch.fnmatchcase(suffix, pattern):
+                return True
+        return False
     return name == pattern or name.endswith("." + pattern)
 
 

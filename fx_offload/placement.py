@@ -64,6 +64,11 @@ def lookup(tensor: torch.Tensor) -> HostParameter | None:
     return record
 
 
+def any_placed() -> bool:
+    """Whether any parameter in the process is offloaded now."""
+    return bool(_records)
+
+
 def place(
     params: list[tuple[nn.Parameter, tuple[str, ...]]],
     device: torch.device,
@@ -131,8 +136,25 @@ def replaced(tensor: torch.Tensor) -> HostParameter | None:
     return record if record is not None and lookup(tensor) is not record else None
 
 
+def _resident_deepcopy(self: nn.Parameter, memo: dict) -> nn.Parameter:
+    """``copy.deepcopy`` of an offloaded parameter: an ordinary resident one of its original class
+    with the same values in memory of its own (the host copy is not shared, nor is the copy
+    offloaded). So ``copy.deepcopy(model)`` of an offloaded model is a plain model: compile it,
+    or ``offload`` it on its own."""
+    if id(self) in memo:
+        return memo[id(self)]
+    original = next(cls for cls, made in _offloaded_classes.items() if made is type(self))
+    result = original.__deepcopy__(self, memo)  # type(self)(a clone of the data, requires_grad)
+    if type(result) is type(self):
+        result.__class__ = original
+    memo[id(self)] = result
+    return result
+
+
 class OffloadedParameter(nn.Parameter):
     """The class an offloaded ``nn.Parameter`` takes while offloaded (Dynamo guards on it)."""
+
+    __deepcopy__ = _resident_deepcopy
 
 
 _offloaded_classes: dict[type, type] = {nn.Parameter: OffloadedParameter}
@@ -144,15 +166,19 @@ def _offloaded_class(cls: type) -> type:
     if cls not in _offloaded_classes:
         # e.g. vLLM's parameter classes; made importable so an offloaded model still pickles
         name = f"Offloaded{cls.__name__}"
-        made = type(name, (cls,), {"__module__": __name__, "__qualname__": name})
+        namespace = {"__module__": __name__, "__qualname__": name, "__deepcopy__": _resident_deepcopy}
+        made = type(name, (cls,), namespace)
         globals()[name] = made
         _offloaded_classes[cls] = made
     return _offloaded_classes[cls]
 
 
 def _forget(key: int, record: HostParameter) -> None:
+    """The parameter is gone (its module replaced and dropped): so is its host copy, which a plan
+    or a compiled graph's head records would otherwise keep alive."""
     if _records.get(key) is record:
         del _records[key]
+    record.host = record.host.new_empty(0)
 
 
 def _host_copy(

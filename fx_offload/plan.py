@@ -9,6 +9,7 @@ parameters' records.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -111,6 +112,8 @@ def offload(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(patterns, Iterator):
+        patterns = list(patterns)  # read once, checked twice below
     policies = matching.normalize_policies(patterns, policy)
     patterns = matching.normalize_patterns(patterns)
     _check_budget(device_budget, policies)
@@ -154,7 +157,6 @@ def offload(
             f"{existing.device}; call fx_offload.restore(model) before offloading it again"
         )
 
-    _move_resident(model, resolved, owned)
     keys = list(owned)
     records = placement.place([(owned[k][0], tuple(owned[k][1])) for k in keys], resolved, pin_memory)
     components: dict[str, swap.Component] = {}
@@ -174,6 +176,14 @@ def offload(
             for record in records:
                 placement.unplace(record)
             raise
+    try:
+        _move_resident(model, resolved, owned)  # last: undone whole if it fails
+    except BaseException:
+        if ordered:
+            ordered[0].arena.release()
+        for record in records:
+            placement.unplace(record)
+        raise
     streamed = {name for name, chosen_policy in chosen.items() if chosen_policy == "stream"}
     for name, module in modules.items():
         if matching.is_within(name, streamed):
@@ -323,9 +333,25 @@ def _outermost(names: set[str]) -> set[str]:
     return {n for n in names if not matching.is_within(n, names - {n}) or n == ""}
 
 
+SUPPORTED_DEVICES = ("cuda", "cpu")
+
+
 def _resolve_device(model: nn.Module, device, owned) -> torch.device:
     if device is not None:
-        resolved = torch.device(device)
+        try:
+            resolved = torch.device(device)
+        except (RuntimeError, TypeError) as error:
+            raise ValueError(f"device {device!r} is not a device ({error}); use 'cuda' or 'cpu'") from None
+        if resolved.type not in SUPPORTED_DEVICES:
+            raise ValueError(
+                f"device {str(resolved)!r} is not supported: fx_offload computes on "
+                f"{' or '.join(repr(d) for d in SUPPORTED_DEVICES)}; nothing was moved"
+            )
+        if resolved.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(
+                f"device {str(resolved)!r} asked for, but this torch sees no GPU "
+                "(torch.cuda.is_available() is False); pass device='cpu' to run on the host"
+            )
         if resolved.type == "cuda" and resolved.index is None:
             resolved = torch.device("cuda", torch.cuda.current_device())
         return resolved
@@ -338,13 +364,26 @@ def _resolve_device(model: nn.Module, device, owned) -> torch.device:
 
 
 def _move_resident(model: nn.Module, device: torch.device, owned) -> None:
-    for param in model.parameters():
-        if id(param) not in owned and param.device != device:
-            param.data = param.data.to(device)
-    for module in model.modules():
-        for key, buffer in module._buffers.items():
-            if buffer is not None and buffer.device != device:
-                module._buffers[key] = buffer.to(device)
+    """Move the parameters not offloaded and every buffer to ``device``; all or nothing."""
+    moved: list[tuple[object, object, torch.Tensor]] = []  # (holder, key, old value)
+    try:
+        for param in model.parameters():
+            if id(param) not in owned and param.device != device:
+                old = param.data
+                param.data = old.to(device)
+                moved.append((param, None, old))
+        for module in model.modules():
+            for key, buffer in module._buffers.items():
+                if buffer is not None and buffer.device != device:
+                    module._buffers[key] = buffer.to(device)
+                    moved.append((module, key, buffer))
+    except BaseException:
+        for holder, key, old in reversed(moved):
+            if key is None:
+                holder.data = old
+            else:
+                holder._buffers[key] = old
+        raise
 
 
 def _size(nbytes: float) -> str:

@@ -17,6 +17,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import torch
 import torch.fx as fx
 
 from fx_offload.estimate import DeviceFigures
@@ -93,7 +94,7 @@ def find_regions(graph: fx.Graph, plan: GraphPlan) -> list[Region]:
     for node in graph.nodes:
         if node.op in ("placeholder", "output"):
             continue
-        reads = [arg for arg in node.all_input_nodes if arg in offloaded]
+        reads = [arg for arg in node.all_input_nodes if arg in offloaded and not is_write_back(node, arg)]
         if not reads:
             continue
         key, name = _region_of(node, plan.region_modules)
@@ -103,6 +104,13 @@ def find_regions(graph: fx.Graph, plan: GraphPlan) -> list[Region]:
                 region.params.append(param)
         region.users.append(node)
     return list(regions.values())
+
+
+def is_write_back(node: fx.Node, param: fx.Node) -> bool:
+    """Whether ``node`` stores an in-place write of the graph input ``param`` (``p.mul_(2)`` in a
+    forward): functionalization leaves it as ``copy_(param, new_value)``. It writes the parameter
+    itself, so it is no read of a region and is never rewired to a fetched copy."""
+    return node.target is torch.ops.aten.copy_.default and node.args[0] is param
 
 
 def _region_of(node: fx.Node, region_modules: frozenset[str]) -> tuple[str, str]:

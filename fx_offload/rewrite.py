@@ -42,7 +42,7 @@ from torch._guards import detect_fake_mode
 from fx_offload import estimate
 from fx_offload.ops import FETCH, HEAD, HOLD, REFILL, RELEASE, SWAPPED, WAIT
 from fx_offload.options import AUTO
-from fx_offload.regions import GraphPlan, Region, find_regions
+from fx_offload.regions import GraphPlan, Region, find_regions, is_write_back
 
 
 @dataclass
@@ -68,6 +68,7 @@ def rewrite(graph: fx.Graph, plan: GraphPlan) -> list[RewrittenRegion]:
             f"prefetch_head={plan.prefetch_head} needs prefetch >= {plan.prefetch_head} (the heads count "
             f"among the prefetch + 1 regions on the device), got prefetch={plan.prefetch}"
         )
+    _refuse_captured_write_backs(graph, plan)
     inserted = [_insert(graph, region) for region in find_regions(graph, plan)]
     heads = 0 if has_barrier(graph, plan.device_type) else min(plan.prefetch_head, len(inserted))
     _schedule(graph, inserted, plan.prefetch, heads, plan.device_type)
@@ -161,6 +162,9 @@ def _serve_head(graph: fx.Graph, regions: list[RewrittenRegion], plan: GraphPlan
             token = first.release
         after = previous if previous is not None and order[previous] > order[token] else token
         anchor = _last_barrier(graph, order, after, output, device_type) or after
+        # a parameter the graph writes in place is refilled after that write, with its new value
+        writes = [n for param in first.region.params for n in param.users if is_write_back(n, param)]
+        anchor = max([anchor, *writes], key=order.__getitem__)
         copied = min(sizes[j], in_graph)
         in_graph -= copied
         args = (first.items, list(first.region.params), [token], first.region.name)
@@ -208,10 +212,28 @@ def _serve_swapped(graph: fx.Graph, plan: GraphPlan) -> None:
             items = [_call(graph, operator.getitem, (node, i), "on_device") for i in range(len(params))]
         for param, item in zip(params, items):
             for user in list(param.users):
-                if user is not node and not _escapes(user):
+                if user is not node and not _escapes(user) and not is_write_back(user, param):
                     user.replace_input_with(param, item)
         with graph.inserting_before(output):
             _call(graph, HOLD, (items, results, component), "hold")
+
+
+def _refuse_captured_write_backs(graph: fx.Graph, plan: GraphPlan) -> None:
+    """An in-place write of an offloaded parameter inside the graph stores into its host memory.
+    On a GPU that is a kernel writing a device-typed view of pinned memory: correct, over the
+    bus, but not inside a captured CUDA graph (such kernels fault there), so refuse it."""
+    if plan.device_type == "cpu" or not torch._inductor.config.triton.cudagraphs:
+        return
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+    names = {**plan.offloaded_inputs, **{i: name for i, (name, _) in plan.swapped_inputs.items()}}
+    for i, name in sorted(names.items()):
+        if any(is_write_back(user, placeholders[i]) for user in placeholders[i].users):
+            raise RuntimeError(
+                f"the compiled forward writes offloaded parameter {name!r} in place, and CUDA graphs "
+                "cannot capture a write into host memory: compile without CUDA graphs (not "
+                "mode='reduce-overhead'), keep its module resident, or make the write between calls "
+                "(the next call sees it)"
+            )
 
 
 def _last_barrier(

@@ -173,3 +173,41 @@ class EagerFrontEnd(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block(self._front(x))
+
+
+class SelfWritingBody(nn.Module):
+    """Writes its own parameters in place inside forward: a scale that doubles per call and a
+    weight clamped WGAN-style."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.fc = nn.Linear(dim, dim)
+        self.scale = nn.Parameter(torch.full((dim,), 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.scale.mul_(2)
+            self.fc.weight.clamp_(-0.2, 0.2)
+        return self.fc(x) * self.scale
+
+
+class SelfWriting(nn.Module):
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.body = SelfWritingBody(dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.body(x)))
+
+
+class Normed(nn.Module):
+    """Linear layers around a BatchNorm, whose running statistics are buffers."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(dim, dim), nn.BatchNorm1d(dim), nn.Linear(dim, dim))
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.body(x))

@@ -16,7 +16,16 @@ from tests.models import Nested, Stack, Tied, seeded
         ("thinker.visual", "model.thinker.visual", True),
         ("visual.*", "visual", True),
         ("visual.*", "visual.block.fc1", True),
-        ("visual.*", "thinker.visual", False),
+        ("visual.*", "thinker.visual", True),
+        ("visual.*", "thinker.visual.block.fc1", True),
+        ("visual.*", "thinker.unvisual", False),
+        ("visual.*", "thinker.visualx.proj", False),
+        ("audio_tower.*", "thinker.audio_tower", True),
+        ("layers.*.mlp", "model.layers.0.mlp", True),
+        ("layers.*.mlp", "model.layers.0.mlp.up", False),
+        ("layers.*.mlp", "model.sublayers.0.mlp", False),
+        ("thinker.*.fc1", "model.thinker.visual.block.fc1", True),
+        ("*", "", True),
         ("layers.*.fc1", "layers.3.fc1", True),
         ("layers.*.fc1", "layers.3.fc2", False),
         ("re:layers\\.[01]", "layers.1", True),
@@ -87,6 +96,11 @@ def test_no_match_names_pattern_closest_modules_and_how_to_list():
         (["re:layers.("], ValueError, "regular expression"),
         ([""], ValueError, "empty pattern"),
         (42, TypeError, "int"),
+        (b"layers", TypeError, "bytes b'layers'.*'layers'"),
+        ([b"layers"], TypeError, "bytes b'layers'.*'layers'"),
+        (["re:"], ValueError, "empty regular expression"),
+        (["re: "], ValueError, "empty regular expression"),
+        ((p for p in ["layers"]), TypeError, "one-shot iterator.*list"),
     ],
 )
 def test_bad_patterns_raise_naming_the_input(patterns, error, words):
@@ -118,3 +132,27 @@ def test_pattern_selecting_modules_without_parameters_raises():
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
     with pytest.raises(ValueError, match="no parameters"):
         fx_offload.offload(model, ["1"], device="cpu")
+
+
+def test_offload_accepts_a_generator_of_patterns(offloaded):
+    model = seeded(Stack)
+    plan = offloaded(model, (name for name in ["layers.0", "out"]))
+    assert plan.patterns == ("layers.0", "out")
+    assert _offloaded_names(plan) == [
+        f"layers.0.{n}" for n in ("fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight")
+    ] + ["out.weight"]
+
+
+def test_an_empty_regex_offloads_nothing():
+    model = seeded(Stack)
+    with pytest.raises(ValueError, match="empty regular expression"):
+        fx_offload.offload(model, ["re:"], device="cpu")
+    assert fx_offload.plan_of(model) is None
+
+
+def test_a_glob_selects_at_any_depth_like_a_bare_name(offloaded):
+    model = seeded(Nested)
+    plan = offloaded(model, ["visual.*"])
+    assert _offloaded_names(plan) == sorted(
+        f"thinker.visual.{n}" for n, _ in model.thinker.visual.named_parameters()
+    )

@@ -1,5 +1,6 @@
 """Nothing the user gave is lost: values survive offload, compile, restore and state_dict."""
 
+import pytest
 import torch
 
 import fx_offload
@@ -93,3 +94,63 @@ def test_in_place_write_to_the_first_region_is_seen_despite_its_prefetched_copy(
         model.load_state_dict(seeded(Stack, seed=1).state_dict())
         assert torch.equal(compiled(x), model(x))
     fx_offload.restore(model)
+
+
+def _trained_normed():
+    from tests.models import Normed
+
+    model = seeded(Normed).train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(16, 8) * 3 + 1)  # running statistics away from their defaults
+    return model.eval()
+
+
+@pytest.mark.parametrize("device", ["meta", "xla", "mps"])
+def test_an_unsupported_device_raises_naming_it_and_keeps_every_buffer(device):
+    model = _trained_normed()
+    before = _state(model)
+    with pytest.raises(ValueError, match=f"device '{device}' is not supported"):
+        fx_offload.offload(model, ["*"], device=device)
+    with pytest.raises(ValueError, match=f"device '{device}' is not supported"):
+        fx_offload.offload(model, ["body"], device=device)
+    _assert_same_state(_state(model), before)
+    assert all(b.device.type == "cpu" for b in model.buffers())
+    assert fx_offload.plan_of(model) is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without a usable GPU")
+def test_cuda_without_a_gpu_raises_naming_it_and_keeps_every_buffer():
+    model = _trained_normed()
+    before = _state(model)
+    with pytest.raises(ValueError, match="device 'cuda' .*no GPU.*device='cpu'"):
+        fx_offload.offload(model, ["body"], device="cuda")
+    _assert_same_state(_state(model), before)
+
+
+@pytest.mark.parametrize("policy", ["stream", "swap"])
+def test_deepcopy_of_an_offloaded_model_is_a_plain_resident_model_and_the_original_stays_offloaded(policy):
+    import copy
+
+    plain, model = seeded(Stack), seeded(Stack)
+    fx_offload.offload(model, ["layers.*"], device="cpu", policy=policy)
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        expected = plain(x)
+        compiled = torch.compile(model, backend="offload_eager")
+        assert torch.equal(compiled(x), expected)
+        twin = copy.deepcopy(model)
+        assert all(type(p) is torch.nn.Parameter and placement.lookup(p) is None for p in twin.parameters())
+        assert not {p.data_ptr() for p in twin.parameters()} & {p.data_ptr() for p in model.parameters()}
+        _assert_same_state(_state(twin), _state(plain))
+        assert torch.equal(torch.compile(twin, backend="eager")(x), expected)
+        with pytest.raises(ValueError, match="nothing to restore"):
+            fx_offload.restore(twin)  # it was never offloaded
+        fx_offload.offload(twin, ["layers"], device="cpu", policy=policy)  # on its own
+        torch._dynamo.reset()  # graphs shared across models of one class are another matter
+        assert torch.equal(torch.compile(twin, backend="offload_eager")(x), expected)
+        fx_offload.restore(twin)
+        assert torch.equal(compiled(x), expected)  # the original is untouched
+    assert all(placement.lookup(p) is not None for p in model.layers.parameters())
+    fx_offload.restore(model)
+    _assert_same_state(_state(model), _state(plain))
