@@ -52,10 +52,14 @@ def flux(full: bool, device: torch.device, dtype: torch.dtype, seed: int = 0):
     return model.eval().requires_grad_(False)
 
 
-def inputs(model, full: bool, device: torch.device, dtype: torch.dtype, batch: int = 1) -> dict:
-    """One denoising step's inputs, but the timestep (``step`` sets it)."""
+def inputs(
+    model, full: bool, device: torch.device, dtype: torch.dtype, batch: int = 1, image: int | None = None
+):
+    """One denoising step's inputs but the timestep (``denoise`` sets it): ``image`` latent tokens
+    (a square number; default 4096 at the real size, a 1024x1024 image)."""
     config = model.config
-    image, text = FULL_TOKENS if full else TINY_TOKENS
+    default, text = FULL_TOKENS if full else TINY_TOKENS
+    image = image or default
     side = int(image**0.5)
     img_ids = torch.zeros(side, side, 3)
     img_ids[..., 1] = torch.arange(side)[:, None]
