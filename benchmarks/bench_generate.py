@@ -25,6 +25,11 @@ bf16 kernels may round differently: the eager rows are also compared with the ea
     python benchmarks/bench_generate.py                               # batch 1 and 8, every row (GPU)
     python benchmarks/bench_generate.py --batch 1 --rows resident fx_offload
     python benchmarks/bench_generate.py --tiny --device cpu           # a small model: checks the code runs
+
+``--forward T`` times one forward of ``T`` tokens instead (no cache, ``logits_to_keep=1``), per call
+with a sync after it and back to back (``bench_offload``'s timers), for the compiled rows:
+
+    python benchmarks/bench_generate.py --forward 64 --layers 12 --rows resident fx_offload
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_offload import bandwidth, environment, uva_views  # noqa: E402
+from bench_offload import bandwidth, environment, time_back_to_back, time_forward, uva_views  # noqa: E402
 
 import fx_offload  # noqa: E402
 
@@ -229,6 +234,67 @@ def measure(row: str, cfg, state, device, dtype, ids, args, references: dict) ->
     return result
 
 
+def forward_case(batch: int, args, device: torch.device, dtype: torch.dtype) -> dict:
+    """One forward of ``args.forward`` tokens per call: ms per call and back to back, x the floor."""
+    cfg = config(args)
+    state = random_state(cfg, device, dtype)
+    layers = offloaded_layers(cfg.num_hidden_layers)
+    ids = torch.randint(
+        1, cfg.vocab_size, (batch, args.forward), generator=torch.Generator().manual_seed(batch)
+    )
+    ids = ids.to(device)
+    rows, reference = [], None
+    for row in args.rows:
+        torch._dynamo.reset()
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if row not in COMPILED:
+            rows.append({"row": row, "skipped": "--forward times the compiled rows"})
+            continue
+        model = build(cfg, state, device, dtype)
+        moved = offloaded_bytes(model, layers)
+        result: dict = {"row": row}
+        try:
+            prepare(row, model, device, layers)
+
+            def call(x, model=model):
+                return model(input_ids=x, use_cache=False, logits_to_keep=1).logits
+
+            result["per_call_ms"], _ = time_forward(call, ids, budget_s=2.0)
+            result["back_to_back_ms"] = time_back_to_back(call, ids)
+            with torch.no_grad():
+                logits = call(ids).float()
+            if reference is None and row == "resident":
+                reference = logits
+            if reference is not None:
+                result["max_abs_diff"] = (logits - reference).abs().max().item()
+        except Exception as error:
+            result["error"] = f"{type(error).__name__}: {error}"
+            traceback.print_exc()
+        finally:
+            if fx_offload.plan_of(model) is not None:
+                fx_offload.restore(model)
+            del model
+        rows.append(result)
+        print(result, flush=True)
+    gbps = bandwidth(device)
+    resident = next((r for r in rows if r["row"] == "resident" and "per_call_ms" in r), None)
+    if resident is not None and gbps == gbps:
+        transfer_ms = moved / gbps * 1e3
+        for r in rows:
+            if "per_call_ms" in r and r["row"] != "resident":
+                r["per_call_x_floor"] = r["per_call_ms"] / max(resident["per_call_ms"], transfer_ms)
+                r["back_to_back_x_floor"] = r["back_to_back_ms"] / max(
+                    resident["back_to_back_ms"], transfer_ms
+                )
+    else:
+        transfer_ms = None
+    return {"batch": batch, "forward_tokens": args.forward, "layers": cfg.num_hidden_layers,
+            "offloaded_layers": layers, "offloaded_bytes": moved, "pinned_bytes_per_s": gbps,
+            "transfer_ms": transfer_ms, "rows": rows}  # fmt: skip
+
+
 def run(batch: int, args, device: torch.device, dtype: torch.dtype) -> dict:
     cfg = config(args)
     state = random_state(cfg, device, dtype)
@@ -332,6 +398,7 @@ def main() -> None:
         "--tiny", action="store_true", help="a small model (checks the code runs, any device)"
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--forward", type=int, default=None, help="time one forward of this many tokens")
     parser.add_argument("--json", default="bench_generate.json", help="where to write the results")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -343,6 +410,10 @@ def main() -> None:
         args.rows = ["resident"] + [r for r in args.rows if r != "resident"]
     results = []
     for batch in args.batch:
+        if args.forward:
+            results.append(forward_case(batch, args, device, dtype))
+            print(json.dumps(results[-1], indent=1), flush=True)
+            continue
         results.append(run(batch, args, device, dtype))
         print("\n" + table(results[-1]), flush=True)
     report = {
