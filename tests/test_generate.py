@@ -3,7 +3,10 @@ cache, ``model.forward`` compiled under ``reduce-overhead``) with ``offload_indu
 backend gives the greedy tokens the same model gives without offload.
 
 A generate compiles two graphs (the prompt's and the one-token step's), each reading the
-offloaded layers' weights and updating the static cache in place.
+offloaded layers' weights and updating the static cache in place. On a GPU, transformers also
+compiles the one-token step by itself (``torch.compile(model.__call__)``, Inductor's backend), a
+second compile around the compiled ``forward`` that this recipe does not want: pass
+``disable_compile=True`` to generate() (``benchmarks/bench_generate.py`` does).
 """
 
 import pytest
@@ -32,6 +35,7 @@ def _generate(model, ids):
             do_sample=False,
             cache_implementation="static",
             pad_token_id=0,
+            disable_compile=True,
         )
     return out[:, ids.shape[1] :]
 
