@@ -207,11 +207,17 @@ def prepare(method: str, case: Case, state: dict, device: torch.device, dtype: t
         return torch.compile(model) if method.endswith("compiled") else model
     if method.startswith("UVA"):
         for i in indices:
-            for param in model.blocks[i].parameters():
-                host, _ = placement._host_copy(param.data, device, device.type == "cuda", "uva")
-                param.data = placement._device_alias(host, device)
+            uva_views(model.blocks[i], device)
         return torch.compile(model) if method.endswith("compiled") else model
     raise ValueError(f"unknown method {method!r}")
+
+
+def uva_views(module: nn.Module, device: torch.device) -> None:
+    """Leave ``module``'s parameters in pinned host memory, each replaced by a device-typed view of
+    it that kernels read in place over the bus (what vLLM ``--cpu-offload-gb`` does)."""
+    for param in module.parameters():
+        host, _ = placement._host_copy(param.data, device, device.type == "cuda", "uva")
+        param.data = placement._device_alias(host, device)
 
 
 def time_back_to_back(fn, x: torch.Tensor, calls: int = 20, samples: int = 5, budget_s: float = 2.0) -> float:

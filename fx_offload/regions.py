@@ -91,6 +91,7 @@ def find_regions(graph: fx.Graph, plan: GraphPlan) -> list[Region]:
     placeholders = [node for node in graph.nodes if node.op == "placeholder"]
     offloaded = {placeholders[i]: name for i, name in plan.offloaded_inputs.items()}
     regions: dict[str, Region] = {}
+    params: dict[str, set[fx.Node]] = {}  # each region's params as a set, for a linear pass
     for node in graph.nodes:
         if node.op in ("placeholder", "output"):
             continue
@@ -100,7 +101,8 @@ def find_regions(graph: fx.Graph, plan: GraphPlan) -> list[Region]:
         key, name = _region_of(node, plan.region_modules)
         region = regions.setdefault(key, Region(key, name))
         for param in reads:
-            if param not in region.params:
+            if param not in params.setdefault(key, set()):
+                params[key].add(param)
                 region.params.append(param)
         region.users.append(node)
     return list(regions.values())

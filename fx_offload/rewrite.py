@@ -32,6 +32,7 @@ After::
 
 from __future__ import annotations
 
+import bisect
 import operator
 from dataclasses import dataclass
 
@@ -88,11 +89,10 @@ def _insert(graph: fx.Graph, region: Region) -> RewrittenRegion:
     for user in users:
         for param, item in zip(region.params, items):
             user.replace_input_with(param, item)
-    order = {node: i for i, node in enumerate(graph.nodes)}
     readers = _readers(items)
     outputs = [out for reader in readers if not _is_alias(reader) for out in _tensor_outputs(reader)]
-    outputs.sort(key=order.__getitem__)
-    last = max(readers + outputs, key=order.__getitem__, default=wait)
+    outputs.sort()  # nodes compare by their place in the graph
+    last = max(readers + outputs, default=wait)
     with graph.inserting_after(last):
         release = _call(graph, RELEASE, (items, outputs, region.name), "release")
     return RewrittenRegion(region, fetch, items, wait, release)
@@ -101,32 +101,29 @@ def _insert(graph: fx.Graph, region: Region) -> RewrittenRegion:
 def _schedule(
     graph: fx.Graph, regions: list[RewrittenRegion], depth: int, heads: int, device_type: str
 ) -> None:
-    order = {node: i for i, node in enumerate(graph.nodes)}
-    regions.sort(key=lambda r: order[r.wait])
-    start = [node for node in graph.nodes if node.op == "placeholder"][-1]
+    # Nodes compare by their place in the graph (FX keeps that order as nodes move), so no step
+    # here rescans the graph: waits and barriers never move, only fetches and their items do.
+    regions.sort(key=lambda r: r.wait)
+    waits = [r.wait for r in regions]
+    barriers = _barriers(graph, device_type)
+    start = next(node for node in reversed(graph.nodes) if node.op == "placeholder")
     slots = depth + 1 - heads  # the regions copied during the call that may hold memory at once
     for k, current in enumerate(regions):
-        order = {node: i for i, node in enumerate(graph.nodes)}
         anchor, token = start, None
         if k - slots >= heads:  # a head's memory is never freed for another region
             previous = regions[k - slots].release
-            if order[previous] > order[current.wait]:
+            if previous > current.wait:
                 continue  # regions interleave here: the fetch stays beside its wait
             anchor, token = previous, previous
-        anchor = _last_barrier(graph, order, anchor, current.wait, device_type) or anchor
-        if k and order[anchor] < order[regions[k - 1].items[-1]] < order[current.wait]:
+        anchor = _last_barrier(barriers, anchor, current.wait) or anchor
+        if k and anchor < regions[k - 1].items[-1] < current.wait:
             anchor = regions[k - 1].items[-1]  # the copy stream is FIFO: issue in region order
         if token is not None:
             current.fetch.update_arg(1, [token])
         anchor.append(current.fetch)
         for item in reversed(current.items):
             current.fetch.append(item)
-        order = {node: i for i, node in enumerate(graph.nodes)}
-        pin = min(
-            (r.wait for r in regions[:k] if order[r.wait] > order[current.fetch]),
-            key=order.__getitem__,
-            default=None,
-        )
+        pin = _first_after(waits, current.fetch, end=k)
         if pin is not None:
             pin.update_arg(1, [*pin.args[1], current.items[0]])
 
@@ -144,7 +141,9 @@ def _serve_head(graph: fx.Graph, regions: list[RewrittenRegion], plan: GraphPlan
         graph.erase_node(first.fetch)
         first.fetch = head
 
-    output = next(node for node in graph.nodes if node.op == "output")
+    output = next(node for node in reversed(graph.nodes) if node.op == "output")
+    waits = [r.wait for r in regions]  # in graph order (``_schedule`` sorted them)
+    barriers = _barriers(graph, device_type)
     slots = depth + 1 - count
     fetched = regions[count:]
     sizes = [sum(_nbytes(param) for param in first.region.params) for first in heads]
@@ -153,27 +152,24 @@ def _serve_head(graph: fx.Graph, regions: list[RewrittenRegion], plan: GraphPlan
         in_graph = _auto_in_graph(graph, start, sum(sizes), plan.device_figures)
     previous = fetched[-1].items[-1] if fetched else None
     for j, first in enumerate(heads):
-        order = {node: i for i, node in enumerate(graph.nodes)}
         # the refill of head j is one more region after the last: issued like the fetch of region
         # len(regions) + j would be, after the release of its own region, and after the last
         # fetch and the refill before it (the copy stream is FIFO)
         token = regions[min(max(len(regions) + j - slots, 0), len(regions) - 1)].release
-        if order[token] < order[first.release]:
+        if token < first.release:
             token = first.release
-        after = previous if previous is not None and order[previous] > order[token] else token
-        anchor = _last_barrier(graph, order, after, output, device_type) or after
+        after = previous if previous is not None and previous > token else token
+        anchor = _last_barrier(barriers, after, output) or after
         # a parameter the graph writes in place is refilled after that write, with its new value
         writes = [n for param in first.region.params for n in param.users if is_write_back(n, param)]
-        anchor = max([anchor, *writes], key=order.__getitem__)
+        anchor = max([anchor, *writes])
         copied = min(sizes[j], in_graph)
         in_graph -= copied
         args = (first.items, list(first.region.params), [token], first.region.name)
         with graph.inserting_after(anchor):
             refill = _call(graph, REFILL, (*args, copied) if copied else args, "refill")
         previous = refill
-        order = {node: i for i, node in enumerate(graph.nodes)}
-        later = [r.wait for r in regions if order[r.wait] > order[refill]]
-        pin = min(later, key=order.__getitem__, default=None)
+        pin = _first_after(waits, refill)
         if pin is not None:  # reading the refilled buffers orders this wait after the refill
             pin.update_arg(1, [*pin.args[1], first.items[0]])
     results = [n for n in output.all_input_nodes if isinstance(n.meta.get("val"), torch.Tensor)]
@@ -236,14 +232,22 @@ def _refuse_captured_write_backs(graph: fx.Graph, plan: GraphPlan) -> None:
             )
 
 
-def _last_barrier(
-    graph: fx.Graph, order: dict[fx.Node, int], after: fx.Node, before: fx.Node, device_type: str
-) -> fx.Node | None:
-    barrier = None
-    for node in graph.nodes:
-        if order[after] < order[node] < order[before] and _is_barrier(node, device_type):
-            barrier = node
-    return barrier
+def _barriers(graph: fx.Graph, device_type: str) -> list[fx.Node]:
+    """The graph's barriers, in graph order (the pass never moves them)."""
+    return [node for node in graph.nodes if _is_barrier(node, device_type)]
+
+
+def _last_barrier(barriers: list[fx.Node], after: fx.Node, before: fx.Node) -> fx.Node | None:
+    """The last of ``barriers`` (in graph order) strictly between ``after`` and ``before``."""
+    i = bisect.bisect_left(barriers, before)
+    return barriers[i - 1] if i and barriers[i - 1] > after else None
+
+
+def _first_after(nodes: list[fx.Node], node: fx.Node, end: int | None = None) -> fx.Node | None:
+    """The first of ``nodes[:end]`` (in graph order) after ``node``."""
+    end = len(nodes) if end is None else end
+    i = bisect.bisect_right(nodes, node, 0, end)
+    return nodes[i] if i < end else None
 
 
 def has_barrier(graph: fx.Graph, device_type: str) -> bool:
@@ -278,12 +282,13 @@ def _nbytes(node: fx.Node) -> int:
 
 def _readers(items: list[fx.Node]) -> list[fx.Node]:
     """Every node that reads the fetched tensors, following views to their users."""
-    found, todo = [], list(items)
+    found, seen, todo = [], set(), list(items)
     while todo:
         for user in todo.pop().users:
-            if user.target in (WAIT, RELEASE, REFILL) or user in found:
+            if user.target in (WAIT, RELEASE, REFILL) or user in seen:
                 continue
             found.append(user)
+            seen.add(user)
             if _is_alias(user):
                 todo.append(user)
     return found
@@ -325,9 +330,12 @@ def _is_alias(node: fx.Node) -> bool:
 
 def _call(graph: fx.Graph, target, args: tuple, name: str) -> fx.Node:
     node = graph.create_node("call_function", target, args, name=name)
-    fake_mode = detect_fake_mode([n.meta.get("val") for n in graph.nodes if n.op == "placeholder"])
     values = torch.fx.node.map_arg(args, lambda n: n.meta.get("val"))
-    if fake_mode is not None and not any(v is None for v in torch.utils._pytree.tree_leaves(values)):
+    leaves = torch.utils._pytree.tree_leaves(values)
+    # the fake mode of the arguments' values (the graph's: all its values share one), found
+    # among the arguments rather than the placeholders so that each inserted node costs its own size
+    fake_mode = detect_fake_mode(leaves)
+    if fake_mode is not None and not any(v is None for v in leaves):
         with fake_mode:
             node.meta["val"] = target(*values)
     return node

@@ -1,0 +1,428 @@
+"""transformers' generate() with a quarter of the decoder layers in host memory: prefill and decode.
+
+A 3B-size ``Qwen2ForCausalLM`` (hidden 2048, intermediate 11008, 36 layers, 16 query / 2 key-value
+heads, bf16, random weights from a config) generates greedily with a static cache. Every 4th
+decoder layer (``model.layers.0``, ``.4``, ...) is offloaded, the same layers for every row:
+
+* ``resident``: nothing offloaded, ``model.forward`` compiled (Inductor, ``reduce-overhead``);
+* ``fx_offload``: the layers offloaded with ``fx_offload.offload``, ``model.forward`` compiled with
+  ``backend="offload_inductor"``, ``reduce-overhead`` (transformers' documented static-cache recipe);
+* ``accelerate device_map``: the layers on ``"cpu"`` in a ``device_map`` (``accelerate.dispatch_model``:
+  what ``from_pretrained(..., device_map=...)`` does), eager (transformers does not compile it);
+* ``diffusers leaf stream``: ``diffusers.hooks.apply_group_offloading`` on each layer, leaf level, with
+  a copy stream, eager;
+* ``UVA in-place``: the layers' weights left in pinned host memory as device-typed views that kernels
+  read over the bus (vLLM's ``--cpu-offload-gb``), compiled like ``resident``.
+
+Each row keeps one static cache (``transformers.StaticCache``) across its generate() calls.
+Prefill is the time of ``generate(max_new_tokens=1)`` (the prompt's forward and one sampled
+token); decode per token is ``(generate(N) - generate(1)) / (N - 1)``, each the median of a few
+runs after warm-up (compiles excluded). The floor of a row with offloaded weights is ``max(resident time,
+offloaded bytes / pinned bandwidth)`` for prefill and for each decode step. Every row's tokens are
+compared with the resident model's: a row giving other tokens is marked WRONG (compiled and eager
+bf16 kernels may round differently: the eager rows are also compared with the eager resident model).
+
+    python benchmarks/bench_generate.py                               # batch 1 and 8, every row (GPU)
+    python benchmarks/bench_generate.py --batch 1 --rows resident fx_offload
+    python benchmarks/bench_generate.py --tiny --device cpu           # a small model: checks the code runs
+
+``--forward T`` times one forward of ``T`` tokens instead (no cache, ``logits_to_keep=1``), per call
+with a sync after it and back to back (``bench_offload``'s timers), for the compiled rows:
+
+    python benchmarks/bench_generate.py --forward 64 --layers 12 --rows resident fx_offload
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_offload import bandwidth, environment, time_back_to_back, time_forward, uva_views  # noqa: E402
+
+import fx_offload  # noqa: E402
+
+ROWS = ["resident", "fx_offload", "accelerate device_map", "diffusers leaf stream", "UVA in-place"]
+CUDA_ONLY = {
+    "accelerate device_map": "moves weights to a CUDA device per call",
+    "UVA in-place": "pinned views",
+}
+COMPILED = {"resident", "fx_offload", "UVA in-place"}
+FULL = dict(
+    hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+    num_key_value_heads=2, vocab_size=151936, max_position_embeddings=4096, rope_theta=1e6,
+)  # fmt: skip
+TINY = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
+    num_key_value_heads=2, vocab_size=256, max_position_embeddings=512, initializer_range=0.2,
+)  # fmt: skip
+EVERY = 4
+
+
+def config(args):
+    from transformers import Qwen2Config
+
+    sizes = dict(TINY if args.tiny else FULL)
+    if args.layers is not None:
+        sizes["num_hidden_layers"] = args.layers
+    return Qwen2Config(**sizes, torch_dtype=args.dtype)
+
+
+def offloaded_layers(layers: int) -> list[int]:
+    return list(range(0, layers, EVERY))
+
+
+def build(cfg, state: dict | None, device: torch.device, dtype: torch.dtype):
+    """The model on ``device``, with ``state``'s weights where given (the same weights for every row)."""
+    from transformers import Qwen2ForCausalLM
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        torch.manual_seed(0)
+        with device:
+            model = Qwen2ForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(default)
+    if state is not None:
+        model.load_state_dict(state)
+    return model.eval()
+
+
+def random_state(cfg, device: torch.device, dtype: torch.dtype) -> dict:
+    model = build(cfg, None, device, dtype)
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def offloaded_bytes(model, layers: list[int]) -> int:
+    return sum(p.nbytes for i in layers for p in model.model.layers[i].parameters())
+
+
+def prepare(row: str, model, device: torch.device, layers: list[int]):
+    """Set ``row``'s offloading up on ``model``; return the generate() keyword arguments it needs."""
+    patterns = [f"model.layers.{i}" for i in layers]
+    kwargs: dict = {"disable_compile": True}  # rows compile model.forward themselves, or run eager
+    if row == "resident":
+        model.forward = torch.compile(model.forward, mode="reduce-overhead")
+    elif row == "fx_offload":
+        fx_offload.offload(model, patterns, device=device)
+        model.forward = torch.compile(model.forward, backend="offload_inductor", mode="reduce-overhead")
+    elif row == "accelerate device_map":
+        from accelerate import dispatch_model
+
+        model.to("cpu")
+        device_map = {"model.embed_tokens": device.index or 0, "model.norm": device.index or 0}
+        device_map |= {"model.rotary_emb": device.index or 0, "lm_head": device.index or 0}
+        for i in range(len(model.model.layers)):
+            device_map[f"model.layers.{i}"] = "cpu" if i in layers else (device.index or 0)
+        dispatch_model(model, device_map=device_map)
+    elif row == "diffusers leaf stream":
+        from diffusers.hooks import apply_group_offloading
+
+        for i in layers:
+            apply_group_offloading(
+                model.model.layers[i],
+                onload_device=device,
+                offload_device=torch.device("cpu"),
+                offload_type="leaf_level",
+                use_stream=device.type == "cuda",
+            )
+    elif row == "UVA in-place":
+        for i in layers:
+            uva_views(model.model.layers[i], device)
+        model.forward = torch.compile(model.forward, mode="reduce-overhead")
+    else:
+        raise ValueError(f"unknown row {row!r}")
+    return kwargs
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def static_cache(cfg, batch: int, length: int, device: torch.device, dtype: torch.dtype):
+    """One static cache for every generate() of a row, its tensors made outside any compiled code (so
+    ``StaticCache`` marks their addresses static, as CUDA graphs need) and reset before each call (a
+    new cache per call would give the compiled graphs new tensors each time)."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=cfg, max_cache_len=length)
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    cache.early_initialization(batch, cfg.num_key_value_heads, head_dim, dtype, device)
+    return cache
+
+
+def generate(model, ids, new_tokens: int, kwargs: dict) -> torch.Tensor:
+    cache = kwargs.get("past_key_values")
+    if cache is not None:
+        cache.reset()
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            **kwargs,
+        )
+    return out[:, ids.shape[1] :]
+
+
+def timed(model, ids, new_tokens: int, kwargs: dict, device: torch.device, runs: int) -> float:
+    """Median seconds of ``runs`` generate() calls of ``new_tokens`` tokens."""
+    times = []
+    for _ in range(runs):
+        sync(device)
+        start = time.perf_counter()
+        generate(model, ids, new_tokens, kwargs)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(row: str, cfg, state, device, dtype, ids, args, references: dict) -> dict:
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    result: dict = {"row": row}
+    if device.type != "cuda" and row in CUDA_ONLY:
+        return {**result, "skipped": f"needs CUDA ({CUDA_ONLY[row]})"}
+    model = build(cfg, state, device, dtype)
+    layers = offloaded_layers(cfg.num_hidden_layers)
+    try:
+        kwargs = prepare(row, model, device, layers)
+        kwargs["past_key_values"] = static_cache(
+            cfg, ids.shape[0], ids.shape[1] + args.new_tokens, device, dtype
+        )
+        start = time.perf_counter()
+        tokens = generate(model, ids, args.new_tokens, kwargs)  # compiles the prompt's and the step's graph
+        generate(model, ids, 1, kwargs)
+        sync(device)
+        result["warmup_s"] = time.perf_counter() - start
+        prefill = timed(model, ids, 1, kwargs, device, args.runs)
+        whole = timed(model, ids, args.new_tokens, kwargs, device, args.runs)
+        result["prefill_ms"] = prefill * 1e3
+        result["decode_ms_per_token"] = (whole - prefill) / (args.new_tokens - 1) * 1e3
+        result["tokens"] = tokens.tolist()
+        if device.type == "cuda":
+            result["peak_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    except Exception as error:  # a peer that fails is reported, not dropped
+        result["error"] = f"{type(error).__name__}: {error}"
+        traceback.print_exc()
+    finally:
+        if row == "fx_offload" and fx_offload.plan_of(model) is not None:
+            fx_offload.restore(model)
+        del model
+    if "tokens" in result:
+        compiled = references.get("resident")
+        eager = references.get("resident eager")
+        same = [name for name, ref in (("compiled", compiled), ("eager", eager)) if ref == result["tokens"]]
+        result["tokens_match"] = same
+        result["correct"] = bool(same) if (compiled or eager) else None
+    return result
+
+
+def forward_case(batch: int, args, device: torch.device, dtype: torch.dtype) -> dict:
+    """One forward of ``args.forward`` tokens per call: ms per call and back to back, x the floor."""
+    cfg = config(args)
+    state = random_state(cfg, device, dtype)
+    layers = offloaded_layers(cfg.num_hidden_layers)
+    ids = torch.randint(
+        1, cfg.vocab_size, (batch, args.forward), generator=torch.Generator().manual_seed(batch)
+    )
+    ids = ids.to(device)
+    rows, reference = [], None
+    for row in args.rows:
+        torch._dynamo.reset()
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if row not in COMPILED:
+            rows.append({"row": row, "skipped": "--forward times the compiled rows"})
+            continue
+        model = build(cfg, state, device, dtype)
+        moved = offloaded_bytes(model, layers)
+        result: dict = {"row": row}
+        try:
+            prepare(row, model, device, layers)
+
+            def call(x, model=model):
+                return model(input_ids=x, use_cache=False, logits_to_keep=1).logits
+
+            result["per_call_ms"], _ = time_forward(call, ids, budget_s=2.0)
+            result["back_to_back_ms"] = time_back_to_back(call, ids)
+            with torch.no_grad():
+                logits = call(ids).float()
+            if reference is None and row == "resident":
+                reference = logits
+            if reference is not None:
+                result["max_abs_diff"] = (logits - reference).abs().max().item()
+        except Exception as error:
+            result["error"] = f"{type(error).__name__}: {error}"
+            traceback.print_exc()
+        finally:
+            if fx_offload.plan_of(model) is not None:
+                fx_offload.restore(model)
+            del model
+        rows.append(result)
+        print(result, flush=True)
+    gbps = bandwidth(device)
+    resident = next((r for r in rows if r["row"] == "resident" and "per_call_ms" in r), None)
+    if resident is not None and gbps == gbps:
+        transfer_ms = moved / gbps * 1e3
+        for r in rows:
+            if "per_call_ms" in r and r["row"] != "resident":
+                r["per_call_x_floor"] = r["per_call_ms"] / max(resident["per_call_ms"], transfer_ms)
+                r["back_to_back_x_floor"] = r["back_to_back_ms"] / max(
+                    resident["back_to_back_ms"], transfer_ms
+                )
+    else:
+        transfer_ms = None
+    return {"batch": batch, "forward_tokens": args.forward, "layers": cfg.num_hidden_layers,
+            "offloaded_layers": layers, "offloaded_bytes": moved, "pinned_bytes_per_s": gbps,
+            "transfer_ms": transfer_ms, "rows": rows}  # fmt: skip
+
+
+def run(batch: int, args, device: torch.device, dtype: torch.dtype) -> dict:
+    cfg = config(args)
+    state = random_state(cfg, device, dtype)
+    ids = torch.randint(
+        1, cfg.vocab_size, (batch, args.prompt), generator=torch.Generator().manual_seed(batch)
+    )
+    ids = ids.to(device)
+    references: dict = {}
+    eager = build(cfg, state, device, dtype)  # the eager resident model's tokens: a second reference
+    cache = static_cache(cfg, batch, args.prompt + args.new_tokens, device, dtype)
+    kwargs = {"disable_compile": True, "past_key_values": cache}
+    references["resident eager"] = generate(eager, ids, args.new_tokens, kwargs).tolist()
+    moved = offloaded_bytes(eager, offloaded_layers(cfg.num_hidden_layers))
+    del eager
+    rows = []
+    for row in args.rows:
+        result = measure(row, cfg, state, device, dtype, ids, args, references)
+        if row == "resident" and "tokens" in result:
+            references["resident"] = result["tokens"]
+            for earlier in rows:  # rows measured before the reference existed
+                if "tokens" in earlier:
+                    earlier["correct"] = earlier["tokens"] in (result["tokens"], references["resident eager"])
+        rows.append(result)
+        print(line(result, None), flush=True)
+    gbps = bandwidth(device)
+    resident = next((r for r in rows if r["row"] == "resident" and "prefill_ms" in r), None)
+    floor = {}
+    if resident is not None and gbps == gbps:  # a CUDA device (NaN elsewhere)
+        transfer_ms = moved / gbps * 1e3
+        floor = {
+            "prefill_ms": max(resident["prefill_ms"], transfer_ms),
+            "decode_ms_per_token": max(resident["decode_ms_per_token"], transfer_ms),
+            "transfer_ms": transfer_ms,
+        }
+    for r in rows:
+        if floor and "prefill_ms" in r:
+            r["prefill_x_floor"] = r["prefill_ms"] / floor["prefill_ms"]
+            r["decode_x_floor"] = r["decode_ms_per_token"] / floor["decode_ms_per_token"]
+    return {
+        "batch": batch,
+        "prompt": args.prompt,
+        "new_tokens": args.new_tokens,
+        "layers": cfg.num_hidden_layers,
+        "offloaded_layers": offloaded_layers(cfg.num_hidden_layers),
+        "offloaded_bytes": moved,
+        "pinned_bytes_per_s": gbps,
+        "floor": floor,
+        "rows": rows,
+    }
+
+
+def line(r: dict, floor: dict | None) -> str:
+    if "skipped" in r:
+        return f"{r['row']:24} skipped: {r['skipped']}"
+    if "error" in r:
+        return f"{r['row']:24} failed: {r['error'][:140]}"
+    mark = {True: "ok", False: "WRONG", None: "?"}[r.get("correct")]
+    text = f"{r['row']:24} {r['prefill_ms']:10.2f} {r['decode_ms_per_token']:10.2f}"
+    if "prefill_x_floor" in r:
+        text += f" {r['prefill_x_floor']:9.3f} {r['decode_x_floor']:9.3f}"
+    else:
+        text += f" {'':9} {'':9}"
+    peak = f"{r['peak_gb']:7.2f}" if "peak_gb" in r else f"{'':7}"
+    return text + f" {peak} {r['warmup_s']:8.1f}  {mark}"
+
+
+def table(result: dict) -> str:
+    floor = result["floor"]
+    head = (
+        f"batch {result['batch']}, prompt {result['prompt']}, {result['new_tokens']} new tokens, "
+        f"{len(result['offloaded_layers'])} of {result['layers']} layers offloaded "
+        f"({result['offloaded_bytes'] / 1e9:.2f} GB)"
+    )
+    if floor:
+        head += (
+            f"; {result['pinned_bytes_per_s'] / 1e9:.1f} GB/s pinned, "
+            f"transfer {floor['transfer_ms']:.2f} ms; "
+            f"floor prefill {floor['prefill_ms']:.2f} ms, decode {floor['decode_ms_per_token']:.2f} ms/token"
+        )
+    columns = f"{'row':24} {'prefill ms':>10} {'ms/token':>10} {'x floor':>9} {'x floor':>9}"
+    columns += f" {'peak GB':>7} {'warmup s':>8}"
+    return "\n".join([head, columns] + [line(r, floor) for r in result["rows"]])
+
+
+def commit() -> str:
+    done = subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, check=False
+    )
+    return done.stdout.strip() or "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS, metavar="ROW", help=f"of {ROWS}")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default 36; --tiny 8)")
+    parser.add_argument("--prompt", type=int, default=128, help="prompt tokens")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per timed decode")
+    parser.add_argument("--runs", type=int, default=3, help="timed generate() calls per figure (the median)")
+    parser.add_argument(
+        "--tiny", action="store_true", help="a small model (checks the code runs, any device)"
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--forward", type=int, default=None, help="time one forward of this many tokens")
+    parser.add_argument("--json", default="bench_generate.json", help="where to write the results")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    args.dtype = dtype
+    if args.tiny:
+        args.prompt, args.new_tokens = min(args.prompt, 8), min(args.new_tokens, 4)
+    if "resident" in args.rows:  # the reference first
+        args.rows = ["resident"] + [r for r in args.rows if r != "resident"]
+    results = []
+    for batch in args.batch:
+        if args.forward:
+            results.append(forward_case(batch, args, device, dtype))
+            print(json.dumps(results[-1], indent=1), flush=True)
+            continue
+        results.append(run(batch, args, device, dtype))
+        print("\n" + table(results[-1]), flush=True)
+    report = {
+        "environment": {**environment(device), "commit": commit()},
+        "command": " ".join(["python", *sys.argv]),
+        "results": results,
+    }
+    Path(args.json).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""The offload pass costs time linear in the graph: no step rescans the graph per region.
+
+A pass that recomputed node order, searched for barriers or looked for the fake mode over the
+whole graph once per region made a 36-layer model's compile take minutes. Counting the nodes the
+pass visits (every walk over ``graph.nodes``) measures that without timing: doubling the regions
+of a long synthetic graph must about double the count, where a per-region walk quadruples it.
+"""
+
+from unittest import mock
+
+import pytest
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from fx_offload.regions import AUTO, GraphPlan
+from fx_offload.rewrite import rewrite
+
+
+def _layers(count: int, device: str, barrier_every: int) -> tuple[fx.Graph, GraphPlan]:
+    """``count`` offloaded layers of three ``mm``s each (as a post-grad graph records them, with
+    fake values and module stacks), a resident op between layers and, every ``barrier_every``
+    layers, a round trip through host memory (a barrier on a CUDA graph)."""
+    mode = FakeTensorMode()
+    with mode:
+        act, weight = torch.empty(4, 8, device=device), torch.empty(8, 8, device=device)
+        host = torch.empty(4, 8)
+    graph = fx.Graph()
+    weights = []
+    for i in range(3 * count):
+        weights.append(graph.placeholder(f"w{i}"))
+        weights[-1].meta["val"] = weight
+    x = graph.placeholder("x")
+    x.meta["val"] = act
+
+    def call(target, args, value, stack=None, **kwargs):
+        node = graph.call_function(target, args, kwargs)
+        node.meta["val"] = value
+        if stack:
+            node.meta["nn_module_stack"] = stack
+        return node
+
+    for layer in range(count):
+        stack = {f"{1000 + layer}": (f"L['self'].layers[{layer}]", "Layer")}
+        for j in range(3):
+            t = call(torch.ops.aten.t.default, (weights[3 * layer + j],), weight, stack)
+            x = call(
+                torch.ops.aten.relu.default,
+                (call(torch.ops.aten.mm.default, (x, t), act, stack),),
+                act,
+                stack,
+            )
+        x = call(torch.ops.aten.sin.default, (x,), act)
+        if barrier_every and layer % barrier_every == barrier_every - 1:
+            x = call(torch.ops.aten._to_copy.default, (x,), host, device=torch.device("cpu"))
+            x = call(torch.ops.aten._to_copy.default, (x,), act, device=torch.device(device))
+    graph.output((x,))
+    offloaded = {i: f"layers.{i // 3}.w{i % 3}" for i in range(3 * count)}
+    modules = frozenset(f"{1000 + layer}" for layer in range(count))
+    plan = GraphPlan(
+        offloaded, modules, prefetch=3, device_type=device, prefetch_head=2, refill_in_graph=AUTO
+    )
+    return graph, plan
+
+
+def _visits(graph: fx.Graph, plan: GraphPlan) -> int:
+    """How many nodes ``rewrite`` visits walking the graph's node list (either way)."""
+    nodes = type(graph.nodes)
+    count = 0
+
+    def counting(walk):
+        def visit(self):
+            nonlocal count
+            for node in walk(self):
+                count += 1
+                yield node
+
+        return visit
+
+    with (
+        mock.patch.object(nodes, "__iter__", counting(nodes.__iter__)),
+        mock.patch.object(nodes, "__reversed__", counting(nodes.__reversed__)),
+    ):
+        regions = rewrite(graph, plan)
+    assert len(regions) == len(plan.region_modules)
+    return count
+
+
+@pytest.mark.parametrize(
+    "device,barrier_every",
+    [("cpu", 0), ("cuda", 0), ("cuda", 10)],  # heads (no barrier); fetches held back by barriers
+    ids=["cpu-heads", "cuda-heads", "cuda-barriers"],
+)
+def test_pass_walks_the_graph_a_bounded_number_of_times(device, barrier_every):
+    small = _visits(*_layers(60, device, barrier_every))
+    large = _visits(*_layers(120, device, barrier_every))
+    # linear: 2x the regions, 2x the visits; one walk per region would make it 4x
+    assert large < 2.5 * small, (small, large)
