@@ -160,13 +160,6 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def commit() -> str:
-    done = subprocess.run(
-        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, check=False
-    )
-    return done.stdout.strip() or "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[9, 18, 36, 72])
@@ -190,7 +183,7 @@ def main() -> None:
             results.append(min(good, key=lambda r: r["first_call_s"]) if good else runs[-1])
             print(f"{layers} layers, {row}: {results[-1].get('first_call_s', 'failed')}", flush=True)
     report = {
-        "environment": {**environment(device), "commit": commit(), "mode": args.mode},
+        "environment": {**environment(device), "mode": args.mode},
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "results": results,
     }

@@ -32,7 +32,6 @@ import argparse
 import gc
 import json
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -146,13 +145,6 @@ def table(report: dict) -> str:
     return "\n".join([head, columns] + [line(r) for r in report["rows"]])
 
 
-def commit() -> str:
-    done = subprocess.run(
-        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, check=False
-    )
-    return done.stdout.strip() or "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS, metavar="ROW", help=f"of {ROWS}")
@@ -188,7 +180,7 @@ def main() -> None:
             r["x_floor"] = r["step_ms"] / floor_ms
     image_tokens = args.image_tokens or (TINY_TOKENS if args.tiny else FULL_TOKENS)[0]
     report = {
-        "environment": {**environment(device), "commit": commit()},
+        "environment": {**environment(device)},
         "command": " ".join(["python", *sys.argv]),
         "model": "FluxTransformer2DModel" + (" (tiny)" if args.tiny else ""),
         "offloaded_blocks": len(names),

@@ -38,7 +38,6 @@ import argparse
 import gc
 import json
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -379,13 +378,6 @@ def table(result: dict) -> str:
     return "\n".join([head, columns] + [line(r, floor) for r in result["rows"]])
 
 
-def commit() -> str:
-    done = subprocess.run(
-        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, check=False
-    )
-    return done.stdout.strip() or "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
@@ -417,7 +409,7 @@ def main() -> None:
         results.append(run(batch, args, device, dtype))
         print("\n" + table(results[-1]), flush=True)
     report = {
-        "environment": {**environment(device), "commit": commit()},
+        "environment": {**environment(device)},
         "command": " ".join(["python", *sys.argv]),
         "results": results,
     }

@@ -471,6 +471,7 @@ def table(result: dict) -> str:
 
 
 def environment(device: torch.device) -> dict:
+    """What a result was measured on: the device, torch, Python, the date and the commit."""
     return {
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"
@@ -478,7 +479,20 @@ def environment(device: torch.device) -> dict:
         "torch": torch.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
+        "commit": commit(),
     }
+
+
+def commit() -> str:
+    """The checkout's commit, with ``+changes`` where its tracked files differ from it."""
+    root = Path(__file__).parent
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], capture_output=True, text=True, cwd=root, check=False)
+        return done.stdout.strip()
+
+    head = git("rev-parse", "HEAD") or "unknown"
+    return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def main() -> None:

@@ -13,7 +13,8 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from fx_offload.regions import AUTO, GraphPlan
+from fx_offload.options import AUTO
+from fx_offload.regions import GraphPlan
 from fx_offload.rewrite import rewrite
 
 
