@@ -87,7 +87,8 @@ def build_model(arch: str, directory: Path, layers: int = 2) -> Path:
         model = transformers.Qwen2_5_VLForConditionalGeneration(config)
     elif arch == "qwen2_5_omni":
         thinker = dict(
-            text_config=text,
+            # untied: tied to the input embedding, a random model repeats its prompt's last token
+            text_config={**text, "tie_word_embeddings": False},
             vision_config=vision,
             audio_config=dict(
                 d_model=64, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=128, num_mel_bins=16,
@@ -196,8 +197,9 @@ def requests(arch: str) -> list[dict]:
 
 
 def engine_arguments(arch: str, device: str) -> dict:
-    """``LLM`` arguments that keep the engine small (the KV cache too, on CPU)."""
-    arguments: dict = {"max_model_len": 256, "gpu_memory_utilization": 0.3}
+    """``LLM`` arguments that keep the engine small (with ``VLLM_CPU_KVCACHE_SPACE``, on CPU)."""
+    # a small batch budget also keeps vLLM's encoder profiling at start to a few dummy items
+    arguments: dict = {"max_model_len": 256, "max_num_batched_tokens": 512, "gpu_memory_utilization": 0.3}
     if arch in MULTIMODAL:
         arguments |= {
             "trust_remote_code": True,  # the video stand-in
@@ -221,6 +223,8 @@ def generate(
 
     if device == "cpu":
         plain_cpu_linears()
+    elif not torch.cuda.is_available():
+        raise SystemExit("--device cuda needs a GPU and vLLM's GPU build (pip install vllm)")
 
     import fx_offload.vllm
     from fx_offload import runtime
@@ -256,12 +260,16 @@ def generate(
     }
 
 
-def child_environment(arch: str) -> dict:
-    """The environment of a child that runs vLLM: the harness on the path where images need it."""
+def child_environment(arch: str, server: bool = False) -> dict:
+    """The environment of a child that runs vLLM: ``vllm_harness`` on the path where images need
+    it, and for a server, whose engine runs in processes vLLM spawns, where each of them must
+    set up plain CPU linears (``FX_OFFLOAD_PLAIN_CPU_LINEARS``)."""
     environment = dict(os.environ)
-    if arch in MULTIMODAL:
+    if arch in MULTIMODAL or server:
         path = [str(HARNESS), environment.get("PYTHONPATH", "")]
         environment["PYTHONPATH"] = os.pathsep.join(p for p in path if p)
+    if server:
+        environment["FX_OFFLOAD_PLAIN_CPU_LINEARS"] = "1"
     return environment
 
 
@@ -295,42 +303,29 @@ def run_child(
 PASS_JSON = {"inductor_passes": {"post_grad_custom_post_pass": "fx_offload.vllm_pass"}}
 
 
-def server_arguments(model_dir: str, port: int) -> list[str]:
-    """The arguments of vLLM's OpenAI server for ``model_dir`` on 127.0.0.1 with fx_offload's pass,
-    whose patterns come from ``FX_OFFLOAD_VLLM``: a small engine (the memory share lowered)."""
+def server_command(model_dir: str, port: int) -> list[str]:
+    """vLLM's OpenAI server for ``model_dir`` on 127.0.0.1 with fx_offload's pass (the JSON form;
+    the patterns come from ``FX_OFFLOAD_VLLM``), the memory share lowered for a CPU machine."""
     return [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", model_dir, "--served-model-name", "m", "--host", "127.0.0.1", "--port", str(port),
-        "--max-model-len", "256", "--gpu-memory-utilization", "0.3",
+        "--max-model-len", "256", "--max-num-batched-tokens", "512", "--gpu-memory-utilization", "0.3",
         "--compilation-config", json.dumps(PASS_JSON),
     ]  # fmt: skip
 
 
-def serve(arguments: list[str]) -> None:
-    """``python -m vllm.entrypoints.openai.api_server ARGUMENTS``, with plain linears on CPU.
+def write_graphs(directory: str) -> None:
+    """Write each graph fx_offload rewrites in this process to ``directory``, as it is compiled."""
+    from fx_offload import backend
+    from fx_offload.explain import format_graph
 
-    With ``FX_OFFLOAD_GRAPHS`` set to a directory, each graph the pass rewrites is written there
-    as it is compiled (in the engine's process, which vLLM forks from this one).
-    """
-    import runpy
+    Path(directory).mkdir(parents=True, exist_ok=True)
 
-    import torch
+    def write(gm, plan, regions) -> None:
+        count = len(list(Path(directory).iterdir()))
+        (Path(directory) / f"graph_{os.getpid()}_{count}.txt").write_text(format_graph(gm, plan, regions))
 
-    if not torch.cuda.is_available():
-        plain_cpu_linears()
-    directory = os.environ.get("FX_OFFLOAD_GRAPHS")
-    if directory:
-        from fx_offload import backend
-        from fx_offload.explain import format_graph
-
-        Path(directory).mkdir(parents=True, exist_ok=True)
-
-        def write(gm, plan, regions) -> None:
-            path = Path(directory) / f"graph_{os.getpid()}_{len(list(Path(directory).iterdir()))}.txt"
-            path.write_text(format_graph(gm, plan, regions))
-
-        backend.listeners.append(write)
-    sys.argv = ["vllm.entrypoints.openai.api_server", *arguments]
-    runpy.run_module("vllm.entrypoints.openai.api_server", run_name="__main__", alter_sys=True)
+    backend.listeners.append(write)
 
 
 def main() -> None:
@@ -361,20 +356,9 @@ def main() -> None:
     parser.add_argument("--model-dir", help="an existing model directory (else one is built)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--poison", action="store_true", help="NaN-fill released buffers (debug)")
-    parser.add_argument(
-        "--serve",
-        nargs=argparse.REMAINDER,
-        metavar="ARG",
-        help="run vLLM's OpenAI server with these arguments instead (python -m vllm.entrypoints."
-        "openai.api_server ARG...), with vLLM's plain linears on CPU; FX_OFFLOAD_VLLM gives the "
-        "patterns, FX_OFFLOAD_GRAPHS a directory for the rewritten graphs",
-    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)  # child: no fx_offload
     args = parser.parse_args()
-    if args.serve is not None:
-        serve(args.serve[1:] if args.serve[:1] == ["--"] else args.serve)
-        return
     patterns = DEFAULTS[args.arch][0] if args.patterns is None else args.patterns
     towers = DEFAULTS[args.arch][1] if args.towers is None else args.towers
 

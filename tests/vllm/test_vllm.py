@@ -165,13 +165,12 @@ def test_server_form_gives_the_tokens_of_the_plain_run(models, plain, tmp_path):
         port = probe.getsockname()[1]
     graphs = tmp_path / "graphs"
     environment = {
-        **vllm_offload.child_environment("qwen2"),
+        **vllm_offload.child_environment("qwen2", server=True),
         "FX_OFFLOAD_VLLM": '{"patterns": ["mlp"]}',
         "VLLM_CPU_KVCACHE_SPACE": "1",
         "FX_OFFLOAD_GRAPHS": str(graphs),
     }
-    command = [sys.executable, str(EXAMPLES / "vllm_offload.py"), "--serve", "--"]
-    command += vllm_offload.server_arguments(models["qwen2"], port)
+    command = vllm_offload.server_command(models["qwen2"], port)
     log = (tmp_path / "server.log").open("w")
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
     try:
@@ -186,7 +185,7 @@ def test_server_form_gives_the_tokens_of_the_plain_run(models, plain, tmp_path):
         log.close()
     expected = plain("qwen2")["tokens"][0]
     assert tokens == expected, (tmp_path / "server.log").read_text()[-4000:]
-    (graph,) = [path.read_text() for path in sorted(graphs.iterdir())]  # the pass ran in the server
+    (graph,) = [path.read_text() for path in sorted(graphs.iterdir())]  # the pass ran in the engine
     assert _offloaded(graph) and _fetched(graph) == set(_offloaded(graph))
 
 
