@@ -16,6 +16,7 @@ tokens of both runs and what was offloaded in the graphs compiled.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -213,9 +214,19 @@ def engine_arguments(arch: str, device: str) -> dict:
 
 
 def generate(
-    model_dir: str, arch: str, patterns: list[str] | None, towers: list[str], poison: bool, device: str
+    model_dir: str,
+    arch: str,
+    patterns: list[str] | None,
+    towers: list[str],
+    poison: bool,
+    device: str,
+    plain: bool = False,
 ) -> dict:
-    """One vLLM engine in this process; greedy tokens and the graphs fx_offload rewrote."""
+    """One vLLM engine in this process; greedy tokens and the graphs fx_offload rewrote.
+
+    ``plain``: without fx_offload, compiling what the offloaded run compiles (the vision tower,
+    the towers named) with Inductor alone, so that only the offload differs between the runs.
+    """
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # keep the engine in-process
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
     import torch
@@ -232,13 +243,17 @@ def generate(
 
     runtime.poison_released = poison
     config = fx_offload.vllm.compilation_config(patterns) if patterns is not None else None
+    if plain and config is not None:
+        config = {key: value for key, value in config.items() if key != "inductor_compile_config"}
     # vLLM compiles the vision tower's blocks ahead of time (VLLM_USE_AOT_COMPILE) outside
     # inference mode, where its patch embedding's Conv3d weight requires grad: the compiled
     # code then saves inference-mode tensors for a backward ("Inference tensors cannot be saved
     # for backward") when vLLM calls it under inference mode. Nothing here needs grad.
     with torch.no_grad(), recording() as graphs:
         llm = LLM(model=model_dir, compilation_config=config, **engine_arguments(arch, device))
-        if towers:
+        if towers and plain:
+            compiled = llm.apply_model(functools.partial(compile_modules, names=towers))[0]
+        elif towers:
             compiled = llm.apply_model(fx_offload.vllm.offload_modules(towers))[0]
         outputs = llm.generate(requests(arch), SamplingParams(max_tokens=8, temperature=0))
 
@@ -258,6 +273,16 @@ def generate(
         "requires_grad": model["requires_grad"],
         "compilation_mode": int(llm.llm_engine.vllm_config.compilation_config.mode),
     }
+
+
+def compile_modules(model, names: list[str]) -> list[str]:
+    """Compile the named modules' ``forward`` with Inductor, without fx_offload."""
+    import torch
+
+    for name in names:
+        module = model.get_submodule(name)
+        module.forward = torch.compile(module.forward, backend="inductor")
+    return list(names)
 
 
 def child_environment(arch: str, server: bool = False) -> dict:
@@ -281,15 +306,17 @@ def run_child(
     arch: str = "qwen2",
     towers: list[str] = (),
     device: str = "cpu",
+    plain: bool = False,
 ) -> dict:
     """``generate`` in a fresh process (one vLLM engine per process), its result as a dict."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         command = [sys.executable, __file__, "--child", "--model-dir", model_dir, "--json", str(out)]
         command += ["--arch", arch, "--device", device]
-        command += ["--patterns", *patterns] if patterns is not None else ["--plain"]
-        if towers:
-            command += ["--towers", *towers]
+        command += ["--patterns", *patterns] if patterns is not None else ["--no-pass"]
+        if plain:
+            command.append("--plain")
+        command += ["--towers", *towers]
         if poison:
             command.append("--poison")
         done = subprocess.run(command, capture_output=True, text=True, env=child_environment(arch))
@@ -357,21 +384,23 @@ def main() -> None:
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--poison", action="store_true", help="NaN-fill released buffers (debug)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)  # child: no fx_offload
+    # child: without fx_offload, compiling what the offloaded run compiles
+    parser.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--no-pass", action="store_true", help=argparse.SUPPRESS)  # child: patterns None
     args = parser.parse_args()
     patterns = DEFAULTS[args.arch][0] if args.patterns is None else args.patterns
     towers = DEFAULTS[args.arch][1] if args.towers is None else args.towers
 
     if args.child:
-        if args.plain:
-            patterns, towers = None, []
-        result = generate(args.model_dir, args.arch, patterns, towers, args.poison, args.device)
+        if args.no_pass:
+            patterns = None
+        result = generate(args.model_dir, args.arch, patterns, towers, args.poison, args.device, args.plain)
         Path(args.json).write_text(json.dumps(result))
         return
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model_dir or str(build_model(args.arch, Path(tmp) / args.arch))
-        plain = run_child(model_dir, None, arch=args.arch, device=args.device)
+        plain = run_child(model_dir, patterns, arch=args.arch, towers=towers, device=args.device, plain=True)
         offloaded = run_child(
             model_dir, patterns, args.poison, arch=args.arch, towers=towers, device=args.device
         )

@@ -273,7 +273,7 @@ def offload_modules(patterns: Sequence[str], **options) -> Callable[[nn.Module],
                     f"{name!r} is compiled by vLLM itself ({', '.join(inside[:3])}): offload it through "
                     f"compilation_config=fx_offload.vllm.compilation_config([{name!r}]) instead"
                 )
-        fx_offload.offload(model, list(roots))
+        fx_offload.offload(model, [f"re:{re.escape(name)}" for name in roots])  # these modules only
         for name in roots:
             module = model.get_submodule(name)
             module.forward = torch.compile(module.forward, backend="offload_inductor", options=options)
