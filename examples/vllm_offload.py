@@ -7,10 +7,12 @@
     python examples/vllm_offload.py --arch qwen2_5_vl --device cuda   # a GPU build of vLLM
 
 Builds a model of a real architecture from a config with random weights (no download), saves it
-with ``save_pretrained``, then runs vLLM twice, each in its own process: without fx_offload and
-with ``compilation_config=fx_offload.vllm.compilation_config(patterns)`` (plus, for towers vLLM
-does not compile, ``llm.apply_model(fx_offload.vllm.offload_modules(towers))``). Prints the greedy
-tokens of both runs and what was offloaded in the graphs compiled.
+with ``save_pretrained``, then runs vLLM twice, each in its own process: with
+``compilation_config=fx_offload.vllm.compilation_config(patterns)`` (plus, for towers vLLM does
+not compile, ``llm.apply_model(fx_offload.vllm.offload_modules(towers))``), and without
+fx_offload, compiling the same modules with Inductor alone. Prints the greedy tokens of both
+runs and what was offloaded in the graphs compiled. Image and audio models need
+``vllm_harness`` where torchvision is missing; the script puts it on its children's path.
 """
 
 from __future__ import annotations
