@@ -297,18 +297,26 @@ def is_backward(graph: fx.Graph) -> bool:
 
 def _around_calls(compiled, setup: GraphSetup):
     """Wrap a compiled graph so every call (CUDA-graph replays too) first puts its swapped
-    components on the device and makes its head hold the call's weights."""
-    boxed = getattr(compiled, "_boxed_call", False)
+    components on the device and makes its heads hold the call's weights, and after the call
+    refills its heads and starts the copy of the next call's. A graph with neither is returned
+    as it is: its calls cost nothing more than the compiled graph's."""
     graph = setup.runtime
     components = _SwappedInputs(setup.swapped_positions) if setup.swapped_positions else None
+    if components is None and not graph.has_heads:
+        return compiled
+    boxed = getattr(compiled, "_boxed_call", False)
+    enter, leave = graph.enter, graph.leave
 
     def run(*args):
         # a boxed call passes one list of inputs (whether Dynamo boxes depends on the path)
         inputs = args[0] if len(args) == 1 and isinstance(args[0], list) else args
         if components is not None:
             components.ensure(inputs)
-        with graph.running(inputs):
+        heads = enter(inputs)
+        try:
             return compiled(*args)
+        finally:
+            leave(heads)
 
     if boxed:
         run._boxed_call = True
@@ -323,8 +331,8 @@ class _SwappedInputs:
     records and components are held weakly.
 
     A call that passes the same weights, unchanged (one combined stamp: the weights' identities
-    and version counters, read by C-level maps, and the arenas' swap counts), with their
-    components still in place does no per-parameter work in Python.
+    and version counters, read by C-level maps, and ``placement.generation``), with their
+    components still in place (the arenas' swap counts) does no per-parameter work in Python.
     """
 
     def __init__(self, positions: tuple[int, ...]) -> None:
@@ -341,12 +349,12 @@ class _SwappedInputs:
         weights = self._take(inputs)
         if len(self.positions) == 1:
             weights = (weights,)
-        first = placement.lookup(weights[0])
-        stamp = (tuple(map(id, weights)), tuple(map(_VERSION, weights)))
-        if stamp == self._stamp and self._first is not None and self._first() is first:
-            arenas = [component().arena for component, _ in self._groups]
+        stamp = (tuple(map(id, weights)), tuple(map(_VERSION, weights)), placement.generation())
+        if stamp == self._stamp:
+            arenas = [getattr(component(), "arena", None) for component, _ in self._groups]
             if None not in arenas and self._swaps == tuple(arena.swaps for arena in arenas):
                 return  # the same weights, unchanged, their components in place
+        first = placement.lookup(weights[0])
         key = tuple(map(torch.Tensor.data_ptr, weights))
         if key != self._key or self._first is None or self._first() is not first:
             self._group(inputs, key)
