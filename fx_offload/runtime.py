@@ -429,7 +429,7 @@ class GraphRuntime:
                 continue
             found.holds = (pointers, _versions(records))
             _copy_head(found, records, 0)
-            counters["fx_offload"]["cross-graph prefetches"] += 1
+            counters["fx_offload"]["cross_graph_prefetches"] += 1
 
 
 def _refill_after(found: _Head) -> None:
@@ -509,7 +509,8 @@ def _forget_dead(found: _Head) -> None:
 _PTR = torch.Tensor.data_ptr
 _VERSION = operator.attrgetter("_version")
 _CACHED = 1 << 12  # sets of weights whose host tensors or views are kept (then all are dropped)
-_COUNTED = {origin: f"head copies issued: {origin.value}" for origin in Origin}
+# the counters (``counters["fx_offload"]``) of calls with heads, by where their copy was issued
+_COUNTED = {origin: "head_copy_" + origin.value.replace(" ", "_") for origin in Origin}
 
 
 def _versions(records: list) -> tuple[int, ...]:

@@ -139,7 +139,7 @@ class CallSequence:
 
     def graph(self, key: object) -> int:
         """A token naming the compiled graph ``key`` stands for; when ``key`` dies (it must be weakly
-        referenceable, as ``runtime.GraphKey`` is), every entry that names the token goes."""
+        referenceable, as ``runtime.GraphRuntime`` is), every entry that names the token goes."""
         token = next(self._tokens)
         weakref.finalize(key, _forget_graph, weakref.ref(self), token)
         return token

@@ -5,7 +5,7 @@ import gc
 
 import pytest
 
-from fx_offload.runtime import GraphKey
+from fx_offload.runtime import GraphRuntime
 from fx_offload.sequence import Call, CallSequence, Origin
 
 
@@ -139,7 +139,7 @@ def test_tables_and_records_stay_within_their_caps():
 
 def test_a_dropped_graph_leaves_the_tables_and_is_not_kept_alive():
     sequence = CallSequence()
-    key = GraphKey()
+    key = GraphRuntime()
     token = sequence.graph(key)
     calls = [Call(token, (1,)), Call("kept", (2,)), Call("other", (3,))]
     for _ in range(3):
