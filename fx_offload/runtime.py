@@ -424,8 +424,10 @@ class GraphRuntime:
             return
         keys = (key,) if len(heads) == 1 else key
         for found, pointers in zip(heads, keys):
+            if found.holds and found.holds[0] == pointers:
+                continue  # (written in place since: the call's check copies it again)
             records = found._records(pointers)
-            if not records or found.holds[:2] == (pointers, _versions(records)):
+            if not records:
                 continue
             found.holds = (pointers, _versions(records))
             _copy_head(found, records, 0)

@@ -57,6 +57,10 @@ class Origin(enum.Enum):
     BETWEEN_FORWARDS = "between forwards"  # after the previous forward's last call
     NOT_PREDICTED = "not predicted"  # no guess, or a wrong one: copied when the call started
 
+    # members are singletons: hash by identity, in C (Enum's own hashes the name in Python, and
+    # the runtime counts every call by its origin)
+    __hash__ = object.__hash__
+
 
 @dataclass
 class Forward:
