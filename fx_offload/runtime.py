@@ -264,6 +264,7 @@ class _Head:
     deferred: bool = False  # the graph's refill left the copies to the wrapper
     in_graph: int = 0  # of them, the first bytes the graph copied itself (its refill's in_graph)
     in_graph_versions: tuple[int, ...] = ()  # the weights' versions when the graph copied them
+    weights: tuple = ()  # the weights of the call running (cleared after it: nothing kept alive)
     # a graph reused for several blocks: the weights each call passed -> those of the call after
     # it last time, so that the refill after a call loads the block that comes next
     successor: dict[tuple[int, ...], tuple[int, ...]] = field(default_factory=dict)
@@ -271,6 +272,7 @@ class _Head:
     known: dict[tuple[int, ...], list[weakref.ref]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.nbytes = sum(buffer.nbytes for buffer in self.buffers)
         take = operator.itemgetter(*self.positions) if self.positions else (lambda args: ())
         # the region's weights among a call's inputs, as a tuple (C-level)
         self.take = take if len(self.positions) != 1 else (lambda args: (take(args),))
@@ -386,6 +388,7 @@ class GraphRuntime:
                 if found.current:
                     found.successor[found.current] = pointers
                 found.current = pointers
+            found.weights = weights
             holds = found.holds
             if not holds or holds[0] != pointers or holds[1] != tuple(map(_VERSION, weights)):
                 held = False
@@ -408,6 +411,7 @@ class GraphRuntime:
                 _refill_after(found)
             else:
                 found.holds = (found.current, _versions(found.records))
+            found.weights = ()
         if heads:
             following = self.device.sequence.next
             if following is not None and following.graph != self.token and following.weights:
@@ -444,6 +448,11 @@ def _refill_after(found: _Head) -> None:
     before the call, as without a refill). Where the graph's refill copied the first bytes of
     these same weights during the call (``in_graph``), only the rest is copied here."""
     following = found.successor.get(found.current, found.current)
+    if following == found.current and found.in_graph >= found.nbytes and found.weights:
+        versions = tuple(map(_VERSION, found.weights))
+        if versions == found.in_graph_versions:  # the graph copied it all, nothing written since
+            found.holds = (following, versions)
+            return
     records = found._records(following)
     if not records:  # the block that followed is gone: refill with the current one
         following, records = found.current, found.records
@@ -559,9 +568,15 @@ def refill(buffers: list[torch.Tensor], weights: list[torch.Tensor], in_graph: i
     found.deferred = True
     if found.successor:  # a graph reused for several blocks: the next call passes other weights
         in_graph = 0  # (the wrapper refills the next block's whole head after the call)
-    first = _split(buffers, [_record_of(w).host for w in weights], in_graph)[0] if in_graph else []
+    first = []
+    if in_graph:
+        records = found.records or [_record_of(w) for w in weights]
+        first = _split(buffers, [record.host for record in records], in_graph)[0]
     found.in_graph = sum(b.nbytes for b, _ in first)
-    found.in_graph_versions = _versions(found.records) if first else ()
+    if first:
+        found.in_graph_versions = tuple(map(_VERSION, found.weights)) if found.weights else _versions(records)
+    else:
+        found.in_graph_versions = ()
     device = device_runtime(buffers[0].device)
     device.copied_bytes += found.in_graph
     if first:
