@@ -318,6 +318,13 @@ def _around_calls(compiled, setup: GraphSetup):
         finally:
             leave(heads)
 
+    def run_swapped(*args):  # swapped inputs only, no heads
+        components.ensure(args[0] if len(args) == 1 and isinstance(args[0], list) else args)
+        return compiled(*args)
+
+    if not graph.has_heads:
+        run = run_swapped
+
     if boxed:
         run._boxed_call = True
     return run
