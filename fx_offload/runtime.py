@@ -12,15 +12,19 @@ State lives in three kinds of objects:
 * ``DeviceRuntime``, one per device, in the module's only registry (``device_runtime``): the
   copy stream, the copies in flight (buffer address -> the event they end with), the loose
   heads of graphs run without fx_offload's wrapper, and the count of bytes copied
-  (``bytes_copied()``). It also knows every live ``GraphRuntime`` on the device, weakly.
+  (``bytes_copied()``). It also knows every live ``GraphRuntime`` on the device, weakly, and owns
+  the ``sequence.CallSequence`` that learns the order of their calls across graph breaks (each
+  graph with heads is a token in it), so that the heads of the call expected next are copied
+  after the call before it (``GraphRuntime.leave``, ``last_forward()``). The host tensors and
+  arena views the ``fetch`` and ``swapped`` ops read are cached there per set of weights.
 * ``GraphRuntime``, one per compiled graph: made by the backend at compile time and owned by the
   compiled function's wrapper, it lives as long as the graph. It holds the graph's head buffers
   (``_Head``: persistent buffers for its first regions), what they hold and the refill state. A
   graph that several threads call keeps one set of head buffers per calling thread, so that two
   models that share a graph (Dynamo reuses one for two instances of a class) never read each
   other's weights; in one thread a set serves every model and block that the graph runs.
-* the call stack of each thread (``running``): which graph's heads the ``head`` and ``refill``
-  ops of the call in progress serve.
+* the call stack of each thread (``GraphRuntime.enter`` / ``leave``): which graph's heads the
+  ``head`` and ``refill`` ops of the call in progress serve.
 
 Parameters are known through their records (``placement.HostParameter``), which these objects
 hold weakly: a model dropped without ``restore`` leaves nothing behind but the graph's buffers.
@@ -28,7 +32,7 @@ hold weakly: a model dropped without ``restore`` leaves nothing behind but the g
 A graph's first region (its first ``prefetch_head`` regions) is served by ``head``: persistent
 buffers refilled for the next call, so that copy runs between calls and into the CPU time before
 the next replay instead of stalling the start of the next call. Under fx_offload's wrapper
-(``GraphRuntime.running``, entered around every call, outside any CUDA graph) the graph's
+(``GraphRuntime.enter`` and ``leave``, around every call, outside any CUDA graph) the graph's
 ``refill`` only notes that the wrapper will copy; the wrapper issues the copies when the call
 returns, on the copy stream after everything the call queued on its stream, and the next call's
 graph waits for them (an external event) before it reads the head. So a call ends when its
@@ -39,7 +43,7 @@ compute; the graph's closing ``wait`` joins them (left after the call, they woul
 call's start where calls come back to back). A graph once called with other weights (Dynamo
 reuses it for several blocks) copies none in the call: its next call passes other weights, which
 the wrapper copies after the call. Without the wrapper (vLLM) ``refill`` copies everything inside
-the graph and a ``wait`` at its end joins it. ``running`` also fills the head again before a call
+the graph and a ``wait`` at its end joins it. ``enter`` also fills the head again before a call
 whenever the call passes other weights or a weight's version counter moved since the last
 refill. A write through ``.data`` bypasses that counter: see the README's guarantees.
 
@@ -306,7 +310,7 @@ class GraphRuntime:
     """One compiled graph's call-time state: its head buffers, per calling thread.
 
     Made by the backend at compile time (``declare_head`` for each head region), owned by the
-    compiled function's wrapper, which enters ``running`` around every call.
+    compiled function's wrapper, which calls ``enter`` and ``leave`` around every call.
     """
 
     def __init__(self) -> None:
