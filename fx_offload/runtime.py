@@ -317,6 +317,7 @@ class GraphRuntime:
         self._first: list[_Head] = []  # made at compile time, for the first thread that calls
         self._sets: weakref.WeakKeyDictionary[threading.Thread, list[_Head]] = weakref.WeakKeyDictionary()
         self._dropped = False
+        self._last: tuple[int | None, list[_Head]] = (None, [])  # (thread id, its heads)
         self.device: DeviceRuntime | None = None
         self.token: int | None = None  # names the graph in its device's call sequence
         self.name = ""  # how ``last_forward`` names it: its token and first head region
@@ -349,6 +350,7 @@ class GraphRuntime:
         """Free the head buffers; later calls serve their head regions from loose heads."""
         self._dropped = True
         self._first, self._sets = [], weakref.WeakKeyDictionary()
+        self._last = (None, [])
 
     def holds_any(self, records: set[int]) -> bool:
         """Whether a head of the graph knows one of the records whose ids are ``records``."""
@@ -361,12 +363,17 @@ class GraphRuntime:
     def _thread_heads(self) -> list[_Head]:
         if self._dropped or not self._first:
             return []
+        ident = threading.get_ident()
+        if ident == self._last[0]:
+            return self._last[1]  # the thread that called last (an id reused after a thread
+            # ended takes over its heads: the ended thread reads them no more)
         thread = threading.current_thread()
         heads = self._sets.get(thread)
         if heads is None:  # the compile-time set, or, if a live thread has it, a new one
             taken = any(held is self._first for held in self._sets.values())
             heads = [found._like() for found in self._first] if taken else self._first
             self._sets[thread] = heads  # made here, in the wrapper: outside any capture
+        self._last = (ident, heads)
         return heads
 
     @property
