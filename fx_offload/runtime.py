@@ -478,9 +478,16 @@ def _refill_after(found: _Head) -> None:
 def _copy_head(found: _Head, records: list[placement.HostParameter], copied: int) -> None:
     """Copy ``records``' host values but their first ``copied`` bytes into ``found``'s buffers: on
     a GPU on the copy stream, after all the compute stream queued, ending with ``refilled``."""
-    _, pairs = _split(found.buffers, [record.host for record in records], copied)
+    hosts = [record.host for record in records]
     device = device_runtime(found.buffers[0].device)
-    device.count(records, sum(buffer.nbytes for buffer, _ in pairs))
+    if copied:
+        _, pairs = _split(found.buffers, hosts, copied)
+        device.count(records, sum(buffer.nbytes for buffer, _ in pairs))
+    else:  # the whole head: no cut, and its records were marked fetched when it was first filled
+        pairs = zip(found.buffers, hosts)
+        device.copied_bytes += found.nbytes
+        if not records[0].fetched:
+            device.count(records, 0)
     if found.refilled is None:
         for buffer, host in pairs:
             buffer.copy_(host)
