@@ -297,18 +297,33 @@ def is_backward(graph: fx.Graph) -> bool:
 
 def _around_calls(compiled, setup: GraphSetup):
     """Wrap a compiled graph so every call (CUDA-graph replays too) first puts its swapped
-    components on the device and makes its head hold the call's weights."""
-    boxed = getattr(compiled, "_boxed_call", False)
+    components on the device and makes its heads hold the call's weights, and after the call
+    refills its heads and starts the copy of the next call's. A graph with neither is returned
+    as it is: its calls cost nothing more than the compiled graph's."""
     graph = setup.runtime
     components = _SwappedInputs(setup.swapped_positions) if setup.swapped_positions else None
+    if components is None and not graph.has_heads:
+        return compiled
+    boxed = getattr(compiled, "_boxed_call", False)
+    enter, leave = graph.enter, graph.leave
 
     def run(*args):
         # a boxed call passes one list of inputs (whether Dynamo boxes depends on the path)
         inputs = args[0] if len(args) == 1 and isinstance(args[0], list) else args
         if components is not None:
             components.ensure(inputs)
-        with graph.running(inputs):
+        heads = enter(inputs)
+        try:
             return compiled(*args)
+        finally:
+            leave(heads)
+
+    def run_swapped(*args):  # swapped inputs only, no heads
+        components.ensure(args[0] if len(args) == 1 and isinstance(args[0], list) else args)
+        return compiled(*args)
+
+    if not graph.has_heads:
+        run = run_swapped
 
     if boxed:
         run._boxed_call = True
@@ -318,52 +333,54 @@ def _around_calls(compiled, setup: GraphSetup):
 class _SwappedInputs:
     """A graph's swapped inputs, and the components they belong to in the call running.
 
-    Found from the call's own weights (a graph Dynamo reuses for another model, or for the same
-    model offloaded again, reads other components), kept between calls that pass the same ones;
-    records and components are held weakly.
+    Found from the call's own weights (a graph Dynamo reuses for every block of a stack, for
+    another model, or for the same model offloaded again, reads other components), kept per set of
+    weights (their identities) until ``placement.generation`` moves; records and components are
+    held weakly.
 
-    A call that passes the same weights, unchanged (one combined stamp: the weights' identities
-    and version counters, read by C-level maps, and the arenas' swap counts), with their
-    components still in place does no per-parameter work in Python.
+    A call whose weights are unchanged since they last came (their version counters, read by a
+    C-level map), with their components still in place (the arenas' swap counts) does no
+    per-parameter work in Python.
     """
 
     def __init__(self, positions: tuple[int, ...]) -> None:
         self.positions = positions
-        self._take = operator.itemgetter(*positions)
-        self._key: tuple[int, ...] = ()
-        self._groups: list[tuple[weakref.ref, list[weakref.ref]]] = []
-        self._first: weakref.ref | None = None
-        self._stamp: tuple = ()
-        self._swaps: tuple[int, ...] = ()
+        take = operator.itemgetter(*positions)
+        self._take = take if len(positions) != 1 else (lambda inputs: (take(inputs),))
+        # identities of a call's swapped weights -> [generation, groups, versions, swap counts]
+        self._seen: dict[tuple[int, ...], list] = {}
 
     def ensure(self, inputs) -> None:
         """Put the components the call reads on the device, with their current values."""
         weights = self._take(inputs)
-        if len(self.positions) == 1:
-            weights = (weights,)
-        first = placement.lookup(weights[0])
-        stamp = (tuple(map(id, weights)), tuple(map(_VERSION, weights)))
-        if stamp == self._stamp and self._first is not None and self._first() is first:
-            arenas = [component().arena for component, _ in self._groups]
-            if None not in arenas and self._swaps == tuple(arena.swaps for arena in arenas):
-                return  # the same weights, unchanged, their components in place
-        key = tuple(map(torch.Tensor.data_ptr, weights))
-        if key != self._key or self._first is None or self._first() is not first:
-            self._group(inputs, key)
-        groups = []
-        for component_ref, record_refs in self._groups:
+        ids = tuple(map(id, weights))
+        versions = tuple(map(_VERSION, weights))
+        generation = placement.generation()
+        entry = self._seen.get(ids)
+        if entry is not None and entry[0] == generation:
+            groups = entry[1]
+            if entry[2] == versions:
+                arenas = [getattr(component(), "arena", None) for component, _ in groups]
+                if None not in arenas and entry[3] == tuple(arena.swaps for arena in arenas):
+                    return  # the same weights, unchanged, their components in place
+        else:
+            if entry is not None or len(self._seen) >= _KEPT:
+                self._seen.clear()
+            groups = self._group(inputs)
+        live = []
+        for component_ref, record_refs in groups:
             component = component_ref()
             records = [ref() for ref in record_refs]
             if component is None or any(record is None for record in records):
-                self._key = self._stamp = ()
+                self._seen.pop(ids, None)
                 return self.ensure(inputs)
-            groups.append((component, records))
-        for component, records in groups:
+            live.append((component, records))
+        for component, records in live:
             component.arena.ensure(component, records)
-        self._stamp = stamp
-        self._swaps = tuple(component.arena.swaps for component, _ in groups)
+        swaps = tuple(component.arena.swaps for component, _ in live)
+        self._seen[ids] = [generation, groups, versions, swaps]
 
-    def _group(self, inputs, key: tuple[int, ...]) -> None:
+    def _group(self, inputs) -> list[tuple[weakref.ref, list[weakref.ref]]]:
         groups: dict[swap.Component, list] = {}
         for i in self.positions:
             record = placement.lookup(inputs[i])
@@ -376,13 +393,13 @@ class _SwappedInputs:
                 )
             groups.setdefault(record.component, []).append(record)
         swap.check_together(list(groups))
-        self._groups = [
+        return [
             (weakref.ref(component), [weakref.ref(r) for r in records])
             for component, records in groups.items()
         ]
-        self._key, self._first = key, weakref.ref(placement.lookup(inputs[self.positions[0]]))
 
 
+_KEPT = 1 << 12  # sets of swapped weights a graph remembers (then it forgets them all)
 _VERSION = operator.attrgetter("_version")
 
 

@@ -17,7 +17,19 @@ Counters add up in ``torch._dynamo.utils.counters["fx_offload"]``, beside Dynamo
 * ``swapped``: swapped components the graphs read.
 
 They count what the pass built, at compile time; ``runtime.copied_bytes`` counts the bytes
-actually copied host to device at run time.
+actually copied host to device at run time. The runtime adds, per call of a graph with heads,
+where the copy of its heads was issued (``fx_offload.sequence.Origin``):
+
+* ``head_copy_same_graph``: after the previous call, of the same graph (a graph Dynamo reuses for
+  every block of a stack, refilled with the next block's weights);
+* ``head_copy_previous_graph``: after the previous call, of another graph (a graph break between);
+* ``head_copy_between_forwards``: after the previous forward's last call;
+* ``head_copy_not_predicted``: when the call began (the first calls, a wrong guess, a weight
+  written since);
+
+and ``cross_graph_prefetches``: copies into another graph's heads issued after a call, for the
+call the device's call sequence expects next. ``fx_offload.runtime.last_forward()`` prints the
+last forward's calls with their origins.
 """
 
 from __future__ import annotations

@@ -12,7 +12,12 @@ here by the alias's address.
 An offloaded ``nn.Parameter`` also changes class, to a subclass of its own (``OffloadedParameter``
 for a plain one). Dynamo guards on a tensor's type, so a graph compiled for an offloaded block is
 never reused for a resident one, or the other way round: after a graph break, Dynamo otherwise
-reuses one graph for every block of a stack with that block's weights as inputs.
+reuses one graph for every block of a stack with that block's weights as inputs. A swapped
+parameter (``fx_offload.swap``) takes another subclass (``SwappedParameter``), so a graph compiled
+to read swapped weights from their arena is never reused for streamed ones, or the other way round.
+
+``generation()`` counts placements and restores: the runtime caches what it found for a set of
+addresses (host tensors, arena views) and looks again only when the count moved.
 """
 
 from __future__ import annotations
@@ -28,6 +33,13 @@ from torch.utils.weak import WeakIdKeyDictionary
 _records: dict[int, HostParameter] = {}
 # every parameter placed, even after its data was replaced: to say so instead of running resident
 _placed: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# placements and restores so far: a cache keyed by data addresses is stale once it moves
+_changes = [0]
+
+
+def generation() -> int:
+    """A number that changes whenever a parameter is placed, swapped or given back."""
+    return _changes[0]
 
 
 @dataclass(eq=False)
@@ -111,8 +123,19 @@ def _place_one(
     key = param.data.data_ptr()
     _records[key] = record
     _placed[param] = record
+    _changes[0] += 1
     weakref.finalize(param, _forget, key, record)
     return record
+
+
+def set_component(record: HostParameter, component: object) -> None:
+    """Make ``record``'s parameter a swapped one, of ``component`` (its class changes with it, so
+    Dynamo does not reuse a graph compiled for streamed weights)."""
+    record.component = component
+    _changes[0] += 1
+    param = record.param()
+    if isinstance(param, nn.Parameter) and type(param) is _offloaded_classes.get(record.original_class):
+        param.__class__ = _swapped_class(record.original_class)
 
 
 def unplace(record: HostParameter) -> None:
@@ -121,8 +144,12 @@ def unplace(record: HostParameter) -> None:
     if param is not None and lookup(param.data) is record:
         # on the CPU the host tensor already is device memory
         param.data = record.host if record.device.type == "cpu" else record.host.to(record.device)
-    if param is not None and type(param) is _offloaded_classes.get(record.original_class):
+    if param is not None and type(param) in (
+        _offloaded_classes.get(record.original_class),
+        _swapped_classes.get(record.original_class),
+    ):
         param.__class__ = record.original_class
+    _changes[0] += 1
     for key, value in list(_records.items()):
         if value is record:
             del _records[key]
@@ -143,7 +170,8 @@ def _resident_deepcopy(self: nn.Parameter, memo: dict) -> nn.Parameter:
     or ``offload`` it on its own."""
     if id(self) in memo:
         return memo[id(self)]
-    original = next(cls for cls, made in _offloaded_classes.items() if made is type(self))
+    made_classes = [*_offloaded_classes.items(), *_swapped_classes.items()]
+    original = next(cls for cls, made in made_classes if made is type(self))
     result = original.__deepcopy__(self, memo)  # type(self)(a clone of the data, requires_grad)
     if type(result) is type(self):
         result.__class__ = original
@@ -157,20 +185,33 @@ class OffloadedParameter(nn.Parameter):
     __deepcopy__ = _resident_deepcopy
 
 
+class SwappedParameter(OffloadedParameter):
+    """The class an offloaded ``nn.Parameter`` of a swapped component takes (Dynamo guards on it)."""
+
+
 _offloaded_classes: dict[type, type] = {nn.Parameter: OffloadedParameter}
+_swapped_classes: dict[type, type] = {nn.Parameter: SwappedParameter}
 
 
 def _offloaded_class(cls: type) -> type:
-    if cls in _offloaded_classes.values():
+    if cls in _offloaded_classes.values() or cls in _swapped_classes.values():
         return cls
-    if cls not in _offloaded_classes:
+    return _made_class(cls, _offloaded_classes, "Offloaded", ())
+
+
+def _swapped_class(cls: type) -> type:
+    return _made_class(cls, _swapped_classes, "Swapped", (_offloaded_class(cls),))
+
+
+def _made_class(cls: type, made_classes: dict[type, type], prefix: str, bases: tuple) -> type:
+    if cls not in made_classes:
         # e.g. vLLM's parameter classes; made importable so an offloaded model still pickles
-        name = f"Offloaded{cls.__name__}"
+        name = f"{prefix}{cls.__name__}"
         namespace = {"__module__": __name__, "__qualname__": name, "__deepcopy__": _resident_deepcopy}
-        made = type(name, (cls,), namespace)
+        made = type(name, bases or (cls,), namespace)
         globals()[name] = made
-        _offloaded_classes[cls] = made
-    return _offloaded_classes[cls]
+        made_classes[cls] = made
+    return made_classes[cls]
 
 
 def _forget(key: int, record: HostParameter) -> None:
@@ -178,6 +219,7 @@ def _forget(key: int, record: HostParameter) -> None:
     or a compiled graph's head records would otherwise keep alive."""
     if _records.get(key) is record:
         del _records[key]
+    _changes[0] += 1
     record.host = record.host.new_empty(0)
 
 
@@ -252,5 +294,6 @@ def adopt(param: nn.Parameter, host: torch.Tensor, names: tuple[str, ...]) -> Ho
     record = HostParameter(names, host, param.device, True, weakref.ref(param))
     key = param.data.data_ptr()
     _records[key] = record
+    _changes[0] += 1
     weakref.finalize(param, _forget, key, record)
     return record

@@ -165,7 +165,7 @@ def offload(
         if policy_of == "swap":
             component = components.setdefault(head, swap.Component(head, []))
             component.records.append(record)
-            record.component = component
+            placement.set_component(record, component)
     ordered = [components[name] for name in modules if name in components]
     if ordered:
         for component in ordered:

@@ -57,6 +57,10 @@ class Origin(enum.Enum):
     BETWEEN_FORWARDS = "between forwards"  # after the previous forward's last call
     NOT_PREDICTED = "not predicted"  # no guess, or a wrong one: copied when the call started
 
+    # members are singletons: hash by identity, in C (Enum's own hashes the name in Python, and
+    # the runtime counts every call by its origin)
+    __hash__ = object.__hash__
+
 
 @dataclass
 class Forward:
@@ -133,13 +137,14 @@ class CallSequence:
         self._next: Call | None = None
         self._boundary = False  # begin_forward() was called: the next call starts a forward
         self._explicit = False  # the caller marks forwards: no anchor
+        self._seen: set[Call] = set()  # the forward's calls with weights (up to ``max_record``)
         self._counts = dict.fromkeys(Origin, 0)
 
     # -- graph tokens -------------------------------------------------------------------------------
 
     def graph(self, key: object) -> int:
         """A token naming the compiled graph ``key`` stands for; when ``key`` dies (it must be weakly
-        referenceable, as ``runtime.GraphKey`` is), every entry that names the token goes."""
+        referenceable, as ``runtime.GraphRuntime`` is), every entry that names the token goes."""
         token = next(self._tokens)
         weakref.finalize(key, _forget_graph, weakref.ref(self), token)
         return token
@@ -166,7 +171,10 @@ class CallSequence:
         weight was written since). Afterwards ``next`` is the guess for the call after this one."""
         call = Call(graph, weights)
         last, guessed = self._last, self._next
-        starts = self._boundary or (not self._explicit and (call == self._anchor or self._anchor is None))
+        again = bool(weights) and call in self._seen  # a call with weights, twice in one forward
+        starts = self._boundary or (
+            not self._explicit and (call == self._anchor or self._anchor is None or again)
+        )
         if guessed != call or last is None or not held:
             origin = Origin.NOT_PREDICTED
         elif starts:
@@ -183,10 +191,13 @@ class CallSequence:
             self._follows.write(last, call)
         # record
         if starts:
-            if self._anchor is None:
+            if self._anchor is None or again:
                 self._anchor = call
             self._boundary = False
             self._forwards.append(Forward())
+            self._seen = set()
+        if weights and len(self._seen) < self._max_record:
+            self._seen.add(call)
         forward = self._forwards[-1]
         if len(forward.calls) < self._max_record:
             forward.calls.append(call)
@@ -211,7 +222,8 @@ class CallSequence:
 
     def begin_forward(self) -> None:
         """Say that the next call starts a forward (where the caller knows; otherwise a forward
-        starts whenever the first call ever seen, the anchor, comes again). Once called, only these
+        starts whenever the first call of the last forward, the anchor, comes again, or a call with
+        weights comes a second time in one forward, which becomes the anchor). Once called, only these
         calls start forwards."""
         self._boundary = self._explicit = True
 

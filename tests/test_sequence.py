@@ -5,7 +5,7 @@ import gc
 
 import pytest
 
-from fx_offload.runtime import GraphKey
+from fx_offload.runtime import GraphRuntime
 from fx_offload.sequence import Call, CallSequence, Origin
 
 
@@ -139,7 +139,7 @@ def test_tables_and_records_stay_within_their_caps():
 
 def test_a_dropped_graph_leaves_the_tables_and_is_not_kept_alive():
     sequence = CallSequence()
-    key = GraphKey()
+    key = GraphRuntime()
     token = sequence.graph(key)
     calls = [Call(token, (1,)), Call("kept", (2,)), Call("other", (3,))]
     for _ in range(3):
@@ -158,3 +158,15 @@ def test_a_dropped_graph_leaves_the_tables_and_is_not_kept_alive():
 def test_bad_bounds_raise():
     with pytest.raises(ValueError, match="capacity >= 1"):
         CallSequence(capacity=0)
+
+
+def test_a_sequence_met_after_another_model_finds_its_own_forwards():
+    """The first call ever seen belonged to a model that no longer runs: a call with weights that
+    comes twice in one forward starts the next one, so the new model's forwards are found."""
+    sequence = CallSequence()
+    _run(sequence, [Call("old", (1,)), Call("old", (2,))])
+    calls = [Call("a", (3,)), Call("b", (4,)), Call("a", (5,))]
+    for _ in range(3):
+        origins = _run(sequence, calls)
+    assert origins == [Origin.BETWEEN_FORWARDS, Origin.PREVIOUS_GRAPH, Origin.PREVIOUS_GRAPH]
+    assert sequence.forwards[-1].calls == calls
