@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.utils.weak import WeakIdKeyDictionary
 
 # data_ptr of an offloaded parameter's data -> its record. Entries leave with their parameter.
@@ -220,7 +221,9 @@ def _forget(key: int, record: HostParameter) -> None:
     if _records.get(key) is record:
         del _records[key]
     _changes[0] += 1
-    record.host = record.host.new_empty(0)
+    # a finalizer may run in the middle of a trace: make a real tensor, not the trace's fake one
+    with unset_fake_temporarily():
+        record.host = record.host.new_empty(0)
 
 
 def _host_copy(

@@ -154,3 +154,22 @@ def test_deepcopy_of_an_offloaded_model_is_a_plain_resident_model_and_the_origin
     assert all(placement.lookup(p) is not None for p in model.layers.parameters())
     fx_offload.restore(model)
     _assert_same_state(_state(model), _state(plain))
+
+
+def test_a_parameter_dropped_during_a_trace_releases_its_host_copy_cleanly(monkeypatch):
+    """The release runs in a finalizer, which may fire while Dynamo traces under a fake mode."""
+    import sys
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    raised = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda info: raised.append(info.exc_value))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    plan = fx_offload.offload(model, ["0"], device="cpu")
+    old = model[0]
+    model[0] = torch.nn.Linear(4, 4)
+    with FakeTensorMode():
+        del old  # its parameters die here, inside the fake mode
+    assert raised == []
+    assert all(record.host.numel() == 0 for record in plan.records if record.param() is None)
+    fx_offload.restore(model)
