@@ -243,7 +243,7 @@ def generate(
     from fx_offload import runtime
     from fx_offload.explain import recording
 
-    runtime.poison_released = poison
+    runtime.poison_released_buffers(poison)
     config = fx_offload.vllm.compilation_config(patterns) if patterns is not None else None
     if plain and config is not None:
         config = {key: value for key, value in config.items() if key != "inductor_compile_config"}

@@ -4,8 +4,8 @@
 caching allocator, or from the CUDA graph's private pool while one is captured), makes the copy
 stream wait for the compute stream (the buffers may reuse memory that queued kernels still read),
 and copies the pinned host tensors on the copy stream. ``wait`` makes the compute stream wait for
-those copies. ``release`` ends the buffers' life; with ``poison_released`` it overwrites them, so
-a reader scheduled after its release reads NaN instead of passing by luck.
+those copies. ``release`` ends the buffers' life; after ``poison_released_buffers(True)`` it
+overwrites them, so a reader scheduled after its release reads NaN instead of passing by luck.
 
 State lives in three kinds of objects:
 
@@ -68,9 +68,6 @@ from torch._dynamo.utils import counters
 from fx_offload import placement
 from fx_offload.sequence import CallSequence, Forward, Origin
 
-#: Debug switch: fill released buffers with NaN (or the dtype's max) to expose late readers.
-poison_released = False
-
 
 @dataclass(eq=False)
 class _LooseHead:
@@ -123,6 +120,7 @@ class _Registry:
     def __init__(self) -> None:
         self.devices: dict[torch.device, DeviceRuntime] = {}
         self.local = threading.local()
+        self.poison_released = False  # see ``poison_released_buffers``
 
     def stack(self) -> list[list[_Head]]:
         stack = getattr(self.local, "stack", None)
@@ -132,6 +130,12 @@ class _Registry:
 
 
 _registry = _Registry()
+
+
+def poison_released_buffers(enabled: bool) -> None:
+    """Debug switch: fill released buffers with NaN (or the dtype's max), so that a reader
+    scheduled after its release reads garbage instead of passing by luck (the tests turn it on)."""
+    _registry.poison_released = bool(enabled)
 
 
 def device_runtime(device: torch.device) -> DeviceRuntime:
@@ -239,7 +243,7 @@ def wait(fetched: list[torch.Tensor]) -> None:
 
 def release(fetched: list[torch.Tensor]) -> torch.Tensor:
     """End the life of ``fetched``; return a token that later fetches order themselves after."""
-    if poison_released:
+    if _registry.poison_released:
         for buffer in fetched:
             buffer.fill_(float("nan") if buffer.is_floating_point() else torch.iinfo(buffer.dtype).max)
     device = fetched[0].device if fetched else torch.device("cpu")

@@ -19,9 +19,9 @@ def _no_compile_caches():
 def _fresh_dynamo():
     """Each test compiles from scratch; released buffers are poisoned so late readers show."""
     torch._dynamo.reset()
-    runtime.poison_released = True
+    runtime.poison_released_buffers(True)
     yield
-    runtime.poison_released = False
+    runtime.poison_released_buffers(False)
     torch._dynamo.reset()
 
 
