@@ -160,6 +160,24 @@ class DataDependentBreaks(logging.Filter):
             logging.getLogger(name).removeFilter(self)
 
 
+def table(rows: list[dict]) -> str:
+    """The settings' results, one line each, columns aligned whatever the settings' names."""
+    width = max(len(row["setting"]) for row in rows)
+    lines = [
+        f"{'setting':{width}}  {'weights GB':>10}  {'peak GB':>7}  {'ms':>8}  {'max |diff|':>10}  "
+        f"{'graphs':>6}  swap-ins"
+    ]
+    for row in rows:
+        weights = f"{row['device_weights_gb']:.2f}" if row["device_weights_gb"] is not None else "-"
+        peak = f"{row['peak_gb']:.2f}" if row["peak_gb"] is not None else "-"
+        swap_ins = ", ".join(f"{name} {count}" for name, count in row["swap_ins"].items()) or "-"
+        lines.append(
+            f"{row['setting']:{width}}  {weights:>10}  {peak:>7}  {row['ms']:8.2f}  "
+            f"{row['max_abs_diff']:10.2e}  {row['graphs']:6}  {swap_ins}"
+        )
+    return "\n".join(lines)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -327,19 +345,7 @@ def main() -> None:
                 alternate(model, inputs, device, policy, requests=3, steps=4) for policy in ("swap", "stream")
             ]
     if rows:
-        width = max(len(row["setting"]) for row in rows)
-        print(
-            f"\n{'setting':{width}}  {'weights GB':>10}  {'peak GB':>7}  {'ms':>8}  {'max |diff|':>10}  "
-            f"{'graphs':>6}  swap-ins"
-        )
-        for row in rows:
-            weights = f"{row['device_weights_gb']:.2f}" if row["device_weights_gb"] is not None else "-"
-            peak = f"{row['peak_gb']:.2f}" if row["peak_gb"] is not None else "-"
-            swap_ins = ", ".join(f"{name} {count}" for name, count in row["swap_ins"].items()) or "-"
-            print(
-                f"{row['setting']:{width}}  {weights:>10}  {peak:>7}  {row['ms']:8.2f}  "
-                f"{row['max_abs_diff']:10.2e}  {row['graphs']:6}  {swap_ins}"
-            )
+        print("\n" + table(rows))
         for row in rows:
             if row["outside_graphs"]:
                 shown = ", ".join(row["outside_graphs"][:4]) + (
