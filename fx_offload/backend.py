@@ -45,7 +45,7 @@ from fx_offload.options import AUTO, Options
 from fx_offload.regions import GraphPlan, find_regions, module_calls, module_name
 from fx_offload.rewrite import RewrittenRegion, has_barrier, rewrite
 
-# Regions fetched ahead of the one computing where no region is a head (RESULTS.md: deeper
+# Regions fetched ahead of the one computing where no region is a head (docs/design.md: deeper
 # windows did not beat this within the noise on the H100 cases).
 DEFAULT_PREFETCH = 2
 # The heads cover at least this many bytes (and at least one region): ~0.9 ms of copying at

@@ -4,7 +4,7 @@ The heads' refill for the next call (``rewrite._serve_head``) is best copied by 
 during its tail, the compute after its last fetched region's wait, when the copy engine would
 otherwise idle: bytes copied there cost nothing, while bytes left after the call delay the next
 call where calls come back to back, and bytes past the tail make the call end late where the
-caller waits between calls (RESULTS.md). ``tail_bytes`` sizes that part: the
+caller waits between calls (docs/design.md). ``tail_bytes`` sizes that part: the
 tail's time by a roofline of its FLOP-counted ops (FLOPs at the device's measured matmul rate,
 bytes read and written at its memory rate, and a launch each), times the host-to-device
 bandwidth, doubled (a short estimate leaves the copy engine idle in the tail, a long one only

@@ -28,7 +28,7 @@ The ops are declared by schema through ``torch.library.Library`` with one
 ``CompositeExplicitAutograd`` kernel each, rather than through ``torch.library.custom_op``: they
 are called on every run of a graph that no CUDA graph replays, and the decorator's Python
 autograd and mutation wrappers cost about 16 µs per call against 2.6 µs this way (measured on
-the CPU, RESULTS.md). They never take part in autograd: the pass rewrites forward graphs only.
+the CPU, docs/design.md). They never take part in autograd: the pass rewrites forward graphs only.
 """
 
 from __future__ import annotations
