@@ -313,6 +313,8 @@ def run(batch: int, args, device: torch.device, dtype: torch.dtype) -> dict:
         result = measure(row, cfg, state, device, dtype, ids, args, references)
         if row == "resident" and "tokens" in result:
             references["resident"] = result["tokens"]
+            # the reference of the compiled rows; whether it equals eager bf16 is in tokens_match
+            result["correct"], result["reference"] = None, True
             for earlier in rows:  # rows measured before the reference existed
                 if "tokens" in earlier:
                     earlier["correct"] = earlier["tokens"] in (result["tokens"], references["resident eager"])
@@ -350,7 +352,7 @@ def line(r: dict, floor: dict | None) -> str:
         return f"{r['row']:24} skipped: {r['skipped']}"
     if "error" in r:
         return f"{r['row']:24} failed: {r['error'][:140]}"
-    mark = {True: "ok", False: "WRONG", None: "?"}[r.get("correct")]
+    mark = "reference" if r.get("reference") else {True: "ok", False: "WRONG", None: "?"}[r.get("correct")]
     text = f"{r['row']:24} {r['prefill_ms']:10.2f} {r['decode_ms_per_token']:10.2f}"
     if "prefill_x_floor" in r:
         text += f" {r['prefill_x_floor']:9.3f} {r['decode_x_floor']:9.3f}"
