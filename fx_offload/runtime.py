@@ -407,7 +407,7 @@ class GraphRuntime:
             holds = found.holds
             if not holds or holds[0] != pointers or holds[1] != tuple(map(_VERSION, weights)):
                 held = False
-                _fill(found, list(weights))
+                _fill(found, list(weights), pointers)
         _registry.stack().append(heads)
         if heads:
             device = self.device
@@ -504,12 +504,9 @@ def _copy_head(found: _Head, records: list[placement.HostParameter], copied: int
         found.refilled.record(copy)
 
 
-def _fill(found: _Head, weights: list[torch.Tensor]) -> None:
-    pointers = tuple(w.data_ptr() for w in weights)
-    if pointers != found.current:
-        if found.current:
-            found.successor[found.current] = pointers
-        found.current = pointers
+def _fill(found: _Head, weights: list[torch.Tensor], pointers: tuple[int, ...]) -> None:
+    """Before a call, on the compute stream: copy ``weights`` (at addresses ``pointers``, which
+    ``enter`` has made the head's current ones) into the head where it holds other values."""
     records = found._records(pointers)
     # the same addresses may carry other records: restored and offloaded again in place
     if not records or placement.lookup(weights[0]) is not records[0]:
