@@ -54,14 +54,11 @@ from __future__ import annotations
 import argparse
 import copy
 import cProfile
-import datetime
 import functools
 import json
 import operator
-import platform
 import pstats
 import statistics
-import subprocess
 import sys
 import time
 import weakref
@@ -74,6 +71,9 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_offload import environment  # noqa: E402
 
 import fx_offload  # noqa: E402
 from fx_offload.backend import offload_inductor  # noqa: E402
@@ -276,7 +276,7 @@ def print_profile(result: dict, top: int) -> None:
         print(f"{name:58} {frame['calls']:7.1f} {frame['cum_us']:9.1f} {frame['tot_us']:9.1f}")
 
 
-def table(work: Workload, rows: list[Row], device: torch.device) -> list[dict]:
+def table(work: Workload, rows: list[Row], device_name: str) -> list[dict]:
     resident = next(r for r in rows if r.plan is None)
     compute = statistics.median(resident.samples)
     free = {
@@ -284,7 +284,7 @@ def table(work: Workload, rows: list[Row], device: torch.device) -> list[dict]:
     }
     results = []
     towers = ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in work.towers.items())
-    print(f"\n{work.name} on {_device_name(device)}: towers {towers}")
+    print(f"\n{work.name} on {device_name}: towers {towers}")
     head = ("row", "ms", "compute", "copy", "overhead", "x res", "peak GB", "max |diff|")
     print("{:34} {:>9} {:>8} {:>8} {:>8} {:>6} {:>7} {:>10}".format(*head))
     for row in rows:
@@ -366,19 +366,6 @@ def version_costs(counts=(12, 50, 500), repeats: int = 2000) -> list[dict]:
     return results
 
 
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=["tiny", "full"], default="tiny")
@@ -402,10 +389,7 @@ def main() -> None:
     torch._dynamo.config.recompile_limit = 64  # every row compiles the same code objects again
     report = {
         "environment": {
-            "device": _device_name(device),
-            "torch": torch.__version__,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "commit": _commit(),
+            **environment(device),
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
             "threads": torch.get_num_threads(),
         },
@@ -426,7 +410,8 @@ def main() -> None:
                 if device.type == "cuda" and work.rows[name][0] is not None:
                     rows.append(set_up(work, name, device, args.mode, free_copies=True))
             measure(rows, device, args.rounds, args.calls)
-            entry = {"name": work.name, "towers_bytes": work.towers, "rows": table(work, rows, device)}
+            device_name = report["environment"]["device"]
+            entry = {"name": work.name, "towers_bytes": work.towers, "rows": table(work, rows, device_name)}
             if args.profile:
                 entry["profiles"] = []
                 for row in rows:
