@@ -101,17 +101,80 @@ class DeviceRuntime:
     # a swapped op's weights (their data_ptrs) -> (generation, weak components, arena views)
     views: dict[tuple[int, ...], tuple] = field(default_factory=dict)
     _stream: torch.cuda.Stream | None = None
+    # raw stream id -> its Stream object (``torch.cuda.current_stream`` builds a new one per call)
+    _streams: dict[int, torch.cuda.Stream] = field(default_factory=dict)
+    _events: list[torch.cuda.Event] = field(default_factory=list)  # recorded and waited for: free
 
     def copy_stream(self) -> torch.cuda.Stream:
         if self._stream is None:
             self._stream = torch.cuda.Stream(device=self.device)
         return self._stream
 
+    def compute_stream(self) -> torch.cuda.Stream:
+        """The calling thread's current stream on the device: the stream the graph computes on."""
+        ids = torch._C._cuda_getCurrentStream(self.device.index)
+        found = self._streams.get(ids[0])
+        if found is None:
+            if len(self._streams) > _CACHED:
+                self._streams.clear()
+            found = self._streams[ids[0]] = torch.cuda.Stream(
+                stream_id=ids[0], device_index=ids[1], device_type=ids[2]
+            )
+        return found
+
+    def event(self) -> torch.cuda.Event:
+        """An event to record (a free one, or a new one)."""
+        return self._events.pop() if self._events else torch.cuda.Event()
+
+    def join(self, event: torch.cuda.Event, stream: torch.cuda.Stream) -> None:
+        """Make ``stream`` wait for ``event``'s last record; the event is then free to record
+        again, unless a CUDA graph is being captured (the capture keeps what it recorded)."""
+        stream.wait_event(event)
+        if not torch._C._cuda_isCurrentStreamCapturing() and len(self._events) < _FREE_EVENTS:
+            self._events.append(event)
+
+    def copy(self, pairs, done: torch.cuda.Event | None = None) -> torch.cuda.Event:
+        """Copy each (device buffer, host tensor) of ``pairs`` on the copy stream, after all the
+        compute stream queued (the buffers may reuse memory its kernels still read); record
+        ``done`` (or a free event) on the copy stream after them and return it.
+
+        The copy stream is made current directly, not through ``torch.cuda.stream``, whose enter
+        and exit read and build the current stream twice: this runs several times per graph
+        call. On another device than the current one the context manager is used."""
+        compute = self.compute_stream()
+        copy = self.copy_stream()
+        ready = self.event()
+        ready.record(compute)
+        self.join(ready, copy)
+        done = done if done is not None else self.event()
+        if torch._C._cuda_getDevice() != self.device.index:
+            with torch.cuda.stream(copy):
+                for buffer, host in pairs:
+                    buffer.copy_(host, non_blocking=True)
+                done.record(copy)
+            return done
+        _make_current(copy)
+        try:
+            for buffer, host in pairs:
+                buffer.copy_(host, non_blocking=True)
+            done.record(copy)
+        finally:
+            _make_current(compute)
+        return done
+
     def count(self, records: list[placement.HostParameter], nbytes: int | None = None) -> None:
         """Mark ``records`` as fetched and count ``nbytes`` (default: all of theirs) as copied."""
         for record in records:
             record.fetched = True
         self.copied_bytes += sum(record.nbytes for record in records) if nbytes is None else nbytes
+
+
+def _make_current(stream: torch.cuda.Stream) -> None:
+    """Make ``stream`` (of the current device) the current stream: ``torch.cuda.set_stream``'s
+    own call, without its device lookups."""
+    torch._C._cuda_setStream(
+        stream_id=stream.stream_id, device_index=stream.device_index, device_type=stream.device_type
+    )
 
 
 class _Registry:
@@ -205,15 +268,7 @@ def _copy_in(buffers: list[torch.Tensor], hosts: list[torch.Tensor]) -> None:
             buffer.copy_(host)
         return
     device = device_runtime(buffers[0].device)
-    compute = torch.cuda.current_stream(device.device)
-    copy = device.copy_stream()
-    copy.wait_stream(compute)
-    with torch.cuda.stream(copy):
-        for buffer, host in zip(buffers, hosts):
-            buffer.copy_(host, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record(copy)
-    device.inflight[buffers[0].data_ptr()] = done
+    device.inflight[buffers[0].data_ptr()] = device.copy(zip(buffers, hosts))
 
 
 def wait(fetched: list[torch.Tensor]) -> None:
@@ -225,13 +280,13 @@ def wait(fetched: list[torch.Tensor]) -> None:
     if key in device.inflight:
         done = device.inflight.pop(key)
         if done is not None:
-            torch.cuda.current_stream(fetched[0].device).wait_event(done)
+            device.join(done, device.compute_stream())
         return  # None: a head whose refill the wrapper issues after the call, nothing to join
     found = _serving(fetched)
     if found is not None and found.refilled is not None:
         # the wrapper's refill after the previous call (an external event: captured as a wait
         # on whatever it last recorded when this graph replays)
-        torch.cuda.current_stream(fetched[0].device).wait_event(found.refilled)
+        device.compute_stream().wait_event(found.refilled)
         return
     if key in device.persistent:
         return  # a loose head's buffers: ready when the call started, nothing in flight
@@ -496,12 +551,7 @@ def _copy_head(found: _Head, records: list[placement.HostParameter], copied: int
         for buffer, host in pairs:
             buffer.copy_(host)
         return
-    copy = device.copy_stream()
-    copy.wait_stream(torch.cuda.current_stream(device.device))
-    with torch.cuda.stream(copy):
-        for buffer, host in pairs:
-            buffer.copy_(host, non_blocking=True)
-        found.refilled.record(copy)
+    device.copy(pairs, found.refilled)
 
 
 def _fill(found: _Head, weights: list[torch.Tensor], pointers: tuple[int, ...]) -> None:
@@ -518,7 +568,7 @@ def _fill(found: _Head, weights: list[torch.Tensor], pointers: tuple[int, ...]) 
     if found.holds == state:
         return  # the previous call refilled it with these values
     if found.refilled is not None:  # after the previous call's refill, which writes them too
-        torch.cuda.current_stream(found.buffers[0].device).wait_event(found.refilled)
+        device_runtime(found.buffers[0].device).compute_stream().wait_event(found.refilled)
     for buffer, record in zip(found.buffers, records):
         buffer.copy_(record.host, non_blocking=True)  # on the compute stream, before the call
     device_runtime(found.buffers[0].device).count(records)
@@ -539,6 +589,7 @@ def _forget_dead(found: _Head) -> None:
 _PTR = torch.Tensor.data_ptr
 _VERSION = operator.attrgetter("_version")
 _CACHED = 1 << 12  # sets of weights whose host tensors or views are kept (then all are dropped)
+_FREE_EVENTS = 64  # events kept free for reuse per device
 # the counters (``counters["fx_offload"]``) of calls with heads, by where their copy was issued
 _COUNTED = {origin: "head_copy_" + origin.value.replace(" ", "_") for origin in Origin}
 

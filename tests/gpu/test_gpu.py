@@ -297,3 +297,31 @@ def test_the_next_call_waits_for_the_refill_of_its_head(mode, head):
             assert graphs.skips == 0, "Inductor skipped CUDA graphs"
     finally:
         fx_offload.restore(model)
+
+
+@pytest.mark.parametrize("model_cls", [Stack, BreakingStack])
+def test_calls_on_a_side_stream_keep_it_current_and_match_the_default_stream(model_cls):
+    """The copies make the copy stream current directly (not through ``torch.cuda.stream``):
+    a call made on the user's own stream leaves that stream current, its outputs equal those of
+    calls on the default stream, and the runtime reuses a bounded set of events."""
+    plain, model = seeded(model_cls).cuda(), seeded(model_cls).cuda()
+    fx_offload.offload(model, ["layers.*"])
+    compiled = torch.compile(model, backend="offload_inductor")
+    x = torch.randn(4, 8, device="cuda")
+    side = torch.cuda.Stream()
+    try:
+        with torch.no_grad():
+            expected = plain(x)
+            torch.testing.assert_close(compiled(x), expected, rtol=1e-4, atol=1e-5)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(50):
+                    out = compiled(x)
+                assert torch.cuda.current_stream() == side
+            torch.cuda.current_stream().wait_stream(side)
+            torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+        device = runtime.device_runtime(x.device)
+        assert len(device._events) <= runtime._FREE_EVENTS
+        assert not device.inflight or all(e is None for e in device.inflight.values())
+    finally:
+        fx_offload.restore(model)
