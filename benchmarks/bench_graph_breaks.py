@@ -381,6 +381,10 @@ def main() -> None:
     parser.add_argument(
         "--version-costs", action="store_true", help="only measure ways to see in-place writes"
     )
+    parser.add_argument("--rows", nargs="+", default=None, help="rows to run (default: all the model has)")
+    parser.add_argument(
+        "--no-twins", action="store_true", help="on a GPU, skip the 'copies free' twin of each row"
+    )
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -404,10 +408,16 @@ def main() -> None:
             if key not in WORKLOADS:
                 raise SystemExit(f"--models: unknown model {key!r}; choose from {sorted(WORKLOADS)}")
             work = WORKLOADS[key](args.size, dtype)
+            chosen = args.rows or list(work.rows)
+            unknown = [name for name in chosen if name not in work.rows]
+            if unknown:
+                raise SystemExit(f"--rows: unknown {unknown}; {work.name} has the rows {list(work.rows)}")
+            if "resident" not in chosen:
+                raise SystemExit("--rows: include 'resident', every row's reference")
             rows = []
-            for name in work.rows:
+            for name in chosen:
                 rows.append(set_up(work, name, device, args.mode, free_copies=False))
-                if device.type == "cuda" and work.rows[name][0] is not None:
+                if device.type == "cuda" and work.rows[name][0] is not None and not args.no_twins:
                     rows.append(set_up(work, name, device, args.mode, free_copies=True))
             measure(rows, device, args.rounds, args.calls)
             device_name = report["environment"]["device"]
