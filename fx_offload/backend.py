@@ -38,6 +38,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch._inductor.custom_graph_pass import CustomGraphPass
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from fx_offload import estimate, logs, matching, placement, runtime, swap
 from fx_offload import plan as offload_plan
@@ -207,11 +208,68 @@ def graph_plan(gm: fx.GraphModule, example_inputs: list, options: Options) -> Gr
     for i in sorted(swapped):
         components.setdefault(records[i].component, None)
     swap.check_together(list(components))
+    # AOTAutograd's inference graph only: a training graph's wrapper must get the parameters,
+    # whose gradients it computes (as AOTAutograd decides whether a graph needs autograd)
+    trains = torch.is_grad_enabled() and any(getattr(x, "requires_grad", False) for x in example_inputs)
+    if not trains:
+        plan = dataclasses.replace(plan, swapped_as_inputs=_only_read(placeholders, swapped))
     graph = runtime.GraphRuntime()
     if heads and offloaded:  # window gave a graph split by a barrier none
         for region in regions[:heads]:
             graph.declare_head(example_inputs, [position[p] for p in region.params], region.name)
     return GraphSetup(plan, graph, tuple(sorted(swapped)))
+
+
+def _only_read(placeholders: list[fx.Node], positions) -> frozenset[int]:
+    """The positions among ``positions`` whose input Dynamo's graph only reads: no in-place op
+    on it or on a view of it, and no view of it among the outputs (by the storage of Dynamo's
+    example values). The wrapper can pass such a swapped parameter's device copy in its place."""
+    found = set()
+    for i in positions:
+        param = placeholders[i]
+        value = param.meta.get("example_value")
+        if not isinstance(value, torch.Tensor):
+            continue
+        storage = StorageWeakRef(value.untyped_storage())
+        aliases, todo, plain = {param}, [param], True
+        while todo and plain:
+            for user in todo.pop().users:
+                if user.op == "output" or _writes(user, aliases):
+                    plain = False
+                    break
+                out = user.meta.get("example_value")
+                if isinstance(out, torch.Tensor) and StorageWeakRef(out.untyped_storage()) == storage:
+                    if user not in aliases:
+                        aliases.add(user)
+                        todo.append(user)
+        if plain:
+            found.add(i)
+    return frozenset(found)
+
+
+def _writes(node: fx.Node, aliases: set[fx.Node]) -> bool:
+    """Whether ``node`` may write one of ``aliases`` in place (an in-place method or function,
+    ``out=``, item assignment): judged by name, erring towards yes."""
+    if not any(a in aliases for a in node.all_input_nodes):
+        return False
+    if node.op not in ("call_function", "call_method"):
+        return node.op != "call_module"  # (a call_module is a plain module call: reads)
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    dunder = name.startswith("__") and name.endswith("__")
+    return (
+        (name.endswith("_") and not dunder)  # x.add_(...), torch.Tensor.copy_
+        or name in _IN_PLACE_OPERATORS
+        or (dunder and name.strip("_") in _IN_PLACE_OPERATORS)  # x.__iadd__(...)
+        or "out" in node.kwargs
+    )
+
+
+_IN_PLACE_OPERATORS = {
+    f.__name__
+    for f in (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+              operator.imod, operator.ipow, operator.imatmul, operator.iand, operator.ior,
+              operator.ixor, operator.ilshift, operator.irshift, operator.setitem)
+}  # fmt: skip
 
 
 def _records_of(example_inputs: list) -> dict[int, placement.HostParameter]:
@@ -301,7 +359,9 @@ def _around_calls(compiled, setup: GraphSetup):
     refills its heads and starts the copy of the next call's. A graph with neither is returned
     as it is: its calls cost nothing more than the compiled graph's."""
     graph = setup.runtime
-    components = _SwappedInputs(setup.swapped_positions) if setup.swapped_positions else None
+    components = None
+    if setup.swapped_positions:
+        components = _SwappedInputs(setup.swapped_positions, setup.plan.swapped_as_inputs)
     if components is None and not graph.has_heads:
         return compiled
     boxed = getattr(compiled, "_boxed_call", False)
@@ -309,9 +369,12 @@ def _around_calls(compiled, setup: GraphSetup):
 
     def run(*args):
         # a boxed call passes one list of inputs (whether Dynamo boxes depends on the path)
-        inputs = args[0] if len(args) == 1 and isinstance(args[0], list) else args
-        if components is not None:
-            components.ensure(inputs)
+        if len(args) == 1 and isinstance(args[0], list):
+            inputs = args[0] if components is None else components.ensure(args[0])
+            args = (inputs,)
+        else:
+            inputs = args if components is None else components.ensure(args)
+            args = inputs
         heads = enter(inputs)
         try:
             return compiled(*args)
@@ -319,8 +382,9 @@ def _around_calls(compiled, setup: GraphSetup):
             leave(heads)
 
     def run_swapped(*args):  # swapped inputs only, no heads
-        components.ensure(args[0] if len(args) == 1 and isinstance(args[0], list) else args)
-        return compiled(*args)
+        if len(args) == 1 and isinstance(args[0], list):
+            return compiled(components.ensure(args[0]))
+        return compiled(*components.ensure(args))
 
     if not graph.has_heads:
         run = run_swapped
@@ -343,15 +407,20 @@ class _SwappedInputs:
     per-parameter work in Python.
     """
 
-    def __init__(self, positions: tuple[int, ...]) -> None:
+    def __init__(self, positions: tuple[int, ...], as_inputs: frozenset[int] = frozenset()) -> None:
         self.positions = positions
         take = operator.itemgetter(*positions)
         self._take = take if len(positions) != 1 else (lambda inputs: (take(inputs),))
-        # identities of a call's swapped weights -> [generation, groups, versions, swap counts]
+        self.as_inputs = tuple(p for p in positions if p in as_inputs)  # passed as their copies
+        # identities of a call's swapped weights -> [generation, groups, versions, swap counts,
+        # the device copies of the weights at ``as_inputs``]
         self._seen: dict[tuple[int, ...], list] = {}
 
-    def ensure(self, inputs) -> None:
-        """Put the components the call reads on the device, with their current values."""
+    def ensure(self, inputs):
+        """Put the components the call reads on the device, with their current values; return
+        the inputs to call the graph with: ``inputs``, or a list where the weights at
+        ``as_inputs`` are their device copies (a boxed call's list is emptied, as the compiled
+        function would: it owns its inputs)."""
         weights = self._take(inputs)
         ids = tuple(map(id, weights))
         versions = tuple(map(_VERSION, weights))
@@ -362,7 +431,7 @@ class _SwappedInputs:
             if entry[2] == versions:
                 arenas = [getattr(component(), "arena", None) for component, _ in groups]
                 if None not in arenas and entry[3] == tuple(arena.swaps for arena in arenas):
-                    return  # the same weights, unchanged, their components in place
+                    return self._passed(inputs, entry[4])  # the same weights, unchanged, in place
         else:
             if entry is not None or len(self._seen) >= _KEPT:
                 self._seen.clear()
@@ -378,7 +447,19 @@ class _SwappedInputs:
         for component, records in live:
             component.arena.ensure(component, records)
         swaps = tuple(component.arena.swaps for component, _ in live)
-        self._seen[ids] = [generation, groups, versions, swaps]
+        copies = tuple(runtime.swapped([inputs[p]])[0] for p in self.as_inputs)
+        self._seen[ids] = [generation, groups, versions, swaps, copies]
+        return self._passed(inputs, copies)
+
+    def _passed(self, inputs, copies: tuple):
+        if not copies:
+            return inputs
+        passed = list(inputs)
+        for position, copy in zip(self.as_inputs, copies):
+            passed[position] = copy
+        if isinstance(inputs, list):
+            inputs.clear()
+        return passed
 
     def _group(self, inputs) -> list[tuple[weakref.ref, list[weakref.ref]]]:
         groups: dict[swap.Component, list] = {}
@@ -423,6 +504,7 @@ def _plan_key(plan: GraphPlan) -> tuple:
         plan.device_type,
         plan.prefetch_head,
         sorted(plan.swapped_inputs.items()),
+        sorted(plan.swapped_as_inputs),
         plan.refill_in_graph,
     )
 

@@ -43,6 +43,9 @@ class GraphPlan:
             instead of delaying its start).
         swapped_inputs: placeholder position -> (parameter name, component name) of parameters
             under the ``swap`` policy: read from their component's fixed device copy.
+        swapped_as_inputs: of those, the positions that the compiled function's wrapper passes
+            as the device copies themselves (the graph only reads them): the pass leaves their
+            reads as they are, so the graph is the resident one's.
         refill_in_graph: of the heads' refill for the next call, the first bytes the graph
             copies itself after its last fetch (they overlap its last compute; the wrapper copies
             the rest when the call returns); ``options.AUTO``: as many as that compute hides, estimated
@@ -55,6 +58,7 @@ class GraphPlan:
     device_type: str = "cpu"
     prefetch_head: int = 1
     swapped_inputs: Mapping[int, tuple[str, str]] = field(default_factory=dict)
+    swapped_as_inputs: frozenset[int] = frozenset()
     refill_in_graph: int | str = 0  # or options.AUTO: estimated per graph (``rewrite._auto_in_graph``)
     device_figures: DeviceFigures | None = None  # for AUTO; measured on the device, not in cache keys
 

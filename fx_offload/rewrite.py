@@ -194,8 +194,10 @@ def _serve_swapped(graph: fx.Graph, plan: GraphPlan) -> None:
     """Read swapped parameters from their component's fixed device copy, held to the end."""
     placeholders = [node for node in graph.nodes if node.op == "placeholder"]
     by_component: dict[str, list[fx.Node]] = {}
-    for i, (_name, component) in sorted(plan.swapped_inputs.items()):
-        if placeholders[i].users:
+    for i, (name, component) in sorted(plan.swapped_inputs.items()):
+        if i in plan.swapped_as_inputs:  # the wrapper passes the device copy itself
+            _check_only_read(placeholders[i], name)
+        elif placeholders[i].users:
             by_component.setdefault(component, []).append(placeholders[i])
     if not by_component:
         return
@@ -212,6 +214,19 @@ def _serve_swapped(graph: fx.Graph, plan: GraphPlan) -> None:
                     user.replace_input_with(param, item)
         with graph.inserting_before(output):
             _call(graph, HOLD, (items, results, component), "hold")
+
+
+def _check_only_read(param: fx.Node, name: str) -> None:
+    """A swapped parameter that the wrapper passes as its device copy must only be read here: a
+    write-back would store into the device copy instead of the parameter, an escaping view would
+    hand the device copy to the caller. ``backend.graph_plan`` decided so from Dynamo's graph."""
+    for user in param.users:
+        if _escapes(user) or is_write_back(user, param) or user.op == "output":
+            raise RuntimeError(
+                f"fx_offload: swapped parameter {name!r} was planned as a plain read, but the graph "
+                f"after AOTAutograd writes or returns it ({user.format_node()}). Please report this; "
+                "restore the model and offload it with policy='stream' meanwhile"
+            )
 
 
 def _refuse_captured_write_backs(graph: fx.Graph, plan: GraphPlan) -> None:

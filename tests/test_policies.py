@@ -107,7 +107,9 @@ def test_stream_and_swap_in_one_model_and_graph(offloaded):
     with recording() as graphs:
         _rounds(model, think, talk, [torch.randn(3, 8) for _ in range(2)])
     thinker_graph = next(g for g in graphs if "fx_offload.fetch" in g or "fx_offload.head" in g)
-    assert "fx_offload.swapped" in thinker_graph and "fx_offload.hold" in thinker_graph
+    # thinker's swapped weights are only read (under no_grad): their device copies are passed as
+    # the graph's inputs, no swap op in the graph (``_rounds`` checks the values)
+    assert "fx_offload.swapped" not in thinker_graph and "fx_offload.hold" not in thinker_graph
 
 
 def test_one_graph_needing_components_that_share_memory_is_refused(offloaded):
@@ -170,3 +172,65 @@ def test_swapped_stack_compiled_whole(offloaded):
         for _ in range(3):
             torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-6)
     assert [c.swap_ins for c in plan.components] == [1]
+
+
+class _ReturnsItsWeight(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc(x), self.fc.weight.t()  # a view of the parameter leaves the graph
+
+
+def _swap_graph_ops(model, patterns, x) -> tuple[list[str], object]:
+    """Compile ``model`` with ``patterns`` swapped; the offload ops of its graphs, its output."""
+    from fx_offload.explain import format_offload_nodes
+
+    fx_offload.offload(model, patterns, policy="swap")
+    compiled = torch.compile(model, backend="offload_inductor")
+    with recording(format_offload_nodes) as graphs:
+        out = compiled(x)
+    return graphs, out
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_a_swapped_component_only_read_is_passed_to_the_graph_as_its_device_copies(grad):
+    """Inference graphs that only read a swapped component read their inputs as the resident graph
+    does (no ``swapped``/``hold`` op): the wrapper passes the device copies in the parameters'
+    place. A training graph keeps the ops: its wrapper must get the parameters themselves."""
+    model, plain = seeded(Stack), seeded(Stack)
+    x = torch.randn(3, 8)
+    with torch.set_grad_enabled(grad):
+        graphs, out = _swap_graph_ops(model, ["layers.*"], x)
+        torch.testing.assert_close(out, plain(x), rtol=1e-5, atol=1e-6)
+    text = "\n".join(graphs)
+    if grad:
+        assert "swapped(" in text and "hold(" in text, text
+        out.sum().backward()
+        assert all(p.grad is not None for p in model.parameters())
+    else:
+        assert "swapped(" not in text and "hold(" not in text, text
+        assert "(its device copies passed as inputs)" in text
+    fx_offload.restore(model)
+
+
+def test_a_swapped_parameter_written_or_returned_by_the_graph_keeps_the_swap_ops():
+    """A write inside forward must reach the parameter (not its device copy), a view returned must
+    be the parameter's: those graphs read the component through the ``swapped`` op."""
+    from tests.models import SelfWriting
+
+    cases = [(seeded(SelfWriting), seeded(SelfWriting), "body"), (_ReturnsItsWeight(), None, "fc")]
+    for model, plain, pattern in cases:
+        if plain is None:
+            torch.manual_seed(0)
+            plain = _ReturnsItsWeight()
+            plain.load_state_dict(model.state_dict())
+        x = torch.randn(3, 8)
+        with torch.no_grad():
+            graphs, out = _swap_graph_ops(model, [pattern], x)
+            torch.testing.assert_close(out, plain(x), rtol=1e-5, atol=1e-6)
+        assert "swapped(" in "\n".join(graphs), graphs
+        for (name, p), q in zip(plain.named_parameters(), model.parameters()):
+            torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
+        fx_offload.restore(model)

@@ -398,8 +398,9 @@ reads of second:
         )
 
     def test_swapped_component_is_read_from_its_device_copy(self):
-        """thinker is swapped (its norm is read from the component's device copy, held to the end
-        of the graph), the visual tower inside it streams."""
+        """thinker is swapped and only read: the graph reads its inputs as the resident graph
+        would, and the wrapper passes the component's device copies as those inputs; the visual
+        tower inside it streams."""
         text = self.explain(
             seeded(Nested), {"visual": "stream", "thinker": "swap"}, torch.randn(2, 8), prefetch_head=0
         )
@@ -407,11 +408,9 @@ reads of second:
             text,
             """\
 # graph 1 of 1
-swapped = swapped('thinker', [thinker.norm.weight, thinker.norm.bias])
 fetch = fetch('thinker.visual', [thinker.visual.proj.weight, thinker.visual.proj.bias, thinker.visual.block.fc1.weight, thinker.visual.block.fc1.bias, thinker.visual.block.fc2.weight, thinker.visual.block.fc2.bias], after=[])
 wait = wait('thinker.visual', fetched..fetched_5, issued=[])
 release = release('thinker.visual', fetched..fetched_5, readers=[addmm, addmm_1, addmm_2])
-hold = hold('thinker', on_device..on_device_1, readers=[addmm_3])
 reads of thinker.visual:
   t <- fetched (thinker.visual.proj.weight)
   addmm <- fetched_1 (thinker.visual.proj.bias)
@@ -419,6 +418,6 @@ reads of thinker.visual:
   addmm_1 <- fetched_3 (thinker.visual.block.fc1.bias)
   t_2 <- fetched_4 (thinker.visual.block.fc2.weight)
   addmm_2 <- fetched_5 (thinker.visual.block.fc2.bias)
-reads of swapped component thinker:
-  native_layer_norm <- on_device (thinker.norm.weight), on_device_1 (thinker.norm.bias)""",
+reads of swapped component thinker (its device copies passed as inputs):
+  native_layer_norm <- arg7_1 (thinker.norm.weight), arg8_1 (thinker.norm.bias)""",
         )
