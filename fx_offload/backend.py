@@ -98,9 +98,11 @@ def offload_inductor(
     from torch._inductor.compile_fx import compile_fx
 
     parsed = Options.from_mapping(options)
-    setup = graph_plan(gm, example_inputs, parsed)
     patches = dict(list_mode_options(mode)) if mode else {}
     patches.update(parsed.inductor)
+    # under CUDA graphs a replay runs no op anyway: swapped weights keep their ops there
+    cudagraphs = patches.get("triton.cudagraphs", torch._inductor.config.triton.cudagraphs)
+    setup = graph_plan(gm, example_inputs, parsed, swapped_as_inputs=not cudagraphs)
     if setup.rewrites:
         inner = patches.get("post_grad_custom_post_pass", torch._inductor.config.post_grad_custom_post_pass)
         patches["post_grad_custom_post_pass"] = OffloadPass(setup.plan, inner)
@@ -169,12 +171,16 @@ class GraphSetup:
         return bool(self.plan.offloaded_inputs or self.plan.swapped_inputs)
 
 
-def graph_plan(gm: fx.GraphModule, example_inputs: list, options: Options) -> GraphSetup:
+def graph_plan(
+    gm: fx.GraphModule, example_inputs: list, options: Options, *, swapped_as_inputs: bool = True
+) -> GraphSetup:
     """Decide, once per graph, what offload does with ``gm``: inputs -> parameter records ->
     regions -> window -> heads -> swapped components.
 
     With ``options.offload``, first places the parameters those patterns select (as
     ``fx_offload.offload`` would), naming modules as the user does, relative to the compiled root.
+    ``swapped_as_inputs``: whether swapped weights that the graph only reads may be passed by the
+    wrapper as their device copies (``GraphPlan.swapped_as_inputs``).
     """
     placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
     position = {node: i for i, node in enumerate(placeholders)}
@@ -211,7 +217,7 @@ def graph_plan(gm: fx.GraphModule, example_inputs: list, options: Options) -> Gr
     # AOTAutograd's inference graph only: a training graph's wrapper must get the parameters,
     # whose gradients it computes (as AOTAutograd decides whether a graph needs autograd)
     trains = torch.is_grad_enabled() and any(getattr(x, "requires_grad", False) for x in example_inputs)
-    if not trains:
+    if swapped_as_inputs and not trains:
         plan = dataclasses.replace(plan, swapped_as_inputs=_only_read(placeholders, swapped))
     graph = runtime.GraphRuntime()
     if heads and offloaded:  # window gave a graph split by a barrier none

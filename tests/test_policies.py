@@ -234,3 +234,18 @@ def test_a_swapped_parameter_written_or_returned_by_the_graph_keeps_the_swap_ops
         for (name, p), q in zip(plain.named_parameters(), model.parameters()):
             torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
         fx_offload.restore(model)
+
+
+def test_under_cuda_graphs_a_swapped_component_keeps_its_ops():
+    """A CUDA graph's replay runs no op: the graph keeps ``swapped``/``hold`` there (the path the
+    GPU suite captures), whatever the device (here Inductor skips CUDA graphs for CPU tensors)."""
+    from fx_offload.explain import format_offload_nodes
+
+    model, plain = seeded(Stack), seeded(Stack)
+    fx_offload.offload(model, ["layers.*"], policy="swap")
+    compiled = torch.compile(model, backend="offload_inductor", mode="reduce-overhead")
+    x = torch.randn(3, 8)
+    with torch.no_grad(), recording(format_offload_nodes) as graphs:
+        torch.testing.assert_close(compiled(x), plain(x), rtol=1e-5, atol=1e-6)
+    assert "swapped(" in "\n".join(graphs)
+    fx_offload.restore(model)
