@@ -255,7 +255,8 @@ def _only_read(placeholders: list[fx.Node], positions) -> frozenset[int]:
 
 def _writes(node: fx.Node, aliases: set[fx.Node]) -> bool:
     """Whether ``node`` may write one of ``aliases`` in place (an in-place method or function,
-    ``out=``, item assignment): judged by name, erring towards yes."""
+    ``out=``, ``inplace=True``, item assignment): judged by name, erring towards yes. A write
+    missed here is caught after AOTAutograd (``rewrite``), where it raises instead."""
     if not any(a in aliases for a in node.all_input_nodes):
         return False
     if node.op not in ("call_function", "call_method"):
@@ -267,6 +268,7 @@ def _writes(node: fx.Node, aliases: set[fx.Node]) -> bool:
         or name in _IN_PLACE_OPERATORS
         or (dunder and name.strip("_") in _IN_PLACE_OPERATORS)  # x.__iadd__(...)
         or "out" in node.kwargs
+        or bool(node.kwargs.get("inplace"))  # F.relu(p, inplace=True)
     )
 
 

@@ -249,3 +249,39 @@ def test_under_cuda_graphs_a_swapped_component_keeps_its_ops():
         torch.testing.assert_close(compiled(x), plain(x), rtol=1e-5, atol=1e-6)
     assert "swapped(" in "\n".join(graphs)
     fx_offload.restore(model)
+
+
+def test_which_reads_of_a_swapped_parameter_the_plan_passes_as_its_device_copy():
+    """``graph_plan``'s judgement on Dynamo's graph: a parameter only read is passed as its
+    device copy; one written in place (by method, function, ``out=``, ``inplace=``, item
+    assignment, through a view) or returned as a view is not."""
+    import torch.nn.functional as F
+
+    from fx_offload import backend
+
+    cases = {
+        "read": (lambda w, x: x @ w.t() + w.sum(), True),
+        "method write": (lambda w, x: x @ w.mul_(1), False),
+        "function write": (lambda w, x: x @ torch.Tensor.add_(w, 0), False),
+        "out=": (lambda w, x: torch.add(w, 0, out=w) @ x, False),
+        "inplace=": (lambda w, x: F.relu(w, inplace=True) @ x, False),
+        "item assignment": (lambda w, x: (w.__setitem__(0, 0.0), x @ w)[1], False),
+        "write through a view": (lambda w, x: (w.view(-1).mul_(1), x @ w)[1], False),
+        # Dynamo returns an input itself from outside the graph: the graph only reads it
+        "returned itself": (lambda w, x: (x @ w, w), True),
+        "view returned": (lambda w, x: (x @ w, w.t()), False),
+    }
+    for name, (fn, passed) in cases.items():
+        seen = []
+
+        def capture(gm, inputs, seen=seen):
+            placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+            w_at = next(i for i, n in enumerate(placeholders) if n.target == "L_w_")
+            seen.append(backend._only_read(placeholders, [w_at]) == {w_at})
+            return gm.forward
+
+        w = torch.randn(4, 4)
+        torch._dynamo.reset()
+        with torch.no_grad():
+            torch.compile(fn, backend=capture, fullgraph=True)(w, torch.randn(4, 4))
+        assert seen and seen[0] is passed, name
