@@ -223,7 +223,9 @@ def __getattr__(name: str):
 def fetch(weights: list[torch.Tensor], region: str = "") -> list[torch.Tensor]:
     """Start copying the host values of ``weights`` into fresh device buffers."""
     try:
-        buffers = [_EMPTY(w, memory_format=torch.contiguous_format) for w in weights]  # as the fake
+        # contiguous, as the fake kernel makes them; a third of torch.empty(w.shape, dtype=...,
+        # device=...)'s time per weight
+        buffers = [torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights]
     except torch.OutOfMemoryError as error:
         nbytes = sum(w.nbytes for w in weights)
         raise torch.OutOfMemoryError(
@@ -587,7 +589,6 @@ def _forget_dead(found: _Head) -> None:
 
 
 _PTR = torch.Tensor.data_ptr
-_EMPTY = torch.empty_like  # a third of torch.empty(w.shape, dtype=..., device=...)'s time per call
 _VERSION = operator.attrgetter("_version")
 _CACHED = 1 << 12  # sets of weights whose host tensors or views are kept (then all are dropped)
 _FREE_EVENTS = 64  # events kept free for reuse per device

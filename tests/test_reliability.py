@@ -274,7 +274,7 @@ def test_out_of_device_memory_during_a_fetch_names_the_region_bytes_and_the_fix(
     def empty(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(torch, "empty_like", empty)  # what fetch allocates its buffers with
     with pytest.raises(torch.OutOfMemoryError) as info:
         runtime.fetch(weights, "layers.1")
     monkeypatch.undo()
