@@ -102,3 +102,17 @@ def test_set_logs_info_level_logs_regions_but_not_graphs(offloaded, fx_offload_l
     err = capsys.readouterr().err
     assert "rewrote a graph: 2 regions, 2240 B offloaded" in err
     assert "graph before the offload pass" not in err and "graph after" not in err  # those are +fx_offload
+
+
+def test_swapped_components_passed_as_inputs_are_logged_and_counted(offloaded, fx_offload_logs, capsys):
+    """A graph that only reads its swapped components has no swap op, yet the log names them."""
+    counters.clear()
+    torch._logging.set_logs(modules={"fx_offload": logging.INFO})
+    model = seeded(Stack, n=3)
+    offloaded(model, {"layers.0": "swap", "layers.1": "swap", "layers.2": "stream"}, device_budget=1 << 20)
+    with torch.no_grad():
+        torch.compile(model, backend="offload_eager")(torch.randn(2, 8))
+    err = capsys.readouterr().err
+    assert "1 regions, 1120 B offloaded" in err and "; 2 swapped components" in err, err
+    assert "swapped component layers.0: 4 parameters, passed as inputs" in err, err
+    assert counters["fx_offload"]["swapped"] == 2
