@@ -214,10 +214,7 @@ def graph_plan(
     for i in sorted(swapped):
         components.setdefault(records[i].component, None)
     swap.check_together(list(components))
-    # AOTAutograd's inference graph only: a training graph's wrapper must get the parameters,
-    # whose gradients it computes (as AOTAutograd decides whether a graph needs autograd)
-    trains = torch.is_grad_enabled() and any(getattr(x, "requires_grad", False) for x in example_inputs)
-    if swapped_as_inputs and not trains:
+    if swapped_as_inputs and not _trains(gm, example_inputs):
         plan = dataclasses.replace(plan, swapped_as_inputs=_only_read(placeholders, swapped))
     graph = runtime.GraphRuntime()
     if heads and offloaded:  # window gave a graph split by a barrier none
@@ -226,15 +223,30 @@ def graph_plan(
     return GraphSetup(plan, graph, tuple(sorted(swapped)))
 
 
+def _trains(gm: fx.GraphModule, example_inputs: list) -> bool:
+    """Whether AOTAutograd makes a training graph of ``gm``: its wrapper must then get the
+    parameters themselves, whose gradients it computes. Grad on at the graph's start with an
+    input that requires grad, or an output that requires grad (a ``forward`` may turn grad on
+    inside ``no_grad``)."""
+    if torch.is_grad_enabled() and any(getattr(x, "requires_grad", False) for x in example_inputs):
+        return True
+    output = next(node for node in reversed(gm.graph.nodes) if node.op == "output")
+    values = [node.meta.get("example_value") for node in output.all_input_nodes]
+    leaves = torch.utils._pytree.tree_leaves(values)
+    return any(isinstance(v, torch.Tensor) and v.requires_grad for v in leaves)
+
+
 def _only_read(placeholders: list[fx.Node], positions) -> frozenset[int]:
-    """The positions among ``positions`` whose input Dynamo's graph only reads: no in-place op
-    on it or on a view of it, and no view of it among the outputs (by the storage of Dynamo's
-    example values). The wrapper can pass such a swapped parameter's device copy in its place."""
+    """The positions among ``positions`` whose input Dynamo's graph only reads: its example
+    value's version counter did not move while Dynamo traced (an in-place write of it or of a view
+    of it, by any op), no call that looks like a write takes it or a view (``_writes``), and no
+    view of it is among the outputs (views found by the storage of Dynamo's example values, also
+    inside tuples). The wrapper can pass such a swapped parameter's device copy in its place."""
     found = set()
     for i in positions:
         param = placeholders[i]
         value = param.meta.get("example_value")
-        if not isinstance(value, torch.Tensor):
+        if not isinstance(value, torch.Tensor) or value._version != 0:  # fakes start at 0
             continue
         storage = StorageWeakRef(value.untyped_storage())
         aliases, todo, plain = {param}, [param], True
@@ -243,24 +255,36 @@ def _only_read(placeholders: list[fx.Node], positions) -> frozenset[int]:
                 if user.op == "output" or _writes(user, aliases):
                     plain = False
                     break
-                out = user.meta.get("example_value")
-                if isinstance(out, torch.Tensor) and StorageWeakRef(out.untyped_storage()) == storage:
-                    if user not in aliases:
-                        aliases.add(user)
-                        todo.append(user)
+                leaves = torch.utils._pytree.tree_leaves(user.meta.get("example_value"))
+                shares = any(
+                    isinstance(v, torch.Tensor) and StorageWeakRef(v.untyped_storage()) == storage
+                    for v in leaves
+                )
+                if shares and user not in aliases:
+                    aliases.add(user)
+                    todo.append(user)
         if plain:
             found.add(i)
     return frozenset(found)
 
 
 def _writes(node: fx.Node, aliases: set[fx.Node]) -> bool:
-    """Whether ``node`` may write one of ``aliases`` in place (an in-place method or function,
-    ``out=``, ``inplace=True``, item assignment): judged by name, erring towards yes. A write
-    missed here is caught after AOTAutograd (``rewrite``), where it raises instead."""
+    """Whether ``node`` may write one of ``aliases`` in place: an op whose schema writes an
+    argument, an in-place method or function, ``out=``, ``inplace=True``, item assignment; judged
+    by schema or name, erring towards yes. (``_only_read`` also reads the version counter, which
+    every in-place op moves; a write both miss is caught after AOTAutograd, in ``rewrite``.)"""
     if not any(a in aliases for a in node.all_input_nodes):
         return False
     if node.op not in ("call_function", "call_method"):
         return node.op != "call_module"  # (a call_module is a plain module call: reads)
+    if isinstance(node.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        overloads = (
+            [node.target]
+            if isinstance(node.target, torch._ops.OpOverload)
+            else [getattr(node.target, name) for name in node.target.overloads()]
+        )
+        return any(arg.alias_info is not None and arg.alias_info.is_write
+                   for op in overloads for arg in op._schema.arguments)  # fmt: skip
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
     dunder = name.startswith("__") and name.endswith("__")
     return (

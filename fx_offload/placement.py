@@ -74,6 +74,8 @@ def lookup(tensor: torch.Tensor) -> HostParameter | None:
     record = _records.get(tensor.data_ptr())
     if record is None or record.host.shape != tensor.shape or record.host.dtype != tensor.dtype:
         return None
+    if record.host.stride() != tensor.stride():  # a view of the same shape (a square weight's .t())
+        return None
     return record
 
 

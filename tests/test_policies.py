@@ -253,8 +253,8 @@ def test_under_cuda_graphs_a_swapped_component_keeps_its_ops():
 
 def test_which_reads_of_a_swapped_parameter_the_plan_passes_as_its_device_copy():
     """``graph_plan``'s judgement on Dynamo's graph: a parameter only read is passed as its
-    device copy; one written in place (by method, function, ``out=``, ``inplace=``, item
-    assignment, through a view) or returned as a view is not."""
+    device copy; one written in place (by method, function, op overload, ``out=``, ``inplace=``,
+    by keyword or position, item assignment, through a view) or returned as a view is not."""
     import torch.nn.functional as F
 
     from fx_offload import backend
@@ -270,6 +270,10 @@ def test_which_reads_of_a_swapped_parameter_the_plan_passes_as_its_device_copy()
         # Dynamo returns an input itself from outside the graph: the graph only reads it
         "returned itself": (lambda w, x: (x @ w, w), True),
         "view returned": (lambda w, x: (x @ w, w.t()), False),
+        "view from a tuple returned": (lambda w, x: (x @ w, w.chunk(2)[0]), False),
+        "op overload write": (lambda w, x: x @ torch.ops.aten.mul_.Tensor(w, 1), False),
+        "write through a tuple's view": (lambda w, x: (w.chunk(2)[0].mul_(1), x @ w)[1], False),
+        "inplace by position": (lambda w, x: F.relu(w, True) @ x, False),
     }
     for name, (fn, passed) in cases.items():
         seen = []
@@ -285,3 +289,50 @@ def test_which_reads_of_a_swapped_parameter_the_plan_passes_as_its_device_copy()
         with torch.no_grad():
             torch.compile(fn, backend=capture, fullgraph=True)(w, torch.randn(4, 4))
         assert seen and seen[0] is passed, name
+
+
+def test_a_forward_that_turns_grad_on_inside_no_grad_keeps_the_parameters_and_their_gradients():
+    """AOTAutograd makes a training graph when an output requires grad, whatever the grad mode at
+    the call: such a graph gets the parameters, not their device copies, and fills their grads."""
+
+    class GradInside(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            with torch.enable_grad():
+                return self.fc(x)
+
+    model = GradInside()
+    fx_offload.offload(model, ["fc"], policy="swap")
+    compiled = torch.compile(model, backend="offload_inductor")
+    with torch.no_grad():
+        out = compiled(torch.randn(3, 8))
+    assert out.requires_grad
+    out.sum().backward()
+    assert model.fc.weight.grad is not None and model.fc.bias.grad is not None
+    fx_offload.restore(model)
+
+
+@pytest.mark.parametrize("policy", ["stream", "swap"])
+def test_a_same_shape_view_of_a_weight_across_a_graph_break_is_not_taken_for_the_weight(policy):
+    """``w.t()`` of a square weight has the weight's address, shape and dtype: the graph after
+    the break must read the view, not the weight (or its device copy)."""
+
+    class Transposes(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            wt = self.fc.weight.t()
+            torch._dynamo.graph_break()
+            return x @ wt
+
+    model, plain = seeded(Transposes), seeded(Transposes)
+    fx_offload.offload(model, ["fc"], policy=policy)
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, backend="offload_inductor")(x), plain(x))
+    fx_offload.restore(model)
