@@ -73,16 +73,20 @@ class Arena:
         self.device = device
         self.resident: set[Component] = set()
         self.swaps = 0  # components copied in, and releases: a call's wrapper checks it moved
-        self.memory = torch.empty(budget, dtype=torch.uint8, device=device)
-        cursor = 0
-        for component in components:
-            if cursor + component.nbytes > budget:
-                cursor = 0  # wrap: this one shares bytes with the first ones
-            component.offset, component.arena = cursor, self
-            cursor += component.nbytes
-            offsets, _ = layout(component.records)
-            for record, offset in zip(component.records, offsets):
-                component.views[id(record)] = _view(self.memory, component.offset + offset, record.host)
+        # ordinary tensors even when offload() runs under torch.inference_mode(): the calls
+        # after it copy into them in place, which an inference tensor refuses outside that mode
+        with torch.inference_mode(False):
+            self.memory = torch.empty(budget, dtype=torch.uint8, device=device)
+            cursor = 0
+            for component in components:
+                if cursor + component.nbytes > budget:
+                    cursor = 0  # wrap: this one shares bytes with the first ones
+                component.offset, component.arena = cursor, self
+                cursor += component.nbytes
+                offsets, _ = layout(component.records)
+                for record, offset in zip(component.records, offsets):
+                    view = _view(self.memory, component.offset + offset, record.host)
+                    component.views[id(record)] = view
 
     def ensure(self, component: Component, reads: list[placement.HostParameter] = ()) -> None:
         """Make ``component``'s range hold its values before a call that ``reads`` those records.

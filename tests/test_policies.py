@@ -336,3 +336,20 @@ def test_a_same_shape_view_of_a_weight_across_a_graph_break_is_not_taken_for_the
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(model, backend="offload_inductor")(x), plain(x))
     fx_offload.restore(model)
+
+
+@pytest.mark.parametrize("policy", ["stream", "swap"])
+def test_offload_under_inference_mode_leaves_ordinary_tensors(policy):
+    """``offload`` called inside ``torch.inference_mode()`` (as a serving script may): calls and
+    in-place writes after it, outside that mode, work (an inference tensor refuses them)."""
+    model, plain = seeded(Stack), seeded(Stack)
+    with torch.inference_mode():
+        fx_offload.offload(model, ["layers.*"], policy=policy)
+    compiled = torch.compile(model, backend="offload_inductor")
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), plain(x), rtol=1e-5, atol=1e-6)
+        for m in (model, plain):
+            m.layers[0].fc1.weight.mul_(2)
+        torch.testing.assert_close(compiled(x), plain(x), rtol=1e-5, atol=1e-6)
+    fx_offload.restore(model)
