@@ -401,12 +401,11 @@ def _around_calls(compiled, setup: GraphSetup):
 
     def run(*args):
         # a boxed call passes one list of inputs (whether Dynamo boxes depends on the path)
-        if len(args) == 1 and isinstance(args[0], list):
-            inputs = args[0] if components is None else components.ensure(args[0])
-            args = (inputs,)
-        else:
-            inputs = args if components is None else components.ensure(args)
-            args = inputs
+        boxed_call = len(args) == 1 and isinstance(args[0], list)
+        inputs = args[0] if boxed_call else args
+        if components is not None:
+            inputs = components.ensure(inputs)
+            args = (inputs,) if boxed_call else inputs
         heads = enter(inputs)
         try:
             return compiled(*args)
@@ -479,7 +478,7 @@ class _SwappedInputs:
         for component, records in live:
             component.arena.ensure(component, records)
         swaps = tuple(component.arena.swaps for component, _ in live)
-        copies = tuple(runtime.swapped([inputs[p]])[0] for p in self.as_inputs)
+        copies = tuple(runtime.swapped([inputs[p] for p in self.as_inputs]))
         self._seen[ids] = [generation, groups, versions, swaps, copies]
         return self._passed(inputs, copies)
 
