@@ -162,14 +162,12 @@ def format_offload_nodes(gm: fx.GraphModule, plan: GraphPlan, regions: Sequence[
         if node.target is SWAPPED:
             lines.append(f"reads of swapped component {node.args[1]}:")
             lines += _reads(graph, items.get(node, []), carries, skip)
-    passed: dict[str, list[fx.Node]] = {}  # component -> its inputs the wrapper passes as copies
-    for i in sorted(plan.swapped_as_inputs):
-        passed.setdefault(plan.swapped_inputs[i][1], []).append(placeholders[i])
-    for component, params in passed.items():
+    as_inputs = set()
+    for component, positions in plan.components_passed().items():
+        params = [placeholders[i] for i in positions]
         lines.append(f"reads of swapped component {component} (its device copies passed as inputs):")
-        carried = {param: names[param] for param in params}
-        lines += _reads(graph, params, carried, skip)
-    as_inputs = {param for params in passed.values() for param in params}
+        lines += _reads(graph, params, {param: names[param] for param in params}, skip)
+        as_inputs.update(params)
     left = [
         f"  {user.name} <- {param.name} ({names[param]})"
         for param in names

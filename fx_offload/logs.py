@@ -85,19 +85,23 @@ def rewritten(gm: fx.GraphModule, plan: GraphPlan, regions: Sequence, before: st
     count["fetched_bytes"] += sum(size for size, head in zip(sizes, heads) if not head)
     count["refills"] += len(refills)
     count["refill_in_graph_bytes"] += sum(refills.values())
-    passed = _passed_as_inputs(plan)
+    passed = plan.components_passed()
     count["swapped"] += len(swapped) + len(passed)
-    log.info("%s", LazyString(_summary, plan, regions, sizes, refills, swapped))
+    log.info("%s", LazyString(_summary, plan, regions, sizes, refills, swapped, passed))
     if before is not None:
         log.debug("graph before the offload pass:\n%s", before)
     log.debug("graph after the offload pass:\n%s", LazyString(_code, gm))
 
 
 def _summary(
-    plan: GraphPlan, regions: Sequence, sizes: list[int], refills: dict[str, int], swapped: list[fx.Node]
+    plan: GraphPlan,
+    regions: Sequence,
+    sizes: list[int],
+    refills: dict[str, int],
+    swapped: list[fx.Node],
+    passed: dict[str, list[int]],
 ) -> str:
     heads = sum(r.fetch.target is HEAD for r in regions)
-    passed = _passed_as_inputs(plan)
     components = len(swapped) + len(passed)
     lines = [
         f"rewrote a graph: {len(regions)} regions, {_bytes(sum(sizes))} offloaded; "
@@ -120,19 +124,9 @@ def _summary(
         lines.append(f"  {name:<{width}}  {_bytes(size):>10}  {how}")
     for node in swapped:
         lines.append(f"  swapped component {node.args[1]}: {len(node.args[0])} parameters")
-    for component, count in passed.items():
-        lines.append(f"  swapped component {component}: {count} parameters, passed as inputs")
+    for component, positions in passed.items():
+        lines.append(f"  swapped component {component}: {len(positions)} parameters, passed as inputs")
     return "\n".join(lines)
-
-
-def _passed_as_inputs(plan: GraphPlan) -> dict[str, int]:
-    """Swapped components whose device copies the wrapper passes as the graph's inputs, with
-    how many of their parameters the graph reads."""
-    passed: dict[str, int] = {}
-    for i in plan.swapped_as_inputs:
-        component = plan.swapped_inputs[i][1]
-        passed[component] = passed.get(component, 0) + 1
-    return passed
 
 
 def _in_graph(refill: fx.Node) -> int:

@@ -62,6 +62,14 @@ class GraphPlan:
     refill_in_graph: int | str = 0  # or options.AUTO: estimated per graph (``rewrite._auto_in_graph``)
     device_figures: DeviceFigures | None = None  # for AUTO; measured on the device, not in cache keys
 
+    def components_passed(self) -> dict[str, list[int]]:
+        """Swapped components whose device copies the wrapper passes as inputs: component name ->
+        the positions of those inputs, in order."""
+        passed: dict[str, list[int]] = {}
+        for i in sorted(self.swapped_as_inputs):
+            passed.setdefault(self.swapped_inputs[i][1], []).append(i)
+        return passed
+
 
 @dataclass
 class Region:
