@@ -149,15 +149,11 @@ class DeviceRuntime:
         done = done if done is not None else self.event()
         if torch._C._cuda_getDevice() != self.device.index:
             with torch.cuda.stream(copy):
-                for buffer, host in pairs:
-                    buffer.copy_(host, non_blocking=True)
-                done.record(copy)
+                _copy_then_record(pairs, done, copy)
             return done
         _make_current(copy)
         try:
-            for buffer, host in pairs:
-                buffer.copy_(host, non_blocking=True)
-            done.record(copy)
+            _copy_then_record(pairs, done, copy)
         finally:
             _make_current(compute)
         return done
@@ -167,6 +163,13 @@ class DeviceRuntime:
         for record in records:
             record.fetched = True
         self.copied_bytes += sum(record.nbytes for record in records) if nbytes is None else nbytes
+
+
+def _copy_then_record(pairs, done: torch.cuda.Event, stream: torch.cuda.Stream) -> None:
+    """On the current stream (``stream``): each (buffer, host) copy, then ``done``."""
+    for buffer, host in pairs:
+        buffer.copy_(host, non_blocking=True)
+    done.record(stream)
 
 
 def _make_current(stream: torch.cuda.Stream) -> None:
@@ -569,11 +572,12 @@ def _fill(found: _Head, weights: list[torch.Tensor], pointers: tuple[int, ...]) 
     state = (pointers, _versions(records))
     if found.holds == state:
         return  # the previous call refilled it with these values
+    device = device_runtime(found.buffers[0].device)
     if found.refilled is not None:  # after the previous call's refill, which writes them too
-        device_runtime(found.buffers[0].device).compute_stream().wait_event(found.refilled)
+        device.compute_stream().wait_event(found.refilled)
     for buffer, record in zip(found.buffers, records):
         buffer.copy_(record.host, non_blocking=True)  # on the compute stream, before the call
-    device_runtime(found.buffers[0].device).count(records)
+    device.count(records)
     found.holds = state
 
 
