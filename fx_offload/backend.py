@@ -40,7 +40,7 @@ from torch import nn
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from fx_offload import estimate, logs, matching, placement, runtime, swap
+from fx_offload import estimate, logs, matching, ops, placement, runtime, swap
 from fx_offload import plan as offload_plan
 from fx_offload.options import AUTO, Options
 from fx_offload.regions import GraphPlan, find_regions, module_calls, module_name
@@ -144,6 +144,7 @@ class OffloadPass(CustomGraphPass):
     def __call__(self, graph: fx.Graph) -> None:
         if self.inner is not None:
             self.inner(graph)
+        ops.lower_in_inductor()
         run_pass(graph.owning_module, self.plan)
 
     def uuid(self) -> bytes:

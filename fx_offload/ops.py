@@ -103,3 +103,21 @@ HEAD = torch.ops.fx_offload.head.default
 REFILL = torch.ops.fx_offload.refill.default
 SWAPPED = torch.ops.fx_offload.swapped.default
 HOLD = torch.ops.fx_offload.hold.default
+ALL = (FETCH, WAIT, RELEASE, HEAD, REFILL, SWAPPED, HOLD)
+
+
+def lower_in_inductor() -> None:
+    """Give Inductor the fallback lowering of each op, with the layout constraint its implicit
+    fallback would choose, before it lowers a graph that calls one.
+
+    Without it Inductor takes its implicit-fallback path at an op's first use in the process,
+    which logs the op with its arguments; torch 2.11 builds that text at any log level, and an
+    argument's text recurses through every IR node it depends on. The ordering tokens tie each
+    region to the one before, so on a 36-layer decoder that took minutes."""
+    from torch._inductor import lowering
+    from torch._library.utils import get_layout_constraint_tag
+
+    for op in ALL:
+        if op not in lowering.lowerings:
+            tag = get_layout_constraint_tag(op, with_default=True)
+            lowering.make_fallback(op, layout_constraint=lowering.tag_to_layout_constraint(tag))

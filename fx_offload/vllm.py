@@ -44,7 +44,7 @@ from torch import nn
 from torch._guards import detect_fake_mode
 from vllm.compilation.passes.inductor_pass import InductorPass
 
-from fx_offload import backend, matching, placement
+from fx_offload import backend, matching, ops, placement
 from fx_offload.options import AUTO, Options
 from fx_offload.regions import GraphPlan, module_calls, module_name
 
@@ -146,6 +146,7 @@ class OffloadPass(InductorPass):
     def __call__(self, graph: fx.Graph) -> None:
         plan = self.plan(graph)
         if plan.offloaded_inputs:
+            ops.lower_in_inductor()
             backend.run_pass(graph.owning_module, plan)
 
     def plan(self, graph: fx.Graph) -> GraphPlan:

@@ -97,3 +97,51 @@ def test_pass_walks_the_graph_a_bounded_number_of_times(device, barrier_every):
     large = _visits(*_layers(120, device, barrier_every))
     # linear: 2x the regions, 2x the visits; one walk per region would make it 4x
     assert large < 2.5 * small, (small, large)
+
+
+def test_inductor_lowers_the_ops_without_printing_their_arguments(monkeypatch):
+    """Inductor lowers an op it has no lowering for through an implicit fallback, and logs the op
+    with its arguments first: torch 2.11 builds that text whatever the log level, and the text of
+    an argument recurses through every IR node it depends on. For the ops of a 36-layer decoder,
+    whose tokens tie each region to the last, that took minutes (a generate() warm-up that did
+    not end). The pass gives Inductor the ops' fallbacks itself, so no op of ours reaches that
+    path: with the log on, no fx_offload op's arguments are ever turned to text."""
+    import logging
+
+    import fx_offload
+    from fx_offload import ops
+    from torch._inductor import exc, lowering
+
+    from tests.models import Stack
+
+    printed = []
+    text = exc.OperatorIssue.operator_str
+
+    def recording(target, args, kwargs):
+        printed.append(target)
+        return text(target, args, kwargs)
+
+    monkeypatch.setattr(exc.OperatorIssue, "operator_str", staticmethod(recording))
+    for op in ops.ALL:  # as in a process that has compiled nothing yet
+        monkeypatch.delitem(lowering.lowerings, op, raising=False)
+
+    class Formatting(logging.Handler):  # formats each record, as any handler that prints does
+        def emit(self, record):
+            self.format(record)
+
+    logger, handler = logging.getLogger("torch._inductor.graph"), Formatting()
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        torch._dynamo.reset()
+        model = Stack(4)
+        expected = model(torch.ones(2, 8))
+        fx_offload.offload(model, ["layers.*"], device="cpu")
+        got = torch.compile(model, backend="offload_inductor")(torch.ones(2, 8))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        torch._dynamo.reset()
+    torch.testing.assert_close(got, expected)
+    assert not [t for t in printed if t.namespace == "fx_offload"], printed
