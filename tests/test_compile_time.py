@@ -108,10 +108,10 @@ def test_inductor_lowers_the_ops_without_printing_their_arguments(monkeypatch):
     path: with the log on, no fx_offload op's arguments are ever turned to text."""
     import logging
 
-    import fx_offload
-    from fx_offload import ops
     from torch._inductor import exc, lowering
 
+    import fx_offload
+    from fx_offload import ops
     from tests.models import Stack
 
     printed = []
