@@ -202,6 +202,8 @@ def measure(row: str, cfg, state, device, dtype, ids, args, references: dict) ->
     layers = offloaded_layers(cfg.num_hidden_layers)
     try:
         kwargs = prepare(row, model, device, layers)
+        if device.type == "cuda":  # the model was built on the device: its peak is the whole model's
+            torch.cuda.reset_peak_memory_stats(device)
         kwargs["past_key_values"] = static_cache(
             cfg, ids.shape[0], ids.shape[1] + args.new_tokens, device, dtype
         )
