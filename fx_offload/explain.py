@@ -147,6 +147,7 @@ def format_offload_nodes(gm: fx.GraphModule, plan: GraphPlan, regions: Sequence[
             label = arguments.pop("region", None) or arguments.pop("component", None)
             if node.target is REFILL:
                 del arguments["weights"]  # its head's parameters
+            arguments.pop("slot", None)  # release's empty tensor, there only to be written
             shown = [
                 repr(label),
                 show(first),

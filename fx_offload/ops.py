@@ -5,10 +5,13 @@
 ``wait(buffers, issued, region)``: join the copies before the first reader. It declares that it
     writes ``buffers``, so readers stay after it; ``issued`` holds later fetches that must be
     started before this region computes (that is the prefetch).
-``release(buffers, readers, region) -> token``: the readers are done. ``readers`` are their
-    outputs: a data edge, because Inductor realizes a lazy reader (a gather, a pointwise op) only
-    when something needs it, possibly after a mutation. It declares that it writes ``buffers``
-    (their contents are undefined afterwards), which also keeps it out of dead-code elimination.
+``release(buffers, readers, slot, region) -> token``: the readers are done. ``readers`` are the
+    outputs of the last of them, and of any whose users are not all computed before one of those
+    (``rewrite._held``): data edges, because Inductor realizes a lazy reader (a gather, a
+    pointwise op) only when something needs it. It writes ``slot``, an empty tensor made for it,
+    which keeps it out of dead-code elimination; it declares no write of ``buffers``, which would
+    make Inductor count it as one more reader of every reader's output and keep Inductor from
+    overwriting those in place (kernels unlike the resident model's, each one more to compile).
 ``head(weights, region) -> buffers``: a head region's weights, already on the device: persistent
     buffers that the previous call refilled (or the compiled function's wrapper filled).
 ``refill(buffers, weights, after, region, in_graph=0)``: refill the head ``buffers`` with
@@ -71,9 +74,9 @@ _define(
     _nothing,
 )
 _define(
-    "release(Tensor(a!)[] fetched, Tensor[] readers, str region) -> Tensor",
-    lambda fetched, readers, region: runtime.release(fetched),
-    lambda fetched, readers, region: _token(fetched),
+    "release(Tensor[] fetched, Tensor[] readers, Tensor(a!) slot, str region) -> Tensor",
+    lambda fetched, readers, slot, region: runtime.release(fetched),
+    lambda fetched, readers, slot, region: _token(fetched),
 )
 _define(
     "head(Tensor[] weights, str region) -> Tensor[]",

@@ -93,8 +93,13 @@ def _insert(graph: fx.Graph, region: Region) -> RewrittenRegion:
     outputs = [out for reader in readers if not _is_alias(reader) for out in _tensor_outputs(reader)]
     outputs.sort()  # nodes compare by their place in the graph
     last = max(readers + outputs, default=wait)
+    device = _value(items[0]).device if items else torch.device("cpu")
     with graph.inserting_after(last):
-        release = _call(graph, RELEASE, (items, outputs, region.name), "release")
+        slot = _call(
+            graph, torch.ops.aten.empty.memory_format, ([0],), "slot", dtype=torch.uint8, device=device
+        )
+    with graph.inserting_after(slot):
+        release = _call(graph, RELEASE, (items, _held(outputs), slot, region.name), "release")
     return RewrittenRegion(region, fetch, items, wait, release)
 
 
@@ -309,6 +314,31 @@ def _readers(items: list[fx.Node]) -> list[fx.Node]:
     return found
 
 
+def _held(outputs: list[fx.Node]) -> list[fx.Node]:
+    """Of the readers' outputs (in graph order), those ``release`` takes so that every reader runs
+    before it: the last, and each output whose users are not all ancestors of one taken already.
+    An output left out is computed before one taken (a data edge orders it), and so is every use
+    of it, so Inductor cannot move its read later by inlining it into another consumer. Taking
+    fewer keeps the readers' outputs from being read by ``release``: one it reads, Inductor
+    cannot overwrite in place (the SwiGLU product into its input), and kernels would differ from
+    the resident model's (each variant one more kernel to compile). Linear in the region: each
+    node between the first output and the last is walked at most once."""
+    if not outputs:
+        return []
+    first, held, before = outputs[0], [], set()
+    for out in reversed(outputs):
+        if out in before and all(user in before for user in out.users):
+            continue
+        held.append(out)
+        todo = [out]
+        while todo:
+            for arg in todo.pop().all_input_nodes:
+                if arg >= first and arg not in before:
+                    before.add(arg)
+                    todo.append(arg)
+    return held[::-1]
+
+
 def _tensor_outputs(node: fx.Node) -> list[fx.Node]:
     """``node`` if it is a tensor, else the tensors taken out of it (a tuple's getitems)."""
     value = node.meta.get("val")
@@ -343,8 +373,8 @@ def _is_alias(node: fx.Node) -> bool:
     return False
 
 
-def _call(graph: fx.Graph, target, args: tuple, name: str) -> fx.Node:
-    node = graph.create_node("call_function", target, args, name=name)
+def _call(graph: fx.Graph, target, args: tuple, name: str, **kwargs) -> fx.Node:
+    node = graph.create_node("call_function", target, args, kwargs, name=name)
     values = torch.fx.node.map_arg(args, lambda n: n.meta.get("val"))
     leaves = torch.utils._pytree.tree_leaves(values)
     # the fake mode of the arguments' values (the graph's: all its values share one), found
@@ -352,5 +382,5 @@ def _call(graph: fx.Graph, target, args: tuple, name: str) -> fx.Node:
     fake_mode = detect_fake_mode(leaves)
     if fake_mode is not None and not any(v is None for v in leaves):
         with fake_mode:
-            node.meta["val"] = target(*values)
+            node.meta["val"] = target(*values, **kwargs)
     return node

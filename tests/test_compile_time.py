@@ -145,3 +145,32 @@ def test_inductor_lowers_the_ops_without_printing_their_arguments(monkeypatch):
         torch._dynamo.reset()
     torch.testing.assert_close(got, expected)
     assert not [t for t in printed if t.namespace == "fx_offload"], printed
+
+
+@pytest.mark.parametrize("heads", [False], ids=["fetched"])
+def test_offloaded_layers_compile_the_resident_models_kernels(heads):
+    """Inductor builds the same kernels for the model with layers offloaded as for the model
+    resident. An op that read a reader's output, or declared that it wrote the buffers a reader
+    read (Inductor then counts it as one more reader of every reader's output), kept the
+    offloaded layers' ReLU from overwriting its input in place: one more kernel variant per such
+    op, each one more kernel to compile (most of offloading's cost in compile time)."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    import fx_offload
+    from tests.models import Stack
+
+    def kernels(model, backend, options=None):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend=backend, options=options)
+        out, code = run_and_get_code(compiled, torch.ones(2, 8))
+        return out, sorted(set(re.findall(r"(cpp_fused_\w+) = async_compile", "\n".join(code))))
+
+    model = Stack(4)
+    expected, resident = kernels(model, "inductor")
+    fx_offload.offload(model, ["layers.1", "layers.2"], device="cpu")
+    got, offloaded = kernels(model, "offload_inductor", {"prefetch_head": heads})
+    torch._dynamo.reset()
+    torch.testing.assert_close(got, expected)
+    assert offloaded == resident

@@ -67,13 +67,14 @@ class Snapshots(TestCase):
         wait = torch.ops.fx_offload.wait.default([fetched, fetched_1, fetched_2, fetched_3, fetched_4, fetched_5], [], 'thinker.visual');  wait = None
         t: "f32[8, 8]" = torch.ops.aten.t.default(fetched)
         addmm: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_1, arg2_1, t);  arg2_1 = t = None
-        tanh: "f32[2, 8]" = torch.ops.aten.tanh.default(addmm)
+        tanh: "f32[2, 8]" = torch.ops.aten.tanh.default(addmm);  addmm = None
         t_1: "f32[8, 16]" = torch.ops.aten.t.default(fetched_2)
         addmm_1: "f32[2, 16]" = torch.ops.aten.addmm.default(fetched_3, tanh, t_1);  t_1 = None
-        relu: "f32[2, 16]" = torch.ops.aten.relu.default(addmm_1)
+        relu: "f32[2, 16]" = torch.ops.aten.relu.default(addmm_1);  addmm_1 = None
         t_2: "f32[16, 8]" = torch.ops.aten.t.default(fetched_4)
         addmm_2: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_5, relu, t_2);  relu = t_2 = None
-        release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1, fetched_2, fetched_3, fetched_4, fetched_5], [addmm, addmm_1, addmm_2], 'thinker.visual');  addmm = addmm_1 = None
+        slot: "u8[0]" = torch.ops.aten.empty.memory_format([0], dtype = torch.uint8, device = device(type='cpu'))
+        release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1, fetched_2, fetched_3, fetched_4, fetched_5], [addmm_2], slot, 'thinker.visual');  slot = None
         refill = torch.ops.fx_offload.refill.default([fetched, fetched_1, fetched_2, fetched_3, fetched_4, fetched_5], [arg0_1, arg1_1, arg3_1, arg4_1, arg5_1, arg6_1], [release], 'thinker.visual');  arg0_1 = arg1_1 = arg3_1 = arg4_1 = arg5_1 = arg6_1 = release = refill = None
         add: "f32[2, 8]" = torch.ops.aten.add.Tensor(tanh, addmm_2);  tanh = addmm_2 = None
         native_layer_norm = torch.ops.aten.native_layer_norm.default(add, [8], arg7_1, arg8_1, 1e-05);  add = arg7_1 = arg8_1 = None
@@ -122,27 +123,30 @@ class Snapshots(TestCase):
         wait = torch.ops.fx_offload.wait.default([fetched, fetched_1, fetched_2, fetched_3], [fetched_4, fetched_8], 'layers.0');  wait = None
         t: "f32[8, 16]" = torch.ops.aten.t.default(fetched)
         addmm: "f32[2, 16]" = torch.ops.aten.addmm.default(fetched_1, arg2_1, t);  t = None
-        relu: "f32[2, 16]" = torch.ops.aten.relu.default(addmm)
+        relu: "f32[2, 16]" = torch.ops.aten.relu.default(addmm);  addmm = None
         t_1: "f32[16, 8]" = torch.ops.aten.t.default(fetched_2)
         addmm_1: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_3, relu, t_1);  relu = t_1 = None
-        release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1, fetched_2, fetched_3], [addmm, addmm_1], 'layers.0');  addmm = release = None
+        slot: "u8[0]" = torch.ops.aten.empty.memory_format([0], dtype = torch.uint8, device = device(type='cpu'))
+        release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1, fetched_2, fetched_3], [addmm_1], slot, 'layers.0');  slot = release = None
         add: "f32[2, 8]" = torch.ops.aten.add.Tensor(arg2_1, addmm_1);  arg2_1 = addmm_1 = None
         wait_1 = torch.ops.fx_offload.wait.default([fetched_4, fetched_5, fetched_6, fetched_7], [], 'layers.1');  wait_1 = None
         t_2: "f32[8, 16]" = torch.ops.aten.t.default(fetched_4)
         addmm_2: "f32[2, 16]" = torch.ops.aten.addmm.default(fetched_5, add, t_2);  t_2 = None
-        relu_1: "f32[2, 16]" = torch.ops.aten.relu.default(addmm_2)
+        relu_1: "f32[2, 16]" = torch.ops.aten.relu.default(addmm_2);  addmm_2 = None
         t_3: "f32[16, 8]" = torch.ops.aten.t.default(fetched_6)
         addmm_3: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_7, relu_1, t_3);  relu_1 = t_3 = None
-        release_1: "f32[0]" = torch.ops.fx_offload.release.default([fetched_4, fetched_5, fetched_6, fetched_7], [addmm_2, addmm_3], 'layers.1');  fetched_4 = fetched_5 = fetched_6 = fetched_7 = addmm_2 = None
+        slot_1: "u8[0]" = torch.ops.aten.empty.memory_format([0], dtype = torch.uint8, device = device(type='cpu'))
+        release_1: "f32[0]" = torch.ops.fx_offload.release.default([fetched_4, fetched_5, fetched_6, fetched_7], [addmm_3], slot_1, 'layers.1');  fetched_4 = fetched_5 = fetched_6 = fetched_7 = slot_1 = None
         refill = torch.ops.fx_offload.refill.default([fetched, fetched_1, fetched_2, fetched_3], [arg0_1, arg1_1, arg3_1, arg4_1], [release_1], 'layers.0');  arg0_1 = arg1_1 = arg3_1 = arg4_1 = release_1 = refill = None
         add_1: "f32[2, 8]" = torch.ops.aten.add.Tensor(add, addmm_3);  add = addmm_3 = None
         wait_2 = torch.ops.fx_offload.wait.default([fetched_8, fetched_9, fetched_10, fetched_11], [fetched], 'layers.2');  wait_2 = None
         t_4: "f32[8, 16]" = torch.ops.aten.t.default(fetched_8)
         addmm_4: "f32[2, 16]" = torch.ops.aten.addmm.default(fetched_9, add_1, t_4);  t_4 = None
-        relu_2: "f32[2, 16]" = torch.ops.aten.relu.default(addmm_4)
+        relu_2: "f32[2, 16]" = torch.ops.aten.relu.default(addmm_4);  addmm_4 = None
         t_5: "f32[16, 8]" = torch.ops.aten.t.default(fetched_10)
         addmm_5: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_11, relu_2, t_5);  relu_2 = t_5 = None
-        release_2: "f32[0]" = torch.ops.fx_offload.release.default([fetched_8, fetched_9, fetched_10, fetched_11], [addmm_4, addmm_5], 'layers.2');  fetched_8 = fetched_9 = fetched_10 = fetched_11 = addmm_4 = release_2 = None
+        slot_2: "u8[0]" = torch.ops.aten.empty.memory_format([0], dtype = torch.uint8, device = device(type='cpu'))
+        release_2: "f32[0]" = torch.ops.fx_offload.release.default([fetched_8, fetched_9, fetched_10, fetched_11], [addmm_5], slot_2, 'layers.2');  fetched_8 = fetched_9 = fetched_10 = fetched_11 = slot_2 = release_2 = None
         add_2: "f32[2, 8]" = torch.ops.aten.add.Tensor(add_1, addmm_5);  add_1 = addmm_5 = None
         t_6: "f32[8, 8]" = torch.ops.aten.t.default(arg13_1);  arg13_1 = None
         mm: "f32[2, 8]" = torch.ops.aten.mm.default(add_2, t_6);  add_2 = t_6 = None
@@ -164,14 +168,14 @@ head_1 = head('layers.1', [layers.1.fc1.weight, layers.1.fc1.bias, layers.1.fc2.
 fetch_2 = fetch('layers.2', [layers.2.fc1.weight, layers.2.fc1.bias, layers.2.fc2.weight, layers.2.fc2.bias], after=[])
 fetch_3 = fetch('layers.3', [layers.3.fc1.weight, layers.3.fc1.bias, layers.3.fc2.weight, layers.3.fc2.bias], after=[])
 wait = wait('layers.0', fetched..fetched_3, issued=[fetched_4, fetched_8, fetched_12])
-release = release('layers.0', fetched..fetched_3, readers=[addmm, addmm_1])
+release = release('layers.0', fetched..fetched_3, readers=[addmm_1])
 wait_1 = wait('layers.1', fetched_4..fetched_7, issued=[])
-release_1 = release('layers.1', fetched_4..fetched_7, readers=[addmm_2, addmm_3])
+release_1 = release('layers.1', fetched_4..fetched_7, readers=[addmm_3])
 wait_2 = wait('layers.2', fetched_8..fetched_11, issued=[])
-release_2 = release('layers.2', fetched_8..fetched_11, readers=[addmm_4, addmm_5])
+release_2 = release('layers.2', fetched_8..fetched_11, readers=[addmm_5])
 refill = refill('layers.0', fetched..fetched_3, after=[release_2])
 wait_3 = wait('layers.3', fetched_12..fetched_15, issued=[fetched])
-release_3 = release('layers.3', fetched_12..fetched_15, readers=[addmm_6, addmm_7])
+release_3 = release('layers.3', fetched_12..fetched_15, readers=[addmm_7])
 refill_1 = refill('layers.1', fetched_4..fetched_7, after=[release_3])
 wait_refill = wait('layers.0', fetched..fetched_3, issued=[mm])
 wait_refill_1 = wait('layers.1', fetched_4..fetched_7, issued=[mm])
@@ -243,14 +247,14 @@ head_1 = head('layers.1', [layers.1.fc1.weight, layers.1.fc1.bias, layers.1.fc2.
 fetch_2 = fetch('layers.2', [layers.2.fc1.weight, layers.2.fc1.bias, layers.2.fc2.weight, layers.2.fc2.bias], after=[])
 fetch_3 = fetch('layers.3', [layers.3.fc1.weight, layers.3.fc1.bias, layers.3.fc2.weight, layers.3.fc2.bias], after=[])
 wait = wait('layers.0', fetched..fetched_3, issued=[fetched_4, fetched_8, fetched_12])
-release = release('layers.0', fetched..fetched_3, readers=[addmm, addmm_1])
+release = release('layers.0', fetched..fetched_3, readers=[addmm_1])
 wait_1 = wait('layers.1', fetched_4..fetched_7, issued=[])
-release_1 = release('layers.1', fetched_4..fetched_7, readers=[addmm_2, addmm_3])
+release_1 = release('layers.1', fetched_4..fetched_7, readers=[addmm_3])
 wait_2 = wait('layers.2', fetched_8..fetched_11, issued=[])
-release_2 = release('layers.2', fetched_8..fetched_11, readers=[addmm_4, addmm_5])
+release_2 = release('layers.2', fetched_8..fetched_11, readers=[addmm_5])
 refill = refill('layers.0', fetched..fetched_3, after=[release_2], in_graph=1120)
 wait_3 = wait('layers.3', fetched_12..fetched_15, issued=[fetched])
-release_3 = release('layers.3', fetched_12..fetched_15, readers=[addmm_6, addmm_7])
+release_3 = release('layers.3', fetched_12..fetched_15, readers=[addmm_7])
 refill_1 = refill('layers.1', fetched_4..fetched_7, after=[release_3], in_graph=380)
 wait_refill = wait('layers.0', fetched..fetched_3, issued=[mm])
 wait_refill_1 = wait('layers.1', fetched_4..fetched_7, issued=[mm])
@@ -302,10 +306,11 @@ reads of layers.3:
         wait = torch.ops.fx_offload.wait.default([fetched, fetched_1, fetched_2, fetched_3], [], 'layers.0');  wait = None
         t: "f32[8, 16]" = torch.ops.aten.t.default(fetched)
         addmm: "f32[2, 16]" = torch.ops.aten.addmm.default(fetched_1, arg2_1, t);  t = None
-        relu: "f32[2, 16]" = torch.ops.aten.relu.default(addmm)
+        relu: "f32[2, 16]" = torch.ops.aten.relu.default(addmm);  addmm = None
         t_1: "f32[16, 8]" = torch.ops.aten.t.default(fetched_2)
         addmm_1: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_3, relu, t_1);  relu = t_1 = None
-        release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1, fetched_2, fetched_3], [addmm, addmm_1], 'layers.0');  fetched = fetched_1 = fetched_2 = fetched_3 = addmm = None
+        slot: "u8[0]" = torch.ops.aten.empty.memory_format([0], dtype = torch.uint8, device = device(type='cpu'))
+        release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1, fetched_2, fetched_3], [addmm_1], slot, 'layers.0');  fetched = fetched_1 = fetched_2 = fetched_3 = slot = None
         fetch_1 = torch.ops.fx_offload.fetch.default([arg5_1, arg6_1, arg7_1, arg8_1], [release], 'layers.1');  arg5_1 = arg6_1 = arg7_1 = arg8_1 = release = None
         fetched_4: "f32[16, 8]" = fetch_1[0]
         fetched_5: "f32[16]" = fetch_1[1]
@@ -315,10 +320,11 @@ reads of layers.3:
         wait_1 = torch.ops.fx_offload.wait.default([fetched_4, fetched_5, fetched_6, fetched_7], [], 'layers.1');  wait_1 = None
         t_2: "f32[8, 16]" = torch.ops.aten.t.default(fetched_4)
         addmm_2: "f32[2, 16]" = torch.ops.aten.addmm.default(fetched_5, add, t_2);  t_2 = None
-        relu_1: "f32[2, 16]" = torch.ops.aten.relu.default(addmm_2)
+        relu_1: "f32[2, 16]" = torch.ops.aten.relu.default(addmm_2);  addmm_2 = None
         t_3: "f32[16, 8]" = torch.ops.aten.t.default(fetched_6)
         addmm_3: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_7, relu_1, t_3);  relu_1 = t_3 = None
-        release_1: "f32[0]" = torch.ops.fx_offload.release.default([fetched_4, fetched_5, fetched_6, fetched_7], [addmm_2, addmm_3], 'layers.1');  fetched_4 = fetched_5 = fetched_6 = fetched_7 = addmm_2 = release_1 = None
+        slot_1: "u8[0]" = torch.ops.aten.empty.memory_format([0], dtype = torch.uint8, device = device(type='cpu'))
+        release_1: "f32[0]" = torch.ops.fx_offload.release.default([fetched_4, fetched_5, fetched_6, fetched_7], [addmm_3], slot_1, 'layers.1');  fetched_4 = fetched_5 = fetched_6 = fetched_7 = slot_1 = release_1 = None
         add_1: "f32[2, 8]" = torch.ops.aten.add.Tensor(add, addmm_3);  add = addmm_3 = None
         t_4: "f32[8, 8]" = torch.ops.aten.t.default(arg9_1);  arg9_1 = None
         mm: "f32[2, 8]" = torch.ops.aten.mm.default(add_1, t_4);  add_1 = t_4 = None
@@ -375,7 +381,7 @@ reads of lm_head (not offloaded):
 # graph 1 of 2
 head = head('first', [first.fc1.weight, first.fc1.bias, first.fc2.weight, first.fc2.bias])
 wait = wait('first', fetched..fetched_3, issued=[])
-release = release('first', fetched..fetched_3, readers=[addmm, addmm_1])
+release = release('first', fetched..fetched_3, readers=[addmm_1])
 refill = refill('first', fetched..fetched_3, after=[release])
 wait_refill = wait('first', fetched..fetched_3, issued=[add])
 reads of first:
@@ -387,7 +393,7 @@ reads of first:
 # graph 2 of 2
 head = head('second', [second.fc1.weight, second.fc1.bias, second.fc2.weight, second.fc2.bias])
 wait = wait('second', fetched..fetched_3, issued=[])
-release = release('second', fetched..fetched_3, readers=[addmm, addmm_1])
+release = release('second', fetched..fetched_3, readers=[addmm_1])
 refill = refill('second', fetched..fetched_3, after=[release])
 wait_refill = wait('second', fetched..fetched_3, issued=[add])
 reads of second:
@@ -410,7 +416,7 @@ reads of second:
 # graph 1 of 1
 fetch = fetch('thinker.visual', [thinker.visual.proj.weight, thinker.visual.proj.bias, thinker.visual.block.fc1.weight, thinker.visual.block.fc1.bias, thinker.visual.block.fc2.weight, thinker.visual.block.fc2.bias], after=[])
 wait = wait('thinker.visual', fetched..fetched_5, issued=[])
-release = release('thinker.visual', fetched..fetched_5, readers=[addmm, addmm_1, addmm_2])
+release = release('thinker.visual', fetched..fetched_5, readers=[addmm_2])
 reads of thinker.visual:
   t <- fetched (thinker.visual.proj.weight)
   addmm <- fetched_1 (thinker.visual.proj.bias)
