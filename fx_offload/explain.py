@@ -18,7 +18,7 @@ import torch.fx as fx
 from torch import nn
 
 from fx_offload import backend
-from fx_offload.ops import FETCH, HEAD, HOLD, REFILL, RELEASE, SWAPPED, WAIT
+from fx_offload.ops import FETCH, HEAD, HOLD, JOIN, REFILL, RELEASE, SWAPPED, WAIT
 from fx_offload.regions import GraphPlan
 from fx_offload.rewrite import RewrittenRegion
 
@@ -96,6 +96,7 @@ _OPS = {
     RELEASE: "release",
     HEAD: "head",
     REFILL: "refill",
+    JOIN: "join",
     SWAPPED: "swapped",
     HOLD: "hold",
 }
@@ -147,7 +148,7 @@ def format_offload_nodes(gm: fx.GraphModule, plan: GraphPlan, regions: Sequence[
             label = arguments.pop("region", None) or arguments.pop("component", None)
             if node.target is REFILL:
                 del arguments["weights"]  # its head's parameters
-            arguments.pop("slot", None)  # release's empty tensor, there only to be written
+            arguments.pop("slot", None)  # an empty tensor the op writes (rewrite._slot)
             shown = [
                 repr(label),
                 show(first),

@@ -73,7 +73,8 @@ def rewritten(gm: fx.GraphModule, plan: GraphPlan, regions: Sequence, before: st
     """Count and log what the pass did to ``gm`` under ``plan``: ``regions`` are ``rewrite``'s
     result, ``before`` is ``graph_before(gm)`` taken before the pass."""
     graph = gm.graph
-    refills = {node.args[3]: _in_graph(node) for node in graph.nodes if node.target is REFILL}
+    refills = [node for node in graph.nodes if node.target is REFILL]
+    refills = {_argument(node, "region"): _argument(node, "in_graph") for node in refills}
     swapped = [node for node in graph.nodes if node.target is SWAPPED]
     sizes = [sum(_nbytes(param) for param in r.region.params) for r in regions]
     heads = [r.fetch.target is HEAD for r in regions]
@@ -129,8 +130,11 @@ def _summary(
     return "\n".join(lines)
 
 
-def _in_graph(refill: fx.Node) -> int:
-    return refill.args[4] if len(refill.args) > 4 else 0
+def _argument(node: fx.Node, name: str):
+    """The argument ``name`` of an fx_offload op's call, found by its schema (or its default)."""
+    arguments = node.target._schema.arguments
+    i = next(i for i, argument in enumerate(arguments) if argument.name == name)
+    return node.args[i] if i < len(node.args) else arguments[i].default_value
 
 
 def _nbytes(node: fx.Node) -> int:

@@ -14,18 +14,22 @@
     overwriting those in place (kernels unlike the resident model's, each one more to compile).
 ``head(weights, region) -> buffers``: a head region's weights, already on the device: persistent
     buffers that the previous call refilled (or the compiled function's wrapper filled).
-``refill(buffers, weights, after, region, in_graph=0)``: refill the head ``buffers`` with
+``refill(buffers, weights, after, slot, region, in_graph=0)``: refill the head ``buffers`` with
     ``weights`` for the next call. Under fx_offload's wrapper it copies the first ``in_graph``
     bytes here, late in the call, and notes that the wrapper issues the rest when the call
     returns (the next call waits for it); without the wrapper (vLLM) it copies everything here.
-    A ``wait`` at the end of the graph joins what it copied.
+    ``after`` (its region's release token) orders it after the readers; it writes ``slot``, not
+    ``buffers``, for the reason ``release`` does.
+``join(buffers, issued, slot, region)``: at the end of the graph, the compute stream joins what
+    the refill of ``buffers`` copied in the graph; ``issued`` (the graph's outputs) keeps it last,
+    and writing the refill's ``slot`` keeps it after the refill.
 ``swapped(weights, component) -> buffers``: the fixed device copies of a swapped component's
     weights (``fx_offload.swap``), which the compiled function's wrapper put there before the call.
 ``hold(buffers, readers, component)``: at the end of the graph, keeps those copies alive to the
     end, so that Inductor never reuses their memory for a later buffer (they persist across calls).
 
-Ordering is carried by data edges and declared mutations only, so no scheduler may move a node
-past what it guards.
+Ordering is carried by data edges and declared mutations only (of the buffers a ``wait`` makes
+ready, of the slots), so no scheduler may move a node past what it guards.
 
 The ops are declared by schema through ``torch.library.Library`` with one
 ``CompositeExplicitAutograd`` kernel each, rather than through ``torch.library.custom_op``: they
@@ -84,8 +88,14 @@ _define(
     lambda weights, region: _like(weights),
 )
 _define(
-    "refill(Tensor(a!)[] buffers, Tensor[] weights, Tensor[] after, str region, int in_graph=0) -> ()",
-    lambda buffers, weights, after, region, in_graph=0: runtime.refill(buffers, weights, in_graph),
+    "refill(Tensor[] buffers, Tensor[] weights, Tensor[] after, Tensor(a!) slot, str region, "
+    "int in_graph=0) -> ()",
+    lambda buffers, weights, after, slot, region, in_graph=0: runtime.refill(buffers, weights, in_graph),
+    _nothing,
+)
+_define(
+    "join(Tensor[] buffers, Tensor[] issued, Tensor(a!) slot, str region) -> ()",
+    lambda buffers, issued, slot, region: runtime.wait(buffers),
     _nothing,
 )
 _define(
@@ -104,9 +114,10 @@ WAIT = torch.ops.fx_offload.wait.default
 RELEASE = torch.ops.fx_offload.release.default
 HEAD = torch.ops.fx_offload.head.default
 REFILL = torch.ops.fx_offload.refill.default
+JOIN = torch.ops.fx_offload.join.default
 SWAPPED = torch.ops.fx_offload.swapped.default
 HOLD = torch.ops.fx_offload.hold.default
-ALL = (FETCH, WAIT, RELEASE, HEAD, REFILL, SWAPPED, HOLD)
+ALL = (FETCH, WAIT, RELEASE, HEAD, REFILL, JOIN, SWAPPED, HOLD)
 
 
 def lower_in_inductor() -> None:

@@ -41,7 +41,7 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 
 from fx_offload import estimate
-from fx_offload.ops import FETCH, HEAD, HOLD, REFILL, RELEASE, SWAPPED, WAIT
+from fx_offload.ops import FETCH, HEAD, HOLD, JOIN, REFILL, RELEASE, SWAPPED, WAIT
 from fx_offload.options import AUTO
 from fx_offload.regions import GraphPlan, Region, find_regions, is_write_back
 
@@ -93,11 +93,8 @@ def _insert(graph: fx.Graph, region: Region) -> RewrittenRegion:
     outputs = [out for reader in readers if not _is_alias(reader) for out in _tensor_outputs(reader)]
     outputs.sort()  # nodes compare by their place in the graph
     last = max(readers + outputs, default=wait)
-    device = _value(items[0]).device if items else torch.device("cpu")
     with graph.inserting_after(last):
-        slot = _call(
-            graph, torch.ops.aten.empty.memory_format, ([0],), "slot", dtype=torch.uint8, device=device
-        )
+        slot = _slot(graph, items)
     with graph.inserting_after(slot):
         release = _call(graph, RELEASE, (items, _held(outputs), slot, region.name), "release")
     return RewrittenRegion(region, fetch, items, wait, release)
@@ -156,6 +153,7 @@ def _serve_head(graph: fx.Graph, regions: list[RewrittenRegion], plan: GraphPlan
         start = fetched[-1].wait if fetched else heads[-1].release
         in_graph = _auto_in_graph(graph, start, sum(sizes), plan.device_figures)
     previous = fetched[-1].items[-1] if fetched else None
+    written = []  # each refill's slot, which its join writes after it
     for j, first in enumerate(heads):
         # the refill of head j is one more region after the last: issued like the fetch of region
         # len(regions) + j would be, after the release of its own region, and after the last
@@ -170,17 +168,20 @@ def _serve_head(graph: fx.Graph, regions: list[RewrittenRegion], plan: GraphPlan
         anchor = max([anchor, *writes])
         copied = min(sizes[j], in_graph)
         in_graph -= copied
-        args = (first.items, list(first.region.params), [token], first.region.name)
         with graph.inserting_after(anchor):
+            slot = _slot(graph, first.items)
+        args = (first.items, list(first.region.params), [token], slot, first.region.name)
+        with graph.inserting_after(slot):
             refill = _call(graph, REFILL, (*args, copied) if copied else args, "refill")
+        written.append(slot)
         previous = refill
         pin = _first_after(waits, refill)
         if pin is not None:  # reading the refilled buffers orders this wait after the refill
             pin.update_arg(1, [*pin.args[1], first.items[0]])
     results = [n for n in output.all_input_nodes if isinstance(n.meta.get("val"), torch.Tensor)]
-    for first in heads:
+    for first, slot in zip(heads, written):
         with graph.inserting_before(output):
-            _call(graph, WAIT, (first.items, results, first.region.name), "wait_refill")
+            _call(graph, JOIN, (first.items, results, slot, first.region.name), "join")
 
 
 def _auto_in_graph(
@@ -305,13 +306,22 @@ def _readers(items: list[fx.Node]) -> list[fx.Node]:
     found, seen, todo = [], set(), list(items)
     while todo:
         for user in todo.pop().users:
-            if user.target in (WAIT, RELEASE, REFILL) or user in seen:
+            if user.target in (WAIT, RELEASE, REFILL, JOIN) or user in seen:
                 continue
             found.append(user)
             seen.add(user)
             if _is_alias(user):
                 todo.append(user)
     return found
+
+
+def _slot(graph: fx.Graph, items: list[fx.Node]) -> fx.Node:
+    """An empty tensor for one op to write (``release``, ``refill``, ``join``): what keeps that op
+    in the graph and in order, where declaring a write of the buffers would make Inductor count it
+    as one more reader of every reader's output (and keep each from being overwritten in place)."""
+    device = _value(items[0]).device if items else torch.device("cpu")
+    empty = torch.ops.aten.empty.memory_format
+    return _call(graph, empty, ([0],), "slot", dtype=torch.uint8, device=device)
 
 
 def _held(outputs: list[fx.Node]) -> list[fx.Node]:

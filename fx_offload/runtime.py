@@ -634,9 +634,9 @@ def _serving(buffers: list[torch.Tensor]) -> _Head | None:
 def refill(buffers: list[torch.Tensor], weights: list[torch.Tensor], in_graph: int = 0) -> None:
     """Refill the head ``buffers`` with ``weights`` for the next call. A graph's own head (under
     its wrapper): copy the first ``in_graph`` bytes now, on the copy stream (they overlap the
-    compute after the call's last fetch, and the graph's last ``wait`` on these buffers joins
+    compute after the call's last fetch, and the graph's ``join`` of these buffers joins
     them), and leave the rest to the wrapper, after the call. A loose head (no wrapper): copy it
-    all now; the graph's last ``wait`` joins it."""
+    all now; the graph's ``join`` joins it."""
     found = _serving(buffers)
     if found is None:
         _start_copies(buffers, weights)

@@ -147,7 +147,7 @@ def test_inductor_lowers_the_ops_without_printing_their_arguments(monkeypatch):
     assert not [t for t in printed if t.namespace == "fx_offload"], printed
 
 
-@pytest.mark.parametrize("heads", [False], ids=["fetched"])
+@pytest.mark.parametrize("heads", [False, 1], ids=["fetched", "heads"])
 def test_offloaded_layers_compile_the_resident_models_kernels(heads):
     """Inductor builds the same kernels for the model with layers offloaded as for the model
     resident. An op that read a reader's output, or declared that it wrote the buffers a reader

@@ -173,7 +173,7 @@ release_2 = release('layers.2', fetched_4..fetched_5, readers=[addmm_2])
 refill = refill('layers.0', fetched..fetched_1, after=[release_2])
 wait_3 = wait('layers.3', fetched_6..fetched_7, issued=[fetched])
 release_3 = release('layers.3', fetched_6..fetched_7, readers=[addmm_3])
-wait_refill = wait('layers.0', fetched..fetched_1, issued=[relu_3])
+join = join('layers.0', fetched..fetched_1, issued=[relu_3])
 reads of layers.0:
   t <- fetched (layers.0.weight)
   addmm <- fetched_1 (layers.0.bias)

@@ -75,13 +75,14 @@ class Snapshots(TestCase):
         addmm_2: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_5, relu, t_2);  relu = t_2 = None
         slot: "u8[0]" = torch.ops.aten.empty.memory_format([0], dtype = torch.uint8, device = device(type='cpu'))
         release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1, fetched_2, fetched_3, fetched_4, fetched_5], [addmm_2], slot, 'thinker.visual');  slot = None
-        refill = torch.ops.fx_offload.refill.default([fetched, fetched_1, fetched_2, fetched_3, fetched_4, fetched_5], [arg0_1, arg1_1, arg3_1, arg4_1, arg5_1, arg6_1], [release], 'thinker.visual');  arg0_1 = arg1_1 = arg3_1 = arg4_1 = arg5_1 = arg6_1 = release = refill = None
+        slot_1: "u8[0]" = torch.ops.aten.empty.memory_format([0], dtype = torch.uint8, device = device(type='cpu'))
+        refill = torch.ops.fx_offload.refill.default([fetched, fetched_1, fetched_2, fetched_3, fetched_4, fetched_5], [arg0_1, arg1_1, arg3_1, arg4_1, arg5_1, arg6_1], [release], slot_1, 'thinker.visual');  arg0_1 = arg1_1 = arg3_1 = arg4_1 = arg5_1 = arg6_1 = release = refill = None
         add: "f32[2, 8]" = torch.ops.aten.add.Tensor(tanh, addmm_2);  tanh = addmm_2 = None
         native_layer_norm = torch.ops.aten.native_layer_norm.default(add, [8], arg7_1, arg8_1, 1e-05);  add = arg7_1 = arg8_1 = None
         getitem: "f32[2, 8]" = native_layer_norm[0];  native_layer_norm = None
         t_3: "f32[8, 4]" = torch.ops.aten.t.default(arg9_1);  arg9_1 = None
         addmm_3: "f32[2, 4]" = torch.ops.aten.addmm.default(arg10_1, getitem, t_3);  arg10_1 = getitem = t_3 = None
-        wait_refill = torch.ops.fx_offload.wait.default([fetched, fetched_1, fetched_2, fetched_3, fetched_4, fetched_5], [addmm_3], 'thinker.visual');  fetched = fetched_1 = fetched_2 = fetched_3 = fetched_4 = fetched_5 = wait_refill = None
+        join = torch.ops.fx_offload.join.default([fetched, fetched_1, fetched_2, fetched_3, fetched_4, fetched_5], [addmm_3], slot_1, 'thinker.visual');  fetched = fetched_1 = fetched_2 = fetched_3 = fetched_4 = fetched_5 = slot_1 = join = None
         return (addmm_3,)""",
         )
 
@@ -137,7 +138,8 @@ class Snapshots(TestCase):
         addmm_3: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_7, relu_1, t_3);  relu_1 = t_3 = None
         slot_1: "u8[0]" = torch.ops.aten.empty.memory_format([0], dtype = torch.uint8, device = device(type='cpu'))
         release_1: "f32[0]" = torch.ops.fx_offload.release.default([fetched_4, fetched_5, fetched_6, fetched_7], [addmm_3], slot_1, 'layers.1');  fetched_4 = fetched_5 = fetched_6 = fetched_7 = slot_1 = None
-        refill = torch.ops.fx_offload.refill.default([fetched, fetched_1, fetched_2, fetched_3], [arg0_1, arg1_1, arg3_1, arg4_1], [release_1], 'layers.0');  arg0_1 = arg1_1 = arg3_1 = arg4_1 = release_1 = refill = None
+        slot_3: "u8[0]" = torch.ops.aten.empty.memory_format([0], dtype = torch.uint8, device = device(type='cpu'))
+        refill = torch.ops.fx_offload.refill.default([fetched, fetched_1, fetched_2, fetched_3], [arg0_1, arg1_1, arg3_1, arg4_1], [release_1], slot_3, 'layers.0');  arg0_1 = arg1_1 = arg3_1 = arg4_1 = release_1 = refill = None
         add_1: "f32[2, 8]" = torch.ops.aten.add.Tensor(add, addmm_3);  add = addmm_3 = None
         wait_2 = torch.ops.fx_offload.wait.default([fetched_8, fetched_9, fetched_10, fetched_11], [fetched], 'layers.2');  wait_2 = None
         t_4: "f32[8, 16]" = torch.ops.aten.t.default(fetched_8)
@@ -150,7 +152,7 @@ class Snapshots(TestCase):
         add_2: "f32[2, 8]" = torch.ops.aten.add.Tensor(add_1, addmm_5);  add_1 = addmm_5 = None
         t_6: "f32[8, 8]" = torch.ops.aten.t.default(arg13_1);  arg13_1 = None
         mm: "f32[2, 8]" = torch.ops.aten.mm.default(add_2, t_6);  add_2 = t_6 = None
-        wait_refill = torch.ops.fx_offload.wait.default([fetched, fetched_1, fetched_2, fetched_3], [mm], 'layers.0');  fetched = fetched_1 = fetched_2 = fetched_3 = wait_refill = None
+        join = torch.ops.fx_offload.join.default([fetched, fetched_1, fetched_2, fetched_3], [mm], slot_3, 'layers.0');  fetched = fetched_1 = fetched_2 = fetched_3 = slot_3 = join = None
         return (mm,)""",
         )
 
@@ -177,8 +179,8 @@ refill = refill('layers.0', fetched..fetched_3, after=[release_2])
 wait_3 = wait('layers.3', fetched_12..fetched_15, issued=[fetched])
 release_3 = release('layers.3', fetched_12..fetched_15, readers=[addmm_7])
 refill_1 = refill('layers.1', fetched_4..fetched_7, after=[release_3])
-wait_refill = wait('layers.0', fetched..fetched_3, issued=[mm])
-wait_refill_1 = wait('layers.1', fetched_4..fetched_7, issued=[mm])
+join = join('layers.0', fetched..fetched_3, issued=[mm])
+join_1 = join('layers.1', fetched_4..fetched_7, issued=[mm])
 reads of layers.0:
   t <- fetched (layers.0.fc1.weight)
   addmm <- fetched_1 (layers.0.fc1.bias)
@@ -218,12 +220,12 @@ reads of layers.3:
                 refill_in_graph="auto",
             )
         self.assertExpectedInline(
-            "\n".join(line for line in text.splitlines() if "refill" in line),
+            "\n".join(line for line in text.splitlines() if "refill" in line or "join" in line),
             """\
 refill = refill('layers.0', fetched..fetched_3, after=[release_2], in_graph=1120)
 refill_1 = refill('layers.1', fetched_4..fetched_7, after=[release_3], in_graph=1057)
-wait_refill = wait('layers.0', fetched..fetched_3, issued=[mm])
-wait_refill_1 = wait('layers.1', fetched_4..fetched_7, issued=[mm])""",
+join = join('layers.0', fetched..fetched_3, issued=[mm])
+join_1 = join('layers.1', fetched_4..fetched_7, issued=[mm])""",
         )
 
     def test_layer_stack_refill_in_graph(self):
@@ -256,8 +258,8 @@ refill = refill('layers.0', fetched..fetched_3, after=[release_2], in_graph=1120
 wait_3 = wait('layers.3', fetched_12..fetched_15, issued=[fetched])
 release_3 = release('layers.3', fetched_12..fetched_15, readers=[addmm_7])
 refill_1 = refill('layers.1', fetched_4..fetched_7, after=[release_3], in_graph=380)
-wait_refill = wait('layers.0', fetched..fetched_3, issued=[mm])
-wait_refill_1 = wait('layers.1', fetched_4..fetched_7, issued=[mm])
+join = join('layers.0', fetched..fetched_3, issued=[mm])
+join_1 = join('layers.1', fetched_4..fetched_7, issued=[mm])
 reads of layers.0:
   t <- fetched (layers.0.fc1.weight)
   addmm <- fetched_1 (layers.0.fc1.bias)
@@ -344,7 +346,7 @@ release = release('shared', fetched..fetched_1, readers=[addmm])
 refill = refill('shared', fetched..fetched_1, after=[release])
 wait_1 = wait('shared@1', fetched_2..fetched_3, issued=[fetched])
 release_1 = release('shared@1', fetched_2..fetched_3, readers=[addmm_2])
-wait_refill = wait('shared', fetched..fetched_1, issued=[addmm_2])
+join = join('shared', fetched..fetched_1, issued=[addmm_2])
 reads of shared:
   t <- fetched (shared.weight)
   addmm <- fetched_1 (shared.bias)
@@ -366,7 +368,7 @@ release = release('embed', [fetched], readers=[embedding])
 refill = refill('embed', [fetched], after=[release])
 wait_1 = wait('lm_head (not offloaded)', [fetched_1], issued=[fetched])
 release_1 = release('lm_head (not offloaded)', [fetched_1], readers=[mm])
-wait_refill = wait('embed', [fetched], issued=[_unsafe_view])
+join = join('embed', [fetched], issued=[_unsafe_view])
 reads of embed:
   embedding <- fetched (embed.weight)
 reads of lm_head (not offloaded):
@@ -383,7 +385,7 @@ head = head('first', [first.fc1.weight, first.fc1.bias, first.fc2.weight, first.
 wait = wait('first', fetched..fetched_3, issued=[])
 release = release('first', fetched..fetched_3, readers=[addmm_1])
 refill = refill('first', fetched..fetched_3, after=[release])
-wait_refill = wait('first', fetched..fetched_3, issued=[add])
+join = join('first', fetched..fetched_3, issued=[add])
 reads of first:
   t <- fetched (first.fc1.weight)
   addmm <- fetched_1 (first.fc1.bias)
@@ -395,7 +397,7 @@ head = head('second', [second.fc1.weight, second.fc1.bias, second.fc2.weight, se
 wait = wait('second', fetched..fetched_3, issued=[])
 release = release('second', fetched..fetched_3, readers=[addmm_1])
 refill = refill('second', fetched..fetched_3, after=[release])
-wait_refill = wait('second', fetched..fetched_3, issued=[add])
+join = join('second', fetched..fetched_3, issued=[add])
 reads of second:
   t <- fetched (second.fc1.weight)
   addmm <- fetched_1 (second.fc1.bias)
