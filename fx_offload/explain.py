@@ -149,6 +149,9 @@ def format_offload_nodes(gm: fx.GraphModule, plan: GraphPlan, regions: Sequence[
             if node.target is REFILL:
                 del arguments["weights"]  # its head's parameters
             arguments.pop("slot", None)  # an empty tensor the op writes (rewrite._slot)
+            written = [n for n in arguments.pop("written", []) if not n.name.startswith("slot")]
+            if written:  # release's buffers read lazily
+                arguments["written"] = written
             shown = [
                 repr(label),
                 show(first),

@@ -5,13 +5,15 @@
 ``wait(buffers, issued, region)``: join the copies before the first reader. It declares that it
     writes ``buffers``, so readers stay after it; ``issued`` holds later fetches that must be
     started before this region computes (that is the prefetch).
-``release(buffers, readers, slot, region) -> token``: the readers are done. ``readers`` are the
-    outputs of the last of them, and of any whose users are not all computed before one of those
-    (``rewrite._held``): data edges, because Inductor realizes a lazy reader (a gather, a
-    pointwise op) only when something needs it. It writes ``slot``, an empty tensor made for it,
-    which keeps it out of dead-code elimination; it declares no write of ``buffers``, which would
-    make Inductor count it as one more reader of every reader's output and keep Inductor from
-    overwriting those in place (kernels unlike the resident model's, each one more to compile).
+``release(buffers, readers, written, region) -> token``: the readers are done. ``readers`` are
+    data edges to the readers' outputs that order every read before it (``rewrite._held``): each
+    lazy reader's (a gather, a pointwise op: Inductor computes one only when something needs it),
+    and of the extern kernels' (``mm``...), those not computed before another taken. ``written``
+    are the buffers a lazy reader reads, so that Inductor keeps any kernel it inlined that read
+    into before it, and an empty slot made for it (which keeps it out of dead-code elimination).
+    A write declared on every buffer would make Inductor count it as one more user of every
+    reader's output, and keep Inductor from overwriting those in place (kernels unlike the
+    resident model's, each one more to compile).
 ``head(weights, region) -> buffers``: a head region's weights, already on the device: persistent
     buffers that the previous call refilled (or the compiled function's wrapper filled).
 ``refill(buffers, weights, after, slot, region, in_graph=0)``: refill the head ``buffers`` with
@@ -78,9 +80,9 @@ _define(
     _nothing,
 )
 _define(
-    "release(Tensor[] fetched, Tensor[] readers, Tensor(a!) slot, str region) -> Tensor",
-    lambda fetched, readers, slot, region: runtime.release(fetched),
-    lambda fetched, readers, slot, region: _token(fetched),
+    "release(Tensor[] fetched, Tensor[] readers, Tensor(a!)[] written, str region) -> Tensor",
+    lambda fetched, readers, written, region: runtime.release(fetched),
+    lambda fetched, readers, written, region: _token(fetched),
 )
 _define(
     "head(Tensor[] weights, str region) -> Tensor[]",

@@ -93,10 +93,14 @@ def _insert(graph: fx.Graph, region: Region) -> RewrittenRegion:
     outputs = [out for reader in readers if not _is_alias(reader) for out in _tensor_outputs(reader)]
     outputs.sort()  # nodes compare by their place in the graph
     last = max(readers + outputs, default=wait)
+    lazy = {r for r in readers if not _is_alias(r) and r.target not in _REALIZED}
+    read_lazily = [item for item in items if lazy.intersection(_readers([item]))]
+    must = {out for reader in lazy for out in _tensor_outputs(reader)}
     with graph.inserting_after(last):
         slot = _slot(graph, items)
     with graph.inserting_after(slot):
-        release = _call(graph, RELEASE, (items, _held(outputs), slot, region.name), "release")
+        args = (items, _held(outputs, must), [*read_lazily, slot], region.name)
+        release = _call(graph, RELEASE, args, "release")
     return RewrittenRegion(region, fetch, items, wait, release)
 
 
@@ -324,22 +328,36 @@ def _slot(graph: fx.Graph, items: list[fx.Node]) -> fx.Node:
     return _call(graph, empty, ([0],), "slot", dtype=torch.uint8, device=device)
 
 
-def _held(outputs: list[fx.Node]) -> list[fx.Node]:
-    """Of the readers' outputs (in graph order), those ``release`` takes so that every reader runs
-    before it: the last, and each output whose users are not all ancestors of one taken already.
-    An output left out is computed before one taken (a data edge orders it), and so is every use
-    of it, so Inductor cannot move its read later by inlining it into another consumer. Taking
-    fewer keeps the readers' outputs from being read by ``release``: one it reads, Inductor
-    cannot overwrite in place (the SwiGLU product into its input), and kernels would differ from
-    the resident model's (each variant one more kernel to compile). Linear in the region: each
-    node between the first output and the last is walked at most once."""
+# readers whose read of a weight happens in a kernel of their own that Inductor never inlines into
+# a consumer (extern kernels): once one is computed, so is its read
+_REALIZED = frozenset(
+    {
+        torch.ops.aten.mm.default,
+        torch.ops.aten.addmm.default,
+        torch.ops.aten.bmm.default,
+        torch.ops.aten.baddbmm.default,
+        torch.ops.aten.convolution.default,
+    }
+)
+
+
+def _held(outputs: list[fx.Node], must: set[fx.Node]) -> list[fx.Node]:
+    """Of the readers' outputs (in graph order), those ``release`` takes: each of ``must`` (the
+    lazy readers', which Inductor computes only when something needs them), the last, and any
+    other not computed before one of those. An output left out is an extern kernel's (its read
+    happens in that kernel) computed before one taken, so a data edge orders its read before the
+    release. Taking fewer keeps ``release`` from reading the readers' outputs: one it reads,
+    Inductor cannot overwrite in place (a ReLU, the SwiGLU product), and kernels would differ
+    from the resident model's (each variant one more kernel to compile). Linear in the region:
+    each node between the first output and the last is walked at most once."""
     if not outputs:
         return []
-    first, held, before = outputs[0], [], set()
+    first, held, before = outputs[0], [], set()  # before: computed before one of ``held``
     for out in reversed(outputs):
-        if out in before and all(user in before for user in out.users):
+        if out in before and out not in must:
             continue
         held.append(out)
+        before.add(out)
         todo = [out]
         while todo:
             for arg in todo.pop().all_input_nodes:

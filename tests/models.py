@@ -211,3 +211,33 @@ class Normed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(self.body(x))
+
+
+class NormBlock(nn.Module):
+    """A scaled input read twice: by an elementwise op whose result leaves the block (Inductor
+    inlines the scaling, a read of ``scale``, into that op's kernel, which it may fuse with the
+    op that uses it after the block) and by a linear layer."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.rand(dim) + 0.5)
+        self.fc = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scaled = x * self.scale
+        gate = torch.sigmoid(scaled)
+        return gate, torch.relu(self.fc(scaled))
+
+
+class LazyReads(nn.Module):
+    """Blocks whose elementwise side result is used after the block."""
+
+    def __init__(self, n: int = 3, dim: int = 8) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([NormBlock(dim) for _ in range(n)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            gate, h = block(x)
+            x = h * gate + x
+        return x

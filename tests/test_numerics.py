@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fx_offload.explain import recording
-from tests.models import BreakingStack, Broken, CalledTwice, Nested, Stack, Tied, seeded
+from tests.models import BreakingStack, Broken, CalledTwice, LazyReads, Nested, Stack, Tied, seeded
 
 CASES = {
     "nested_visual": (Nested, ["visual"], lambda: (torch.randn(3, 8),)),
@@ -16,6 +16,8 @@ CASES = {
     # one graph per block kind after a break: first-traced block offloaded, then resident
     "reused_graph_even": (BreakingStack, ["re:layers\\.[02]"], lambda: (torch.randn(3, 8),)),
     "reused_graph_odd": (BreakingStack, ["re:layers\\.[13]"], lambda: (torch.randn(3, 8),)),
+    # a norm's output read again after its block's release, by an op Inductor may inline it into
+    "lazy_reads": (LazyReads, ["blocks.*"], lambda: (torch.randn(3, 8),)),
 }
 
 

@@ -74,7 +74,7 @@ class Snapshots(TestCase):
         t_2: "f32[16, 8]" = torch.ops.aten.t.default(fetched_4)
         addmm_2: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_5, relu, t_2);  relu = t_2 = None
         slot: "u8[0]" = torch.ops.aten.empty.memory_format([0], dtype = torch.uint8, device = device(type='cpu'))
-        release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1, fetched_2, fetched_3, fetched_4, fetched_5], [addmm_2], slot, 'thinker.visual');  slot = None
+        release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1, fetched_2, fetched_3, fetched_4, fetched_5], [addmm_2], [slot], 'thinker.visual');  slot = None
         slot_1: "u8[0]" = torch.ops.aten.empty.memory_format([0], dtype = torch.uint8, device = device(type='cpu'))
         refill = torch.ops.fx_offload.refill.default([fetched, fetched_1, fetched_2, fetched_3, fetched_4, fetched_5], [arg0_1, arg1_1, arg3_1, arg4_1, arg5_1, arg6_1], [release], slot_1, 'thinker.visual');  arg0_1 = arg1_1 = arg3_1 = arg4_1 = arg5_1 = arg6_1 = release = refill = None
         add: "f32[2, 8]" = torch.ops.aten.add.Tensor(tanh, addmm_2);  tanh = addmm_2 = None
@@ -128,7 +128,7 @@ class Snapshots(TestCase):
         t_1: "f32[16, 8]" = torch.ops.aten.t.default(fetched_2)
         addmm_1: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_3, relu, t_1);  relu = t_1 = None
         slot: "u8[0]" = torch.ops.aten.empty.memory_format([0], dtype = torch.uint8, device = device(type='cpu'))
-        release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1, fetched_2, fetched_3], [addmm_1], slot, 'layers.0');  slot = release = None
+        release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1, fetched_2, fetched_3], [addmm_1], [slot], 'layers.0');  slot = release = None
         add: "f32[2, 8]" = torch.ops.aten.add.Tensor(arg2_1, addmm_1);  arg2_1 = addmm_1 = None
         wait_1 = torch.ops.fx_offload.wait.default([fetched_4, fetched_5, fetched_6, fetched_7], [], 'layers.1');  wait_1 = None
         t_2: "f32[8, 16]" = torch.ops.aten.t.default(fetched_4)
@@ -137,7 +137,7 @@ class Snapshots(TestCase):
         t_3: "f32[16, 8]" = torch.ops.aten.t.default(fetched_6)
         addmm_3: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_7, relu_1, t_3);  relu_1 = t_3 = None
         slot_1: "u8[0]" = torch.ops.aten.empty.memory_format([0], dtype = torch.uint8, device = device(type='cpu'))
-        release_1: "f32[0]" = torch.ops.fx_offload.release.default([fetched_4, fetched_5, fetched_6, fetched_7], [addmm_3], slot_1, 'layers.1');  fetched_4 = fetched_5 = fetched_6 = fetched_7 = slot_1 = None
+        release_1: "f32[0]" = torch.ops.fx_offload.release.default([fetched_4, fetched_5, fetched_6, fetched_7], [addmm_3], [slot_1], 'layers.1');  fetched_4 = fetched_5 = fetched_6 = fetched_7 = slot_1 = None
         slot_3: "u8[0]" = torch.ops.aten.empty.memory_format([0], dtype = torch.uint8, device = device(type='cpu'))
         refill = torch.ops.fx_offload.refill.default([fetched, fetched_1, fetched_2, fetched_3], [arg0_1, arg1_1, arg3_1, arg4_1], [release_1], slot_3, 'layers.0');  arg0_1 = arg1_1 = arg3_1 = arg4_1 = release_1 = refill = None
         add_1: "f32[2, 8]" = torch.ops.aten.add.Tensor(add, addmm_3);  add = addmm_3 = None
@@ -148,7 +148,7 @@ class Snapshots(TestCase):
         t_5: "f32[16, 8]" = torch.ops.aten.t.default(fetched_10)
         addmm_5: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_11, relu_2, t_5);  relu_2 = t_5 = None
         slot_2: "u8[0]" = torch.ops.aten.empty.memory_format([0], dtype = torch.uint8, device = device(type='cpu'))
-        release_2: "f32[0]" = torch.ops.fx_offload.release.default([fetched_8, fetched_9, fetched_10, fetched_11], [addmm_5], slot_2, 'layers.2');  fetched_8 = fetched_9 = fetched_10 = fetched_11 = slot_2 = release_2 = None
+        release_2: "f32[0]" = torch.ops.fx_offload.release.default([fetched_8, fetched_9, fetched_10, fetched_11], [addmm_5], [slot_2], 'layers.2');  fetched_8 = fetched_9 = fetched_10 = fetched_11 = slot_2 = release_2 = None
         add_2: "f32[2, 8]" = torch.ops.aten.add.Tensor(add_1, addmm_5);  add_1 = addmm_5 = None
         t_6: "f32[8, 8]" = torch.ops.aten.t.default(arg13_1);  arg13_1 = None
         mm: "f32[2, 8]" = torch.ops.aten.mm.default(add_2, t_6);  add_2 = t_6 = None
@@ -312,7 +312,7 @@ reads of layers.3:
         t_1: "f32[16, 8]" = torch.ops.aten.t.default(fetched_2)
         addmm_1: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_3, relu, t_1);  relu = t_1 = None
         slot: "u8[0]" = torch.ops.aten.empty.memory_format([0], dtype = torch.uint8, device = device(type='cpu'))
-        release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1, fetched_2, fetched_3], [addmm_1], slot, 'layers.0');  fetched = fetched_1 = fetched_2 = fetched_3 = slot = None
+        release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1, fetched_2, fetched_3], [addmm_1], [slot], 'layers.0');  fetched = fetched_1 = fetched_2 = fetched_3 = slot = None
         fetch_1 = torch.ops.fx_offload.fetch.default([arg5_1, arg6_1, arg7_1, arg8_1], [release], 'layers.1');  arg5_1 = arg6_1 = arg7_1 = arg8_1 = release = None
         fetched_4: "f32[16, 8]" = fetch_1[0]
         fetched_5: "f32[16]" = fetch_1[1]
@@ -326,7 +326,7 @@ reads of layers.3:
         t_3: "f32[16, 8]" = torch.ops.aten.t.default(fetched_6)
         addmm_3: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_7, relu_1, t_3);  relu_1 = t_3 = None
         slot_1: "u8[0]" = torch.ops.aten.empty.memory_format([0], dtype = torch.uint8, device = device(type='cpu'))
-        release_1: "f32[0]" = torch.ops.fx_offload.release.default([fetched_4, fetched_5, fetched_6, fetched_7], [addmm_3], slot_1, 'layers.1');  fetched_4 = fetched_5 = fetched_6 = fetched_7 = slot_1 = release_1 = None
+        release_1: "f32[0]" = torch.ops.fx_offload.release.default([fetched_4, fetched_5, fetched_6, fetched_7], [addmm_3], [slot_1], 'layers.1');  fetched_4 = fetched_5 = fetched_6 = fetched_7 = slot_1 = release_1 = None
         add_1: "f32[2, 8]" = torch.ops.aten.add.Tensor(add, addmm_3);  add = addmm_3 = None
         t_4: "f32[8, 8]" = torch.ops.aten.t.default(arg9_1);  arg9_1 = None
         mm: "f32[2, 8]" = torch.ops.aten.mm.default(add_1, t_4);  add_1 = t_4 = None
@@ -364,7 +364,7 @@ reads of shared@1:
 head = head('embed', [embed.weight])
 fetch_1 = fetch('lm_head (not offloaded)', [embed.weight], after=[])
 wait = wait('embed', [fetched], issued=[fetched_1])
-release = release('embed', [fetched], readers=[embedding])
+release = release('embed', [fetched], readers=[embedding], written=[fetched])
 refill = refill('embed', [fetched], after=[release])
 wait_1 = wait('lm_head (not offloaded)', [fetched_1], issued=[fetched])
 release_1 = release('lm_head (not offloaded)', [fetched_1], readers=[mm])
