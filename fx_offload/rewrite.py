@@ -93,7 +93,7 @@ def _insert(graph: fx.Graph, region: Region) -> RewrittenRegion:
     outputs = [out for reader in readers if not _is_alias(reader) for out in _tensor_outputs(reader)]
     outputs.sort()  # nodes compare by their place in the graph
     last = max(readers + outputs, default=wait)
-    lazy = {r for r in readers if not _is_alias(r) and r.target not in _REALIZED}
+    lazy = {r for r in readers if not _is_alias(r) and not _realized(r)}
     read_lazily = [item for item in items if lazy.intersection(_readers([item]))]
     must = {out for reader in lazy for out in _tensor_outputs(reader)}
     with graph.inserting_after(last):
@@ -174,14 +174,16 @@ def _serve_head(graph: fx.Graph, regions: list[RewrittenRegion], plan: GraphPlan
         in_graph -= copied
         with graph.inserting_after(anchor):
             slot = _slot(graph, first.items)
-        args = (first.items, list(first.region.params), [token], slot, first.region.name)
+        # the token orders the copy stream; the head's own release orders every read of its buffers
+        tokens = [token] if token is first.release else [token, first.release]
+        args = (first.items, list(first.region.params), tokens, slot, first.region.name)
         with graph.inserting_after(slot):
             refill = _call(graph, REFILL, (*args, copied) if copied else args, "refill")
         written.append(slot)
         previous = refill
         pin = _first_after(waits, refill)
-        if pin is not None:  # reading the refilled buffers orders this wait after the refill
-            pin.update_arg(1, [*pin.args[1], first.items[0]])
+        if pin is not None:  # reading the slot the refill wrote orders this wait after the refill
+            pin.update_arg(1, [*pin.args[1], slot])
     results = [n for n in output.all_input_nodes if isinstance(n.meta.get("val"), torch.Tensor)]
     for first, slot in zip(heads, written):
         with graph.inserting_before(output):
@@ -328,17 +330,18 @@ def _slot(graph: fx.Graph, items: list[fx.Node]) -> fx.Node:
     return _call(graph, empty, ([0],), "slot", dtype=torch.uint8, device=device)
 
 
-# readers whose read of a weight happens in a kernel of their own that Inductor never inlines into
-# a consumer (extern kernels): once one is computed, so is its read
-_REALIZED = frozenset(
-    {
-        torch.ops.aten.mm.default,
-        torch.ops.aten.addmm.default,
-        torch.ops.aten.bmm.default,
-        torch.ops.aten.baddbmm.default,
-        torch.ops.aten.convolution.default,
-    }
-)
+# readers whose read of a weight happens in an extern kernel of their own that Inductor never
+# inlines into a consumer: once one is computed, so is its read. Not bmm (on the CPU, and on a GPU
+# for dot shapes, Inductor lowers some to a lazy mul + sum), not convolution (a GPU lowering adds
+# the bias in a separate lazy op); none where Inductor lowers matmuls as its own IR
+# (``triton.native_matmul``)
+_EXTERN_READERS = frozenset({torch.ops.aten.mm.default, torch.ops.aten.addmm.default})
+
+
+def _realized(reader: fx.Node) -> bool:
+    if getattr(torch._inductor.config.triton, "native_matmul", False):
+        return False
+    return reader.target in _EXTERN_READERS
 
 
 def _held(outputs: list[fx.Node], must: set[fx.Node]) -> list[fx.Node]:

@@ -241,3 +241,27 @@ class LazyReads(nn.Module):
             gate, h = block(x)
             x = h * gate + x
         return x
+
+
+class BmmBlock(nn.Module):
+    """A batched matmul of one row (Inductor lowers it on the CPU to an elementwise multiply and a
+    sum, so its read of ``w`` can be inlined into any consumer), read again after the block."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 2, dim))
+        self.fc = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        p = torch.bmm(x, self.w)
+        return self.fc(p.cos()), p.sin()
+
+
+class BmmReads(nn.Module):
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.block = BmmBlock(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, side = self.block(x)
+        return h * side

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fx_offload.explain import recording
-from tests.models import BreakingStack, Broken, CalledTwice, LazyReads, Nested, Stack, Tied, seeded
+from tests.models import BmmReads, BreakingStack, Broken, CalledTwice, LazyReads, Nested, Stack, Tied, seeded
 
 CASES = {
     "nested_visual": (Nested, ["visual"], lambda: (torch.randn(3, 8),)),
@@ -127,3 +127,21 @@ def _reference(model, x):
     """The same model's output computed in eager mode (offloaded parameters read in place)."""
     with torch.no_grad():
         return model(x)
+
+
+@pytest.mark.parametrize(
+    "cls,patterns,shape",
+    [(BmmReads, ["block"], (3, 1, 2)), (LazyReads, ["blocks.*"], (3, 8))],
+    ids=["bmm", "lazy_reads"],
+)
+def test_reads_inlined_into_later_kernels_run_before_the_release(cls, patterns, shape, offloaded):
+    """A read of a weight that Inductor inlines into a consumer used after the block (a one-row
+    ``bmm`` lowered to multiply and sum) still runs before the block's release: released buffers
+    are poisoned, and without heads no refill rewrites them, so a late read shows as NaN."""
+    model = seeded(cls)
+    inputs = (torch.randn(*shape),)
+    plain = _run(model, "inductor", inputs)
+    torch._dynamo.reset()
+    offloaded(model, patterns)
+    out = _run(model, "offload_inductor", inputs, options={"prefetch_head": False})
+    assert torch.equal(out, plain)

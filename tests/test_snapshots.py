@@ -128,7 +128,7 @@ class Snapshots(TestCase):
         t_1: "f32[16, 8]" = torch.ops.aten.t.default(fetched_2)
         addmm_1: "f32[2, 8]" = torch.ops.aten.addmm.default(fetched_3, relu, t_1);  relu = t_1 = None
         slot: "u8[0]" = torch.ops.aten.empty.memory_format([0], dtype = torch.uint8, device = device(type='cpu'))
-        release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1, fetched_2, fetched_3], [addmm_1], [slot], 'layers.0');  slot = release = None
+        release: "f32[0]" = torch.ops.fx_offload.release.default([fetched, fetched_1, fetched_2, fetched_3], [addmm_1], [slot], 'layers.0');  slot = None
         add: "f32[2, 8]" = torch.ops.aten.add.Tensor(arg2_1, addmm_1);  arg2_1 = addmm_1 = None
         wait_1 = torch.ops.fx_offload.wait.default([fetched_4, fetched_5, fetched_6, fetched_7], [], 'layers.1');  wait_1 = None
         t_2: "f32[8, 16]" = torch.ops.aten.t.default(fetched_4)
@@ -139,9 +139,9 @@ class Snapshots(TestCase):
         slot_1: "u8[0]" = torch.ops.aten.empty.memory_format([0], dtype = torch.uint8, device = device(type='cpu'))
         release_1: "f32[0]" = torch.ops.fx_offload.release.default([fetched_4, fetched_5, fetched_6, fetched_7], [addmm_3], [slot_1], 'layers.1');  fetched_4 = fetched_5 = fetched_6 = fetched_7 = slot_1 = None
         slot_3: "u8[0]" = torch.ops.aten.empty.memory_format([0], dtype = torch.uint8, device = device(type='cpu'))
-        refill = torch.ops.fx_offload.refill.default([fetched, fetched_1, fetched_2, fetched_3], [arg0_1, arg1_1, arg3_1, arg4_1], [release_1], slot_3, 'layers.0');  arg0_1 = arg1_1 = arg3_1 = arg4_1 = release_1 = refill = None
+        refill = torch.ops.fx_offload.refill.default([fetched, fetched_1, fetched_2, fetched_3], [arg0_1, arg1_1, arg3_1, arg4_1], [release_1, release], slot_3, 'layers.0');  arg0_1 = arg1_1 = arg3_1 = arg4_1 = release_1 = release = refill = None
         add_1: "f32[2, 8]" = torch.ops.aten.add.Tensor(add, addmm_3);  add = addmm_3 = None
-        wait_2 = torch.ops.fx_offload.wait.default([fetched_8, fetched_9, fetched_10, fetched_11], [fetched], 'layers.2');  wait_2 = None
+        wait_2 = torch.ops.fx_offload.wait.default([fetched_8, fetched_9, fetched_10, fetched_11], [slot_3], 'layers.2');  wait_2 = None
         t_4: "f32[8, 16]" = torch.ops.aten.t.default(fetched_8)
         addmm_4: "f32[2, 16]" = torch.ops.aten.addmm.default(fetched_9, add_1, t_4);  t_4 = None
         relu_2: "f32[2, 16]" = torch.ops.aten.relu.default(addmm_4);  addmm_4 = None
@@ -175,10 +175,10 @@ wait_1 = wait('layers.1', fetched_4..fetched_7, issued=[])
 release_1 = release('layers.1', fetched_4..fetched_7, readers=[addmm_3])
 wait_2 = wait('layers.2', fetched_8..fetched_11, issued=[])
 release_2 = release('layers.2', fetched_8..fetched_11, readers=[addmm_5])
-refill = refill('layers.0', fetched..fetched_3, after=[release_2])
-wait_3 = wait('layers.3', fetched_12..fetched_15, issued=[fetched])
+refill = refill('layers.0', fetched..fetched_3, after=[release_2, release])
+wait_3 = wait('layers.3', fetched_12..fetched_15, issued=[slot_4])
 release_3 = release('layers.3', fetched_12..fetched_15, readers=[addmm_7])
-refill_1 = refill('layers.1', fetched_4..fetched_7, after=[release_3])
+refill_1 = refill('layers.1', fetched_4..fetched_7, after=[release_3, release_1])
 join = join('layers.0', fetched..fetched_3, issued=[mm])
 join_1 = join('layers.1', fetched_4..fetched_7, issued=[mm])
 reads of layers.0:
@@ -222,8 +222,8 @@ reads of layers.3:
         self.assertExpectedInline(
             "\n".join(line for line in text.splitlines() if "refill" in line or "join" in line),
             """\
-refill = refill('layers.0', fetched..fetched_3, after=[release_2], in_graph=1120)
-refill_1 = refill('layers.1', fetched_4..fetched_7, after=[release_3], in_graph=1057)
+refill = refill('layers.0', fetched..fetched_3, after=[release_2, release], in_graph=1120)
+refill_1 = refill('layers.1', fetched_4..fetched_7, after=[release_3, release_1], in_graph=1057)
 join = join('layers.0', fetched..fetched_3, issued=[mm])
 join_1 = join('layers.1', fetched_4..fetched_7, issued=[mm])""",
         )
@@ -254,10 +254,10 @@ wait_1 = wait('layers.1', fetched_4..fetched_7, issued=[])
 release_1 = release('layers.1', fetched_4..fetched_7, readers=[addmm_3])
 wait_2 = wait('layers.2', fetched_8..fetched_11, issued=[])
 release_2 = release('layers.2', fetched_8..fetched_11, readers=[addmm_5])
-refill = refill('layers.0', fetched..fetched_3, after=[release_2], in_graph=1120)
-wait_3 = wait('layers.3', fetched_12..fetched_15, issued=[fetched])
+refill = refill('layers.0', fetched..fetched_3, after=[release_2, release], in_graph=1120)
+wait_3 = wait('layers.3', fetched_12..fetched_15, issued=[slot_4])
 release_3 = release('layers.3', fetched_12..fetched_15, readers=[addmm_7])
-refill_1 = refill('layers.1', fetched_4..fetched_7, after=[release_3], in_graph=380)
+refill_1 = refill('layers.1', fetched_4..fetched_7, after=[release_3, release_1], in_graph=380)
 join = join('layers.0', fetched..fetched_3, issued=[mm])
 join_1 = join('layers.1', fetched_4..fetched_7, issued=[mm])
 reads of layers.0:
@@ -344,7 +344,7 @@ fetch_1 = fetch('shared@1', [shared.weight, shared.bias], after=[])
 wait = wait('shared', fetched..fetched_1, issued=[fetched_2])
 release = release('shared', fetched..fetched_1, readers=[addmm])
 refill = refill('shared', fetched..fetched_1, after=[release])
-wait_1 = wait('shared@1', fetched_2..fetched_3, issued=[fetched])
+wait_1 = wait('shared@1', fetched_2..fetched_3, issued=[slot_2])
 release_1 = release('shared@1', fetched_2..fetched_3, readers=[addmm_2])
 join = join('shared', fetched..fetched_1, issued=[addmm_2])
 reads of shared:
@@ -366,7 +366,7 @@ fetch_1 = fetch('lm_head (not offloaded)', [embed.weight], after=[])
 wait = wait('embed', [fetched], issued=[fetched_1])
 release = release('embed', [fetched], readers=[embedding], written=[fetched])
 refill = refill('embed', [fetched], after=[release])
-wait_1 = wait('lm_head (not offloaded)', [fetched_1], issued=[fetched])
+wait_1 = wait('lm_head (not offloaded)', [fetched_1], issued=[slot_2])
 release_1 = release('lm_head (not offloaded)', [fetched_1], readers=[mm])
 join = join('embed', [fetched], issued=[_unsafe_view])
 reads of embed:
