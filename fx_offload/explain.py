@@ -18,7 +18,7 @@ import torch.fx as fx
 from torch import nn
 
 from fx_offload import backend
-from fx_offload.ops import FETCH, HEAD, HOLD, JOIN, REFILL, RELEASE, SWAPPED, WAIT
+from fx_offload.ops import FETCH, HEAD, HOLD, JOIN, REFILL, RELEASE, SWAPPED, WAIT, arguments
 from fx_offload.regions import GraphPlan
 from fx_offload.rewrite import RewrittenRegion
 
@@ -90,6 +90,8 @@ def format_graph(gm: fx.GraphModule, plan: GraphPlan, regions: list[RewrittenReg
     return "\n".join(head + body[1:])  # body[0] is "class GraphModule(torch.nn.Module):"
 
 
+_EMPTY = torch.ops.aten.empty.memory_format  # what makes a slot (rewrite._slot)
+
 _OPS = {
     FETCH: "fetch",
     WAIT: "wait",
@@ -143,19 +145,19 @@ def format_offload_nodes(gm: fx.GraphModule, plan: GraphPlan, regions: Sequence[
     lines = []
     for node in graph.nodes:
         if node.target in _OPS:
-            arguments = dict(zip((arg.name for arg in node.target._schema.arguments), node.args))
-            first = arguments.pop(next(iter(arguments)))  # the tensors the op is about
-            label = arguments.pop("region", None) or arguments.pop("component", None)
+            passed = arguments(node)
+            first = passed.pop(next(iter(passed)))  # the tensors the op is about
+            label = passed.pop("region", None) or passed.pop("component", None)
             if node.target is REFILL:
-                del arguments["weights"]  # its head's parameters
-            arguments.pop("slot", None)  # an empty tensor the op writes (rewrite._slot)
-            written = [n for n in arguments.pop("written", []) if not n.name.startswith("slot")]
-            if written:  # release's buffers read lazily
-                arguments["written"] = written
+                del passed["weights"]  # its head's parameters
+            passed.pop("slot", None)  # an empty tensor the op writes (rewrite._slot)
+            written = [n for n in passed.pop("written", []) if n.target is not _EMPTY]
+            if written:  # release's buffers read lazily, beside its slot
+                passed["written"] = written
             shown = [
                 repr(label),
                 show(first),
-                *(f"{name}={show(value)}" for name, value in arguments.items()),
+                *(f"{name}={show(value)}" for name, value in passed.items()),
             ]
             lines.append(f"{node.name} = {_OPS[node.target]}({', '.join(shown)})")
 

@@ -42,7 +42,7 @@ from torch._dynamo.utils import counters
 from torch._logging import LazyString
 from torch._logging._internal import register_log
 
-from fx_offload.ops import FETCH, HEAD, REFILL, SWAPPED
+from fx_offload.ops import FETCH, HEAD, REFILL, SWAPPED, arguments
 from fx_offload.regions import GraphPlan
 
 register_log("fx_offload", "fx_offload")
@@ -73,8 +73,8 @@ def rewritten(gm: fx.GraphModule, plan: GraphPlan, regions: Sequence, before: st
     """Count and log what the pass did to ``gm`` under ``plan``: ``regions`` are ``rewrite``'s
     result, ``before`` is ``graph_before(gm)`` taken before the pass."""
     graph = gm.graph
-    refills = [node for node in graph.nodes if node.target is REFILL]
-    refills = {_argument(node, "region"): _argument(node, "in_graph") for node in refills}
+    refills = [arguments(node) for node in graph.nodes if node.target is REFILL]
+    refills = {refill["region"]: refill.get("in_graph", 0) for refill in refills}
     swapped = [node for node in graph.nodes if node.target is SWAPPED]
     sizes = [sum(_nbytes(param) for param in r.region.params) for r in regions]
     heads = [r.fetch.target is HEAD for r in regions]
@@ -128,13 +128,6 @@ def _summary(
     for component, positions in passed.items():
         lines.append(f"  swapped component {component}: {len(positions)} parameters, passed as inputs")
     return "\n".join(lines)
-
-
-def _argument(node: fx.Node, name: str):
-    """The argument ``name`` of an fx_offload op's call, found by its schema (or its default)."""
-    arguments = node.target._schema.arguments
-    i = next(i for i, argument in enumerate(arguments) if argument.name == name)
-    return node.args[i] if i < len(node.args) else arguments[i].default_value
 
 
 def _nbytes(node: fx.Node) -> int:

@@ -20,8 +20,9 @@
     ``weights`` for the next call. Under fx_offload's wrapper it copies the first ``in_graph``
     bytes here, late in the call, and notes that the wrapper issues the rest when the call
     returns (the next call waits for it); without the wrapper (vLLM) it copies everything here.
-    ``after`` (its region's release token) orders it after the readers; it writes ``slot``, not
-    ``buffers``, for the reason ``release`` does.
+    ``after`` holds its head's release (every read of ``buffers`` is before it) and the token
+    that orders it on the copy stream; it writes ``slot``, not ``buffers``, for the reason
+    ``release`` does.
 ``join(buffers, issued, slot, region)``: at the end of the graph, the compute stream joins what
     the refill of ``buffers`` copied in the graph; ``issued`` (the graph's outputs) keeps it last,
     and writing the refill's ``slot`` keeps it after the refill.
@@ -120,6 +121,12 @@ JOIN = torch.ops.fx_offload.join.default
 SWAPPED = torch.ops.fx_offload.swapped.default
 HOLD = torch.ops.fx_offload.hold.default
 ALL = (FETCH, WAIT, RELEASE, HEAD, REFILL, JOIN, SWAPPED, HOLD)
+
+
+def arguments(node) -> dict:
+    """The arguments an FX node passes to one of these ops, by their schema names (those left to
+    their defaults are absent)."""
+    return dict(zip((argument.name for argument in node.target._schema.arguments), node.args))
 
 
 def lower_in_inductor() -> None:

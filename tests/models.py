@@ -213,7 +213,7 @@ class Normed(nn.Module):
         return self.out(self.body(x))
 
 
-class NormBlock(nn.Module):
+class SideResultBlock(nn.Module):
     """A scaled input read twice: by an elementwise op whose result leaves the block (Inductor
     inlines the scaling, a read of ``scale``, into that op's kernel, which it may fuse with the
     op that uses it after the block) and by a linear layer."""
@@ -234,7 +234,7 @@ class LazyReads(nn.Module):
 
     def __init__(self, n: int = 3, dim: int = 8) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList([NormBlock(dim) for _ in range(n)])
+        self.blocks = nn.ModuleList([SideResultBlock(dim) for _ in range(n)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
