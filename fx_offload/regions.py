@@ -99,7 +99,13 @@ def module_calls(graph: fx.Graph) -> dict[str, str]:
 
 
 def find_regions(graph: fx.Graph, plan: GraphPlan) -> list[Region]:
-    """Group the reads of offloaded placeholders by module call, in order of first read."""
+    """Group the reads of offloaded placeholders by module call, in order of first read; each
+    region's parameters in the order of the graph's inputs.
+
+    Input order, not read order: the backend finds a graph's regions in Dynamo's graph, and the
+    pass in the graph Inductor lowers, whose passes may reorder the reads within a region (Flux's
+    double-stream block reads its text projections first there); both must list a head region's
+    weights alike, since the wrapper's head buffers and the graph's ``head`` are matched by them."""
     placeholders = [node for node in graph.nodes if node.op == "placeholder"]
     offloaded = {placeholders[i]: name for i, name in plan.offloaded_inputs.items()}
     regions: dict[str, Region] = {}
@@ -117,6 +123,9 @@ def find_regions(graph: fx.Graph, plan: GraphPlan) -> list[Region]:
                 params[key].add(param)
                 region.params.append(param)
         region.users.append(node)
+    order = {node: i for i, node in enumerate(placeholders)}
+    for region in regions.values():
+        region.params.sort(key=order.__getitem__)
     return list(regions.values())
 
 

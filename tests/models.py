@@ -265,3 +265,29 @@ class BmmReads(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, side = self.block(x)
         return h * side
+
+
+class TwoStreamBlock(nn.Module):
+    """Two inputs projected by two layers and joined in the other order (Flux's double-stream
+    block: text and image streams): Inductor's graph reads ``add_q`` before ``to_q``, Dynamo's
+    reads them the other way round."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.to_q, self.add_q = nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = self.to_q(x)
+        joined = torch.cat([self.add_q(c), q], dim=1).relu()
+        return joined[:, x.shape[1] :], joined[:, : x.shape[1]]
+
+
+class TwoStream(nn.Module):
+    def __init__(self, n: int = 3, dim: int = 8) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([TwoStreamBlock(dim) for _ in range(n)])
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x, c = block(x, c)
+        return x + c

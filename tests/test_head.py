@@ -7,7 +7,7 @@ import torch
 
 import fx_offload
 from fx_offload import runtime
-from tests.models import BreakingStack, CalledTwice, Stack, Tied, seeded
+from tests.models import BreakingStack, CalledTwice, Stack, Tied, TwoStream, seeded
 
 
 def _compiled(model, backend, **options):
@@ -169,6 +169,24 @@ def test_the_head_holds_as_many_regions_as_asked_between_calls(head, offloaded):
         out = _compiled(model, "offload_inductor", prefetch_head=head)(x)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     assert runtime.persistent_bytes() == head * plan.offloaded_bytes // 4
+
+
+@pytest.mark.parametrize("head", [1, 2])
+def test_the_head_serves_its_region_when_inductor_reads_its_weights_in_another_order(head, offloaded):
+    """The graph's ``head`` and the wrapper agree on the order of a head's weights whatever order
+    Inductor's graph reads them in: no region falls back to a persistent copy of its own (made
+    during a CUDA graph tree's warm-up, such a copy lands in its pool, which refuses it)."""
+    model = seeded(TwoStream)
+    plan = offloaded(model, ["blocks.*"])
+    x, c = torch.randn(3, 8), torch.randn(3, 8)
+    with torch.no_grad():
+        expected = model(x, c)
+        compiled = _compiled(model, "offload_inductor", prefetch_head=head)
+        compiled(x, c)
+        out = compiled(x, c)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    assert not runtime.device_runtime(torch.device("cpu")).loose_heads
+    assert runtime.persistent_bytes() == head * plan.offloaded_bytes // 3
 
 
 @pytest.mark.parametrize("options", [{}, {"refill_in_graph": 100}])
