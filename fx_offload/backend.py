@@ -199,7 +199,7 @@ def graph_plan(
     _refuse_resident_in_offloaded(gm, position, example_inputs, records)
     if not records and options.offload is None and not region_modules:
         _refuse_nothing_to_offload(example_inputs)
-    plan = GraphPlan(offloaded, frozenset(region_modules), 0, device_type, 0, swapped)
+    plan = GraphPlan(offloaded, frozenset(region_modules), 0, device_type, 0, swapped_inputs=swapped)
     regions = find_regions(gm.graph, plan) if offloaded else []
     sizes = []
     if not has_barrier(gm.graph, device_type):  # heads cannot cross a partition
@@ -219,8 +219,10 @@ def graph_plan(
         plan = dataclasses.replace(plan, swapped_as_inputs=_only_read(placeholders, swapped))
     graph = runtime.GraphRuntime()
     if heads and offloaded:  # window gave a graph split by a barrier none
-        for region in regions[:heads]:
-            graph.declare_head(example_inputs, [position[p] for p in region.params], region.name)
+        chosen = tuple((region.name, tuple(position[p] for p in region.params)) for region in regions[:heads])
+        for name, positions in chosen:
+            graph.declare_head(example_inputs, list(positions), name)
+        plan = dataclasses.replace(plan, head_regions=chosen)
     return GraphSetup(plan, graph, tuple(sorted(swapped)))
 
 
@@ -535,6 +537,7 @@ def _plan_key(plan: GraphPlan) -> tuple:
         plan.prefetch,
         plan.device_type,
         plan.prefetch_head,
+        plan.head_regions,
         sorted(plan.swapped_inputs.items()),
         sorted(plan.swapped_as_inputs),
         plan.refill_in_graph,

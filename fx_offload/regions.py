@@ -41,6 +41,11 @@ class GraphPlan:
             served from persistent buffers refilled for the next call after this one (their
             copies then overlap the gap before the next call and the CPU time before its replay
             instead of delaying its start).
+        head_regions: where the backend chose the heads (the first regions of Dynamo's graph,
+            whose buffers the compiled function's wrapper holds), each as its name and the
+            positions of its weights among the graph's inputs: the pass serves those wherever
+            Inductor's graph runs them, reading all those weights (Inductor may have dropped a
+            read). Empty: the first ``prefetch_head`` regions of the graph the pass rewrites.
         swapped_inputs: placeholder position -> (parameter name, component name) of parameters
             under the ``swap`` policy: read from their component's fixed device copy.
         swapped_as_inputs: of those, the positions that the compiled function's wrapper passes
@@ -57,6 +62,7 @@ class GraphPlan:
     prefetch: int = 1
     device_type: str = "cpu"
     prefetch_head: int = 1
+    head_regions: tuple[tuple[str, tuple[int, ...]], ...] = ()
     swapped_inputs: Mapping[int, tuple[str, str]] = field(default_factory=dict)
     swapped_as_inputs: frozenset[int] = frozenset()
     refill_in_graph: int | str = 0  # or options.AUTO: estimated per graph (``rewrite._auto_in_graph``)

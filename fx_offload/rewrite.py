@@ -5,9 +5,11 @@
 1. insert: for each region, ``fetch`` and ``wait`` before its first read and ``release`` after
    its last reader, taking every reader's output as input (views of a fetched tensor count as
    reads through their users); the region's reads are rewired to the fetched tensors.
-2. schedule: with ``prefetch_head`` = H, the first H regions are heads (persistent buffers,
-   see ``_serve_head``) and hold their memory for the whole call; every other region's ``fetch``
-   moves up to just after the release of the region ``prefetch + 1 - H`` places earlier (so at
+2. schedule: with ``prefetch_head`` = H, H regions are heads (persistent buffers, see
+   ``_serve_head``): the plan's ``head_regions`` (the first H of Dynamo's graph, wherever this
+   graph runs them), else this graph's first H. They hold their memory for the whole call; every
+   other region's ``fetch`` moves up to just after the release of the region ``prefetch + 1 - H``
+   fetched regions earlier (so at
    most ``prefetch + 1`` regions, heads included, hold device memory), tied there with that
    release's token, and the first ``wait`` after it lists it as issued (so no scheduler sinks it
    back to its use). A fetch never moves above a barrier: a node that touches memory of another
@@ -46,7 +48,7 @@ from fx_offload.options import AUTO
 from fx_offload.regions import GraphPlan, Region, find_regions, is_write_back
 
 
-@dataclass
+@dataclass(eq=False)
 class RewrittenRegion:
     """The nodes the pass added for one region."""
 
@@ -71,8 +73,10 @@ def rewrite(graph: fx.Graph, plan: GraphPlan) -> list[RewrittenRegion]:
         )
     _refuse_captured_write_backs(graph, plan)
     inserted = [_insert(graph, region) for region in find_regions(graph, plan)]
-    heads = 0 if has_barrier(graph, plan.device_type) else min(plan.prefetch_head, len(inserted))
-    _schedule(graph, inserted, plan.prefetch, heads, plan.device_type)
+    # nodes compare by their place in the graph: regions in the order their reads start
+    inserted.sort(key=lambda r: r.wait)
+    heads = [] if has_barrier(graph, plan.device_type) else _heads(graph, inserted, plan)
+    _schedule(graph, inserted, plan.prefetch, [head.rewritten for head in heads], plan.device_type)
     if heads:
         _serve_head(graph, inserted, plan, heads)
     _serve_swapped(graph, plan)
@@ -104,71 +108,128 @@ def _insert(graph: fx.Graph, region: Region) -> RewrittenRegion:
     return RewrittenRegion(region, fetch, items, wait, release)
 
 
+@dataclass(eq=False)
+class _HeadRegion:
+    """A region served from head buffers: ``name`` and ``weights`` as the wrapper's buffers hold
+    them (the head's every weight, in the order of the graph's inputs)."""
+
+    rewritten: RewrittenRegion
+    name: str
+    weights: list[fx.Node]
+
+
+def _heads(graph: fx.Graph, regions: list[RewrittenRegion], plan: GraphPlan) -> list[_HeadRegion]:
+    """The regions served from head buffers, in graph order: those the plan names (the backend
+    chose them in Dynamo's graph and made their buffers: each is the first region, in this graph,
+    that reads only weights among the head's; Inductor may have reordered the regions, or dropped
+    a read), else this graph's first ``prefetch_head``."""
+    if not plan.head_regions:
+        return [_HeadRegion(r, r.region.name, list(r.region.params)) for r in regions[: plan.prefetch_head]]
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+    index = {node: i for i, node in enumerate(placeholders)}
+    heads: list[_HeadRegion] = []
+    for name, positions in plan.head_regions:
+        taken = {id(head.rewritten) for head in heads}
+        within = set(positions)
+        for r in regions:
+            if id(r) not in taken and {index[p] for p in r.region.params} <= within:
+                heads.append(_HeadRegion(r, name, [placeholders[i] for i in positions]))
+                break
+    heads.sort(key=lambda head: head.rewritten.wait)
+    return heads
+
+
 def _schedule(
-    graph: fx.Graph, regions: list[RewrittenRegion], depth: int, heads: int, device_type: str
+    graph: fx.Graph,
+    regions: list[RewrittenRegion],
+    depth: int,
+    heads: list[RewrittenRegion],
+    device_type: str,
 ) -> None:
+    """Place each fetch: the heads' at the graph's start (``_serve_head`` turns them into
+    ``head``), the others' at most ``depth`` regions ahead of their wait, in graph order
+    (``regions`` is)."""
     # Nodes compare by their place in the graph (FX keeps that order as nodes move), so no step
     # here rescans the graph: waits and barriers never move, only fetches and their items do.
-    regions.sort(key=lambda r: r.wait)
     waits = [r.wait for r in regions]
     barriers = _barriers(graph, device_type)
     start = next(node for node in reversed(graph.nodes) if node.op == "placeholder")
-    slots = depth + 1 - heads  # the regions copied during the call that may hold memory at once
-    for k, current in enumerate(regions):
+    slots = depth + 1 - len(heads)  # the regions copied during the call that may hold memory at once
+    fetched = [r for r in regions if r not in heads]
+    last = None  # the region whose fetch was placed before this one's
+    for k, current in enumerate(heads + fetched):
         anchor, token = start, None
-        if k - slots >= heads:  # a head's memory is never freed for another region
-            previous = regions[k - slots].release
+        f = k - len(heads)  # among the fetched regions: a head's memory is never freed for another
+        if f - slots >= 0:
+            previous = fetched[f - slots].release
             if previous > current.wait:
+                last = current
                 continue  # regions interleave here: the fetch stays beside its wait
             anchor, token = previous, previous
         anchor = _last_barrier(barriers, anchor, current.wait) or anchor
-        if k and anchor < regions[k - 1].items[-1] < current.wait:
-            anchor = regions[k - 1].items[-1]  # the copy stream is FIFO: issue in region order
+        if last is not None and anchor < last.items[-1] < current.wait:
+            anchor = last.items[-1]  # the copy stream is FIFO: issue in region order
         if token is not None:
             current.fetch.update_arg(1, [token])
         anchor.append(current.fetch)
         for item in reversed(current.items):
             current.fetch.append(item)
-        pin = _first_after(waits, current.fetch, end=k)
+        pin = _first_after(waits, current.fetch, end=bisect.bisect_left(waits, current.wait))
         if pin is not None:
             pin.update_arg(1, [*pin.args[1], current.items[0]])
+        last = current
 
 
-def _serve_head(graph: fx.Graph, regions: list[RewrittenRegion], plan: GraphPlan, count: int) -> None:
-    """Serve the first ``count`` regions from persistent buffers, refilled late in the call (or,
-    under fx_offload's wrapper, after it but for their first ``plan.refill_in_graph`` bytes) for
-    the next one."""
+def _serve_head(
+    graph: fx.Graph, regions: list[RewrittenRegion], plan: GraphPlan, served: list[_HeadRegion]
+) -> None:
+    """Serve the ``served`` regions from persistent buffers, refilled late in the call (or, under
+    fx_offload's wrapper, after it but for their first ``plan.refill_in_graph`` bytes) for the
+    next one."""
     depth, device_type, in_graph = plan.prefetch, plan.device_type, plan.refill_in_graph
-    heads = regions[:count]
-    for first in heads:
+    count = len(served)
+    heads = [head.rewritten for head in served]
+    for declared, first in zip(served, heads):
         with graph.inserting_before(first.fetch):
-            head = _call(graph, HEAD, (list(first.region.params), first.region.name), "head")
+            head = _call(graph, HEAD, (declared.weights, declared.name), "head")
         first.fetch.replace_all_uses_with(head)
         graph.erase_node(first.fetch)
         first.fetch = head
+        # one item per weight of the head, the region's own reads keeping theirs
+        items = dict(zip(first.region.params, first.items))
+        for j, weight in enumerate(declared.weights):
+            if weight in items:
+                items[weight].update_arg(1, j)
+            else:
+                with graph.inserting_after(head):
+                    items[weight] = _call(graph, operator.getitem, (head, j), "fetched")
+        first.items = [items[weight] for weight in declared.weights]
+        first.wait.update_arg(0, first.items)
+        first.release.update_arg(0, first.items)
 
     output = next(node for node in reversed(graph.nodes) if node.op == "output")
     waits = [r.wait for r in regions]  # in graph order (``_schedule`` sorted them)
     barriers = _barriers(graph, device_type)
     slots = depth + 1 - count
-    fetched = regions[count:]
-    sizes = [sum(_nbytes(param) for param in first.region.params) for first in heads]
-    if in_graph == AUTO:
-        start = fetched[-1].wait if fetched else heads[-1].release
+    fetched = [r for r in regions if r not in heads]
+    issued = heads + fetched  # the order ``_schedule`` placed the fetches in
+    sizes = [sum(_nbytes(weight) for weight in declared.weights) for declared in served]
+    if in_graph == AUTO:  # the refills start after the last fetch and after their heads' reads
+        start = max([first.release for first in heads] + [r.wait for r in fetched[-1:]])
         in_graph = _auto_in_graph(graph, start, sum(sizes), plan.device_figures)
     previous = fetched[-1].items[-1] if fetched else None
     written = []  # each refill's slot, which its join writes after it
-    for j, first in enumerate(heads):
+    for j, (declared, first) in enumerate(zip(served, heads)):
         # the refill of head j is one more region after the last: issued like the fetch of region
         # len(regions) + j would be, after the release of its own region, and after the last
         # fetch and the refill before it (the copy stream is FIFO)
-        token = regions[min(max(len(regions) + j - slots, 0), len(regions) - 1)].release
+        token = issued[min(max(len(issued) + j - slots, 0), len(issued) - 1)].release
         if token < first.release:
             token = first.release
         after = previous if previous is not None and previous > token else token
         anchor = _last_barrier(barriers, after, output) or after
         # a parameter the graph writes in place is refilled after that write, with its new value
-        writes = [n for param in first.region.params for n in param.users if is_write_back(n, param)]
+        writes = [n for param in declared.weights for n in param.users if is_write_back(n, param)]
         anchor = max([anchor, *writes])
         copied = min(sizes[j], in_graph)
         in_graph -= copied
@@ -176,7 +237,7 @@ def _serve_head(graph: fx.Graph, regions: list[RewrittenRegion], plan: GraphPlan
             slot = _slot(graph, first.items)
         # the token orders the copy stream; the head's own release orders every read of its buffers
         tokens = [token] if token is first.release else [token, first.release]
-        args = (first.items, list(first.region.params), tokens, slot, first.region.name)
+        args = (first.items, declared.weights, tokens, slot, declared.name)
         with graph.inserting_after(slot):
             refill = _call(graph, REFILL, (*args, copied) if copied else args, "refill")
         written.append(slot)
@@ -185,9 +246,9 @@ def _serve_head(graph: fx.Graph, regions: list[RewrittenRegion], plan: GraphPlan
         if pin is not None:  # reading the slot the refill wrote orders this wait after the refill
             pin.update_arg(1, [*pin.args[1], slot])
     results = [n for n in output.all_input_nodes if isinstance(n.meta.get("val"), torch.Tensor)]
-    for first, slot in zip(heads, written):
+    for declared, first, slot in zip(served, heads, written):
         with graph.inserting_before(output):
-            _call(graph, JOIN, (first.items, results, slot, first.region.name), "join")
+            _call(graph, JOIN, (first.items, results, slot, declared.name), "join")
 
 
 def _auto_in_graph(

@@ -614,12 +614,19 @@ def head(weights: list[torch.Tensor], region: str = "") -> list[torch.Tensor]:
     """The head buffers of the graph running for ``region``, which hold ``weights``' values (a
     module called twice, or a tied weight, makes two head regions of the same weights)."""
     pointers = tuple(w.data_ptr() for w in weights)
-    heads = [h for h in _running_heads() if h.current == pointers]
+    running = _running_heads()
+    heads = [h for h in running if h.current == pointers]
     for found in heads:
         if found.region == region:
             return found.buffers
     if heads:
         return heads[0].buffers
+    if running:  # the wrapper holds buffers for other weights than the graph's head reads
+        raise RuntimeError(
+            f"fx_offload.head: no head buffers of the graph running hold the weights of region "
+            f"{region!r} (its heads: {[h.region for h in running]}): the compiled graph and its "
+            "wrapper disagree, a bug in fx_offload; please report it with the model"
+        )
     return _loose_head(weights)
 
 

@@ -291,3 +291,53 @@ class TwoStream(nn.Module):
         for block in self.blocks:
             x, c = block(x, c)
         return x + c
+
+
+class CrossedTowers(nn.Module):
+    """Two independent towers whose outputs are joined in the other order: Inductor's graph runs
+    tower ``b`` first (it moves each producer next to its consumer), Dynamo's runs ``a`` first."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.a, self.b = Block(dim), Block(dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        ha = self.a(x)
+        hb = self.b(y)
+        return self.out(torch.cat([hb, ha]).relu())
+
+
+class ShapeRead(nn.Module):
+    """A layer that reads one of its parameters for its shape alone: Dynamo's graph reads
+    ``extra``, Inductor's (``zeros_like`` decomposed to ``full``) reads it no more."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.fc = nn.Linear(dim, dim)
+        self.extra = nn.Parameter(torch.randn(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x + torch.zeros_like(self.extra))
+
+
+class ShapeReadFirst(nn.Module):
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.a, self.b = ShapeRead(dim), Block(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x))
+
+
+class RootReadFirst(nn.Module):
+    """The parent reads an offloaded block's weight in its own forward, before the blocks: a region
+    of no module, named after a node (the node's name differs between Dynamo's and Inductor's
+    graphs)."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.a, self.b = Block(dim), Block(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x * self.a.fc1.bias[: x.shape[1]]))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fx_offload
-from fx_offload import placement
+from fx_offload import backend, placement
 from fx_offload.explain import recording
 from tests.models import Nested, Stack, seeded
 
@@ -94,3 +94,19 @@ def test_user_post_grad_pass_still_runs_before_ours(offloaded):
             torch.randn(2, 8)
         )
     assert seen == [0]
+
+
+def test_the_pass_cache_key_is_the_same_for_two_instances_of_a_model(offloaded):
+    """Inductor's and AOTAutograd's caches key a graph by the pass's ``uuid``: it names the head
+    regions by what stays the same across model instances and processes (their names and the
+    positions of their weights), never by a module's identity."""
+    with recording(lambda gm, plan, regions: plan) as plans:
+        for _ in range(2):
+            torch._dynamo.reset()
+            model = seeded(Stack)
+            offloaded(model, ["layers.*"])
+            compiled = torch.compile(model, backend="offload_inductor", options={"prefetch_head": 1})
+            with torch.no_grad():
+                compiled(torch.randn(3, 8))
+    assert plans[0].head_regions and plans[0] is not plans[1]
+    assert backend.OffloadPass(plans[0]).uuid() == backend.OffloadPass(plans[1]).uuid()

@@ -7,7 +7,17 @@ import torch
 
 import fx_offload
 from fx_offload import runtime
-from tests.models import BreakingStack, CalledTwice, Stack, Tied, TwoStream, seeded
+from tests.models import (
+    BreakingStack,
+    CalledTwice,
+    CrossedTowers,
+    RootReadFirst,
+    ShapeReadFirst,
+    Stack,
+    Tied,
+    TwoStream,
+    seeded,
+)
 
 
 def _compiled(model, backend, **options):
@@ -187,6 +197,44 @@ def test_the_head_serves_its_region_when_inductor_reads_its_weights_in_another_o
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     assert not runtime.device_runtime(torch.device("cpu")).loose_heads
     assert runtime.persistent_bytes() == head * plan.offloaded_bytes // 3
+
+
+@pytest.mark.parametrize("head", [1, 2])
+def test_the_heads_are_the_regions_dynamo_runs_first_wherever_inductor_runs_them(head, offloaded):
+    """The wrapper holds buffers for the regions that Dynamo's graph runs first; Inductor's graph
+    runs the towers the other way round, and still serves those regions from them."""
+    model = seeded(CrossedTowers)
+    offloaded(model, ["a", "b", "out"])
+    x, y = torch.randn(3, 8), torch.randn(3, 8)
+    with torch.no_grad():
+        expected = model(x, y)
+        compiled = _compiled(model, "offload_inductor", prefetch_head=head)
+        compiled(x, y)
+        before = runtime.bytes_copied()
+        out = compiled(x, y)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    assert not runtime.device_runtime(torch.device("cpu")).loose_heads
+    heads = [model.a, model.b][:head]
+    assert runtime.persistent_bytes() == sum(p.nbytes for m in heads for p in m.parameters())
+    assert runtime.bytes_copied() - before == sum(p.nbytes for p in model.parameters())
+
+
+@pytest.mark.parametrize("cls", [ShapeReadFirst, RootReadFirst])
+def test_the_head_is_the_one_declared_when_inductors_graph_reads_it_otherwise(cls, offloaded):
+    """ShapeReadFirst: Inductor's graph no longer reads one of the head's weights; RootReadFirst:
+    the head region belongs to no module, and its name differs between the graphs. Each head is
+    still served from the wrapper's buffers, which hold all of its weights."""
+    model = seeded(cls)
+    offloaded(model, ["a", "b"])
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        expected = model(x)
+        compiled = _compiled(model, "offload_inductor", prefetch_head=1)
+        compiled(x)
+        out = compiled(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    assert not runtime.device_runtime(torch.device("cpu")).loose_heads
+    assert runtime.persistent_bytes() > 0
 
 
 @pytest.mark.parametrize("options", [{}, {"refill_in_graph": 100}])
