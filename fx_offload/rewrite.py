@@ -76,9 +76,11 @@ def rewrite(graph: fx.Graph, plan: GraphPlan) -> list[RewrittenRegion]:
     # nodes compare by their place in the graph: regions in the order their reads start
     inserted.sort(key=lambda r: r.wait)
     heads = [] if has_barrier(graph, plan.device_type) else _heads(graph, inserted, plan)
-    _schedule(graph, inserted, plan.prefetch, [head.rewritten for head in heads], plan.device_type)
+    served = [head.rewritten for head in heads]
+    order = served + [r for r in inserted if r not in served]  # the heads first, then in graph order
+    _schedule(graph, order, plan.prefetch, len(heads), plan.device_type)
     if heads:
-        _serve_head(graph, inserted, plan, heads)
+        _serve_head(graph, order, plan, heads)
     _serve_swapped(graph, plan)
     graph.lint()
     return inserted
@@ -140,35 +142,27 @@ def _heads(graph: fx.Graph, regions: list[RewrittenRegion], plan: GraphPlan) -> 
 
 
 def _schedule(
-    graph: fx.Graph,
-    regions: list[RewrittenRegion],
-    depth: int,
-    heads: list[RewrittenRegion],
-    device_type: str,
+    graph: fx.Graph, order: list[RewrittenRegion], depth: int, heads: int, device_type: str
 ) -> None:
-    """Place each fetch: the heads' at the graph's start (``_serve_head`` turns them into
-    ``head``), the others' at most ``depth`` regions ahead of their wait, in graph order
-    (``regions`` is)."""
+    """Place each fetch: the ``heads`` first regions of ``order`` (the heads, wherever the graph
+    runs them; ``_serve_head`` turns their fetches into ``head``) at the graph's start, the others
+    (in graph order) at most ``depth`` regions ahead of their wait."""
     # Nodes compare by their place in the graph (FX keeps that order as nodes move), so no step
     # here rescans the graph: waits and barriers never move, only fetches and their items do.
-    waits = [r.wait for r in regions]
+    waits = sorted(r.wait for r in order)
     barriers = _barriers(graph, device_type)
     start = next(node for node in reversed(graph.nodes) if node.op == "placeholder")
-    slots = depth + 1 - len(heads)  # the regions copied during the call that may hold memory at once
-    fetched = [r for r in regions if r not in heads]
-    last = None  # the region whose fetch was placed before this one's
-    for k, current in enumerate(heads + fetched):
+    slots = depth + 1 - heads  # the regions copied during the call that may hold memory at once
+    for k, current in enumerate(order):
         anchor, token = start, None
-        f = k - len(heads)  # among the fetched regions: a head's memory is never freed for another
-        if f - slots >= 0:
-            previous = fetched[f - slots].release
+        if k - slots >= heads:  # a head's memory is never freed for another region
+            previous = order[k - slots].release
             if previous > current.wait:
-                last = current
                 continue  # regions interleave here: the fetch stays beside its wait
             anchor, token = previous, previous
         anchor = _last_barrier(barriers, anchor, current.wait) or anchor
-        if last is not None and anchor < last.items[-1] < current.wait:
-            anchor = last.items[-1]  # the copy stream is FIFO: issue in region order
+        if k and anchor < order[k - 1].items[-1] < current.wait:
+            anchor = order[k - 1].items[-1]  # the copy stream is FIFO: issue in region order
         if token is not None:
             current.fetch.update_arg(1, [token])
         anchor.append(current.fetch)
@@ -177,18 +171,17 @@ def _schedule(
         pin = _first_after(waits, current.fetch, end=bisect.bisect_left(waits, current.wait))
         if pin is not None:
             pin.update_arg(1, [*pin.args[1], current.items[0]])
-        last = current
 
 
 def _serve_head(
-    graph: fx.Graph, regions: list[RewrittenRegion], plan: GraphPlan, served: list[_HeadRegion]
+    graph: fx.Graph, order: list[RewrittenRegion], plan: GraphPlan, served: list[_HeadRegion]
 ) -> None:
-    """Serve the ``served`` regions from persistent buffers, refilled late in the call (or, under
-    fx_offload's wrapper, after it but for their first ``plan.refill_in_graph`` bytes) for the
-    next one."""
+    """Serve the ``served`` regions (the first of ``order``) from persistent buffers, refilled
+    late in the call (or, under fx_offload's wrapper, after it but for their first
+    ``plan.refill_in_graph`` bytes) for the next one."""
     depth, device_type, in_graph = plan.prefetch, plan.device_type, plan.refill_in_graph
     count = len(served)
-    heads = [head.rewritten for head in served]
+    heads, fetched = order[:count], order[count:]
     for declared, first in zip(served, heads):
         with graph.inserting_before(first.fetch):
             head = _call(graph, HEAD, (declared.weights, declared.name), "head")
@@ -208,11 +201,9 @@ def _serve_head(
         first.release.update_arg(0, first.items)
 
     output = next(node for node in reversed(graph.nodes) if node.op == "output")
-    waits = [r.wait for r in regions]  # in graph order (``_schedule`` sorted them)
+    waits = sorted(r.wait for r in order)
     barriers = _barriers(graph, device_type)
     slots = depth + 1 - count
-    fetched = [r for r in regions if r not in heads]
-    issued = heads + fetched  # the order ``_schedule`` placed the fetches in
     sizes = [sum(_nbytes(weight) for weight in declared.weights) for declared in served]
     if in_graph == AUTO:  # the refills start after the last fetch and after their heads' reads
         start = max([first.release for first in heads] + [r.wait for r in fetched[-1:]])
@@ -221,9 +212,9 @@ def _serve_head(
     written = []  # each refill's slot, which its join writes after it
     for j, (declared, first) in enumerate(zip(served, heads)):
         # the refill of head j is one more region after the last: issued like the fetch of region
-        # len(regions) + j would be, after the release of its own region, and after the last
+        # len(order) + j would be, after the release of its own region, and after the last
         # fetch and the refill before it (the copy stream is FIFO)
-        token = issued[min(max(len(issued) + j - slots, 0), len(issued) - 1)].release
+        token = order[min(max(len(order) + j - slots, 0), len(order) - 1)].release
         if token < first.release:
             token = first.release
         after = previous if previous is not None and previous > token else token
