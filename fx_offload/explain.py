@@ -20,7 +20,7 @@ from torch import nn
 from fx_offload import backend
 from fx_offload.ops import FETCH, HEAD, HOLD, JOIN, REFILL, RELEASE, SWAPPED, WAIT, arguments
 from fx_offload.regions import GraphPlan
-from fx_offload.rewrite import RewrittenRegion
+from fx_offload.rewrite import RewrittenRegion, escapes
 
 _TRACE_COMMENT = re.compile(r"^\s*#.*$")
 
@@ -176,7 +176,7 @@ def format_offload_nodes(gm: fx.GraphModule, plan: GraphPlan, regions: Sequence[
         lines += _reads(graph, params, {param: names[param] for param in params}, skip)
         as_inputs.update(params)
     left = [
-        f"  {user.name} <- {param.name} ({names[param]})"
+        f"  {user.name} <- {param.name} ({names[param]})" + (" (leaves the graph)" if escapes(user) else "")
         for param in names
         if param not in as_inputs
         for user in param.users

@@ -87,7 +87,11 @@ def rewrite(graph: fx.Graph, plan: GraphPlan) -> list[RewrittenRegion]:
 
 
 def _insert(graph: fx.Graph, region: Region) -> RewrittenRegion:
-    users = [user for user in region.users if not _escapes(user)]
+    users = []
+    for user in region.users:  # a view that leaves the graph keeps reading the parameter
+        twin = _keep_in_graph(graph, user) if escapes(user) else user
+        if twin is not None:
+            users.append(twin)
     with graph.inserting_before(region.users[0]):
         fetch = _call(graph, FETCH, (list(region.params), [], region.name), "fetch")
         items = [_call(graph, operator.getitem, (fetch, i), "fetched") for i in range(len(region.params))]
@@ -274,8 +278,11 @@ def _serve_swapped(graph: fx.Graph, plan: GraphPlan) -> None:
             items = [_call(graph, operator.getitem, (node, i), "on_device") for i in range(len(params))]
         for param, item in zip(params, items):
             for user in list(param.users):
-                if user is not node and not _escapes(user) and not is_write_back(user, param):
-                    user.replace_input_with(param, item)
+                if user is node or is_write_back(user, param):
+                    continue
+                reader = _keep_in_graph(graph, user) if escapes(user) else user
+                if reader is not None:
+                    reader.replace_input_with(param, item)
         with graph.inserting_before(output):
             _call(graph, HOLD, (items, results, component), "hold")
 
@@ -285,7 +292,7 @@ def _check_only_read(param: fx.Node, name: str) -> None:
     write-back would store into the device copy instead of the parameter, an escaping view would
     hand the device copy to the caller. ``backend.graph_plan`` decided so from Dynamo's graph."""
     for user in param.users:
-        if _escapes(user) or is_write_back(user, param) or user.op == "output":
+        if escapes(user) or is_write_back(user, param) or user.op == "output":
             raise RuntimeError(
                 f"fx_offload: swapped parameter {name!r} was planned as a plain read, but the graph "
                 f"after AOTAutograd writes or returns it ({user.format_node()}). Please report this; "
@@ -432,7 +439,28 @@ def _tensor_outputs(node: fx.Node) -> list[fx.Node]:
     return [node] if value is None and node.op == "call_function" else []
 
 
-def _escapes(user: fx.Node) -> bool:
+def _keep_in_graph(
+    graph: fx.Graph, escaping: fx.Node, source: fx.Node | None = None, twin_source: fx.Node | None = None
+) -> fx.Node | None:
+    """``escaping``, a view of a parameter (through ``source``, a view of it) that leaves the
+    graph (a training forward saves ``t(weight)`` for the backward): give its users inside the graph
+    a twin of it reading ``twin_source`` instead of ``source``, so that only the value that leaves
+    reads the parameter (as it is after the call) and the graph's own reads can be rewired to the
+    fetched copy. Returns the twin, or None when every user is the graph's output."""
+    inner = [user for user in escaping.users if user.op != "output"]
+    if not inner:
+        return None
+    with graph.inserting_after(escaping):
+        twin = graph.node_copy(escaping, lambda node: twin_source if node is source else node)
+    for user in inner:
+        if _is_alias(user) and escapes(user):
+            _keep_in_graph(graph, user, escaping, twin)
+        else:
+            user.replace_input_with(escaping, twin)
+    return twin
+
+
+def escapes(user: fx.Node) -> bool:
     """Whether a view of the parameter made by ``user`` leaves the graph (then it is not rewired)."""
     todo = [user] if _is_alias(user) else []
     while todo:

@@ -179,6 +179,35 @@ def test_training_offloaded_parameters_get_the_gradients_of_the_plain_model():
     fx_offload.restore(model)
 
 
+@pytest.mark.parametrize("backend", ["offload_eager", "offload_inductor"])
+def test_a_training_forward_computes_from_the_fetched_copies(backend):
+    """AOTAutograd's training forward returns ``t(weight)`` for the backward and reads that same
+    view in its matmul: the matmul reads a view of the fetched copy, and only the value saved for
+    the backward reads the parameter (the compute must never read host memory over the bus)."""
+    plain, model = seeded(Stack), seeded(Stack)
+    fx_offload.offload(model, ["layers.*"], device="cpu")
+    x = torch.randn(4, 8)
+    with recording(lambda gm, plan, regions: (gm, plan)) as graphs:
+        out = torch.compile(model, backend=backend)(x)
+    out.square().sum().backward()
+    plain(x).square().sum().backward()
+    for (name, p), q in zip(plain.named_parameters(), model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
+    (gm, plan), *_ = graphs
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+
+    def ours(node):  # fetch, head, refill, join: the pass's ops
+        return getattr(node.target, "namespace", None) == "fx_offload"
+
+    for i in plan.offloaded_inputs:
+        for user in placeholders[i].users:
+            if not ours(user) and user.op != "output":  # a view saved for the backward: read by
+                # the output (and join) alone
+                assert gm.graph.output_node() in user.users, f"{user.format_node()} computes from the host"
+                assert all(ours(u) or u.op == "output" for u in user.users), user.format_node()
+    fx_offload.restore(model)
+
+
 def test_frozen_offloaded_parameters_beside_trained_ones():
     plain, model = seeded(Nested), seeded(Nested)
     for m in (plain, model):
