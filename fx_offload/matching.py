@@ -157,7 +157,8 @@ def _no_match_message(pattern: str, names: list[str]) -> str:
     named = [n for n in names if n]
     leaves = sorted({n.rsplit(".", 1)[-1] for n in named})
     probe = pattern[3:] if pattern.startswith("re:") else pattern.rstrip(".*")
-    close = difflib.get_close_matches(probe, named + leaves, n=3, cutoff=0.6)
+    candidates = list(dict.fromkeys(named + leaves))  # a top-level name is its own leaf: once
+    close = difflib.get_close_matches(probe, candidates, n=3, cutoff=0.6)
     hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
     shown = ", ".join(named[:12]) + (", ..." if len(named) > 12 else "")
     return (

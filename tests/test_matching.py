@@ -88,6 +88,15 @@ def test_no_match_names_pattern_closest_modules_and_how_to_list():
     assert "named_modules()" in message
 
 
+def test_no_match_suggests_each_name_once():
+    model = seeded(Stack)  # "layers" is a top-level name and its own last part
+    with pytest.raises(ValueError) as info:
+        fx_offload.offload(model, ["layer"], device="cpu")
+    hint = str(info.value).split("did you mean ")[1].split("?")[0]
+    names = hint.split(", ")
+    assert "'layers'" in names and len(names) == len(set(names)), hint
+
+
 @pytest.mark.parametrize(
     ("patterns", "error", "words"),
     [
