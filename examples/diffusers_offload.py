@@ -129,12 +129,12 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     got, seconds = denoise(compiled, step_inputs, args.steps, device)
-    peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan")
+    peak = f"{torch.cuda.max_memory_allocated(device) / 1e9:.2f} GB" if device.type == "cuda" else "n/a (CPU)"
     difference = (got.float() - expected.float()).abs().max().item()
     scale = expected.float().abs().max().item()
     median = statistics.median(seconds) * 1e3
     print(f"per step: {' '.join(f'{s * 1e3:.1f}' for s in seconds)} ms (median {median:.1f})")
-    print(f"peak device memory: {peak:.2f} GB; offloaded: {plan.offloaded_bytes / 1e6:.1f} MB")
+    print(f"peak device memory: {peak}; offloaded: {plan.offloaded_bytes / 1e6:.1f} MB")
     print(f"max |difference| from the model without offload after {args.steps} steps: {difference:.3g}")
     print(f"(largest latent: {scale:.3g}); read outside compiled graphs: {plan.outside_graphs() or 'none'}")
     fx_offload.restore(model)

@@ -336,7 +336,9 @@ def _refuse_nothing_to_offload(example_inputs: list) -> None:
     if params and not offload_plan.holds_offloaded_model_parameters(params):
         raise ValueError(
             "offload_inductor has nothing to offload: call fx_offload.offload(model, patterns) "
-            "before compiling, or pass torch.compile(..., options={'offload': ['visual']})"
+            "before compiling, or pass torch.compile(..., options={'offload': [module names]}). "
+            "A model given back with fx_offload.restore is resident: compile it anew with "
+            "torch.compile(model)"
         )
 
 

@@ -103,8 +103,9 @@ def test_nothing_to_offload_is_decided_per_model(offloaded):
     with pytest.raises(Exception, match="nothing to offload"):
         compiled(torch.randn(3, 8))
     fx_offload.restore(other)
-    with pytest.raises(Exception, match="nothing to offload"):
+    with pytest.raises(Exception, match="nothing to offload") as info:
         compiled(torch.randn(4, 8))
+    assert "fx_offload.restore is resident: compile it anew" in str(info.value)
 
 
 def test_a_graph_without_offloaded_weights_of_an_offloaded_model_compiles(offloaded):
