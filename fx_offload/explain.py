@@ -20,7 +20,7 @@ from torch import nn
 from fx_offload import backend
 from fx_offload.ops import FETCH, HEAD, HOLD, JOIN, REFILL, RELEASE, SWAPPED, WAIT, arguments
 from fx_offload.regions import GraphPlan
-from fx_offload.rewrite import RewrittenRegion, escapes
+from fx_offload.rewrite import SLOT, RewrittenRegion, escapes
 
 _TRACE_COMMENT = re.compile(r"^\s*#.*$")
 
@@ -90,8 +90,6 @@ def format_graph(gm: fx.GraphModule, plan: GraphPlan, regions: list[RewrittenReg
     return "\n".join(head + body[1:])  # body[0] is "class GraphModule(torch.nn.Module):"
 
 
-_EMPTY = torch.ops.aten.empty.memory_format  # what makes a slot (rewrite._slot)
-
 _OPS = {
     FETCH: "fetch",
     WAIT: "wait",
@@ -151,7 +149,7 @@ def format_offload_nodes(gm: fx.GraphModule, plan: GraphPlan, regions: Sequence[
             if node.target is REFILL:
                 del passed["weights"]  # its head's parameters
             passed.pop("slot", None)  # an empty tensor the op writes (rewrite._slot)
-            written = [n for n in passed.pop("written", []) if n.target is not _EMPTY]
+            written = [n for n in passed.pop("written", []) if n.target is not SLOT]
             if written:  # release's buffers read lazily, beside its slot
                 passed["written"] = written
             shown = [

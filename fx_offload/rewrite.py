@@ -9,8 +9,8 @@
    ``_serve_head``): the plan's ``head_regions`` (the first H of Dynamo's graph, wherever this
    graph runs them), else this graph's first H. They hold their memory for the whole call; every
    other region's ``fetch`` moves up to just after the release of the region ``prefetch + 1 - H``
-   fetched regions earlier (so at
-   most ``prefetch + 1`` regions, heads included, hold device memory), tied there with that
+   fetched regions earlier (so at most ``prefetch + 1`` regions, heads included, hold device
+   memory), tied there with that
    release's token, and the first ``wait`` after it lists it as issued (so no scheduler sinks it
    back to its use). A fetch never moves above a barrier: a node that touches memory of another
    device, or that CUDA graphs cannot capture, would split the copy from its wait across two
@@ -380,13 +380,15 @@ def _readers(items: list[fx.Node]) -> list[fx.Node]:
     return found
 
 
+SLOT = torch.ops.aten.empty.memory_format  # the op that makes a slot
+
+
 def _slot(graph: fx.Graph, items: list[fx.Node]) -> fx.Node:
     """An empty tensor for one op to write (``release``, ``refill``, ``join``): what keeps that op
     in the graph and in order, where declaring a write of the buffers would make Inductor count it
     as one more reader of every reader's output (and keep each from being overwritten in place)."""
     device = _value(items[0]).device if items else torch.device("cpu")
-    empty = torch.ops.aten.empty.memory_format
-    return _call(graph, empty, ([0],), "slot", dtype=torch.uint8, device=device)
+    return _call(graph, SLOT, ([0],), "slot", dtype=torch.uint8, device=device)
 
 
 # readers whose read of a weight happens in an extern kernel of their own that Inductor never
@@ -461,7 +463,8 @@ def _keep_in_graph(
 
 
 def escapes(user: fx.Node) -> bool:
-    """Whether a view of the parameter made by ``user`` leaves the graph (then it is not rewired)."""
+    """Whether a view of the parameter made by ``user`` leaves the graph (then it keeps reading the
+    parameter, and ``_keep_in_graph`` gives the graph's own reads a twin of it)."""
     todo = [user] if _is_alias(user) else []
     while todo:
         node = todo.pop()
