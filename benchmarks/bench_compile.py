@@ -98,6 +98,7 @@ def measure(row: str, layers: int, device: torch.device, mode: str | None, token
             calls.append(time.perf_counter() - start)
             cpu.append(cpu_seconds() - start_cpu)
     finite = bool(torch.isfinite(out).all())
+    phases = {name: sum(times) for name, times in torch._dynamo.utils.compilation_time_metrics.items()}
     return {
         "row": row,
         "layers": layers,
@@ -106,6 +107,7 @@ def measure(row: str, layers: int, device: torch.device, mode: str | None, token
         "first_call_cpu_s": cpu[0],
         "pass_s": pass_s[0] if row != "inductor" else None,
         "finite": finite,
+        "phases_s": phases,
     }
 
 
@@ -160,6 +162,25 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def phases(results: list[dict], top: int = 8) -> str:
+    """Per layer count, the compile phases (Dynamo's timed functions) whose seconds differ most
+    between an offload row and Inductor's: where the extra time goes."""
+    lines = []
+    base = {r["layers"]: r for r in results if r["row"] == "inductor" and "phases_s" in r}
+    for r in results:
+        ref = base.get(r["layers"])
+        if r["row"] == "inductor" or ref is None or "phases_s" not in r:
+            continue
+        names = set(r["phases_s"]) | set(ref["phases_s"])
+        diff = {n: r["phases_s"].get(n, 0.0) - ref["phases_s"].get(n, 0.0) for n in names}
+        lines.append(f"{r['layers']} layers, {r['row']}, phase seconds against inductor:")
+        for name in sorted(diff, key=lambda n: -abs(diff[n]))[:top]:
+            lines.append(
+                f"  {name:56} {ref['phases_s'].get(name, 0.0):8.2f} {r['phases_s'].get(name, 0.0):8.2f} {diff[name]:+8.2f}"
+            )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[9, 18, 36, 72])
@@ -177,18 +198,21 @@ def main() -> None:
         return
     results = []
     for layers in args.layers:
-        for row in args.rows:
-            runs = [run_fresh(row, layers, args) for _ in range(args.repeat)]
-            good = [r for r in runs if "error" not in r]
-            results.append(min(good, key=lambda r: r["first_call_s"]) if good else runs[-1])
-            print(f"{layers} layers, {row}: {results[-1].get('first_call_s', 'failed')}", flush=True)
+        runs = {row: [] for row in args.rows}
+        for _ in range(args.repeat):  # rows interleaved, so that a drift of the machine shares out
+            for row in args.rows:
+                runs[row].append(run_fresh(row, layers, args))
+                print(f"{layers} layers, {row}: {runs[row][-1].get('first_call_s', 'failed')}", flush=True)
+        for row, tries in runs.items():
+            good = [r for r in tries if "error" not in r]
+            results.append(min(good, key=lambda r: r["first_call_s"]) if good else tries[-1])
     report = {
         "environment": {**environment(device), "mode": args.mode},
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "results": results,
     }
     Path(args.json).write_text(json.dumps(report, indent=2))
-    print(f"\n{report['environment']}\n{table(results)}")
+    print(f"\n{report['environment']}\n{table(results)}\n\n{phases(results)}")
 
 
 if __name__ == "__main__":
