@@ -161,23 +161,11 @@ def main() -> None:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows = ["resident eager"] + [r for r in args.rows if r != "resident eager"]  # the reference first
-    results, reference = [], None
-    for row in rows:
-        result, latents = measure(row, args, device, dtype, reference)
-        if row == "resident eager":
-            reference = latents
-        results.append(result)
-        print(line(result), flush=True)
     model = flux(not args.tiny, torch.device("meta"), dtype)
     names = block_patterns(model, args.every)
     moved = sum(p.nbytes for name in names for p in model.get_submodule(name).parameters())
     gbps = bandwidth(device)
-    best = next((r for r in results if r["row"] == "resident reduce-overhead" and "step_ms" in r), None)
     transfer_ms = moved / gbps * 1e3 if gbps == gbps else None  # NaN off CUDA
-    floor_ms = max(best["step_ms"], transfer_ms) if best and transfer_ms else None
-    for r in results:
-        if floor_ms and "step_ms" in r:
-            r["x_floor"] = r["step_ms"] / floor_ms
     image_tokens = args.image_tokens or (TINY_TOKENS if args.tiny else FULL_TOKENS)[0]
     report = {
         "environment": {**environment(device)},
@@ -189,12 +177,23 @@ def main() -> None:
         "image_tokens": image_tokens,
         "pinned_bytes_per_s": gbps,
         "transfer_ms": transfer_ms,
-        "floor_ms": floor_ms,
-        "rows": results,
+        "floor_ms": None,
+        "rows": [],
     }
+    reference = None
+    for row in rows:  # the JSON is written after every row: a run cut short keeps the rows it did
+        result, latents = measure(row, args, device, dtype, reference)
+        if row == "resident eager":
+            reference = latents
+        report["rows"].append(result)
+        print(line(result), flush=True)
+        best = next((r for r in report["rows"] if r["row"] == "resident reduce-overhead" and "step_ms" in r), None)
+        report["floor_ms"] = max(best["step_ms"], transfer_ms) if best and transfer_ms else None
+        for r in report["rows"]:
+            if report["floor_ms"] and "step_ms" in r:
+                r["x_floor"] = r["step_ms"] / report["floor_ms"]
+        Path(args.json).write_text(json.dumps(report, indent=2))
     print("\n" + table(report))
-    Path(args.json).write_text(json.dumps(report, indent=2))
-
 
 if __name__ == "__main__":
     main()
