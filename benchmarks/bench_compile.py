@@ -175,9 +175,8 @@ def phases(results: list[dict], top: int = 8) -> str:
         diff = {n: r["phases_s"].get(n, 0.0) - ref["phases_s"].get(n, 0.0) for n in names}
         lines.append(f"{r['layers']} layers, {r['row']}, phase seconds against inductor:")
         for name in sorted(diff, key=lambda n: -abs(diff[n]))[:top]:
-            lines.append(
-                f"  {name:56} {ref['phases_s'].get(name, 0.0):8.2f} {r['phases_s'].get(name, 0.0):8.2f} {diff[name]:+8.2f}"
-            )
+            theirs, ours = ref["phases_s"].get(name, 0.0), r["phases_s"].get(name, 0.0)
+            lines.append(f"  {name:56} {theirs:8.2f} {ours:8.2f} {diff[name]:+8.2f}")
     return "\n".join(lines)
 
 
@@ -203,7 +202,7 @@ def main() -> None:
             for row in args.rows:
                 runs[row].append(run_fresh(row, layers, args))
                 print(f"{layers} layers, {row}: {runs[row][-1].get('first_call_s', 'failed')}", flush=True)
-        for row, tries in runs.items():
+        for tries in runs.values():
             good = [r for r in tries if "error" not in r]
             results.append(min(good, key=lambda r: r["first_call_s"]) if good else tries[-1])
     report = {
