@@ -180,8 +180,9 @@ def graph_plan(
 
     With ``options.offload``, first places the parameters those patterns select (as
     ``fx_offload.offload`` would), naming modules as the user does, relative to the compiled root.
-    ``swapped_as_inputs``: whether swapped weights that the graph only reads may be passed by the
-    wrapper as their device copies (``GraphPlan.swapped_as_inputs``).
+    ``swapped_as_inputs``: whether the wrapper may pass device copies as the graph's inputs (no
+    CUDA graphs): swapped weights that the graph only reads (``GraphPlan.swapped_as_inputs``), and
+    head buffers (``GraphPlan.heads_as_inputs``, unless ``options.heads_as_inputs`` is off).
     """
     placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
     position = {node: i for i, node in enumerate(placeholders)}
@@ -223,7 +224,28 @@ def graph_plan(
         for name, positions in chosen:
             graph.declare_head(example_inputs, list(positions), name)
         plan = dataclasses.replace(plan, head_regions=chosen)
+        # a refill_in_graph asked for needs the graph's refill op: the heads stay ops then
+        asked = options.refill_in_graph not in (AUTO, 0)
+        if options.heads_as_inputs and not asked and swapped_as_inputs and not _trains(gm, example_inputs):
+            passed = _heads_passable(placeholders, example_inputs, regions, heads)
+            plan = dataclasses.replace(plan, heads_as_inputs=passed)
+            graph.passes_heads = passed
     return GraphSetup(plan, graph, tuple(sorted(swapped)))
+
+
+def _heads_passable(placeholders: list[fx.Node], example_inputs: list, regions: list, heads: int) -> bool:
+    """Whether the wrapper can pass the first ``heads`` regions' buffers as the graph's inputs:
+    their weights are contiguous (as the buffers are), the graph only reads them
+    (``_only_read``), and no other region reads them (its fetch would get the buffers)."""
+    position = {node: i for i, node in enumerate(placeholders)}
+    weights = [position[p] for region in regions[:heads] for p in region.params]
+    others = {position[p] for region in regions[heads:] for p in region.params}
+    return (
+        len(set(weights)) == len(weights)
+        and not others.intersection(weights)
+        and all(example_inputs[i].is_contiguous() for i in weights)
+        and _only_read(placeholders, weights) == frozenset(weights)
+    )
 
 
 def _trains(gm: fx.GraphModule, example_inputs: list) -> bool:
@@ -402,7 +424,7 @@ def _around_calls(compiled, setup: GraphSetup):
     if components is None and not graph.has_heads:
         return compiled
     boxed = getattr(compiled, "_boxed_call", False)
-    enter, leave = graph.enter, graph.leave
+    enter, leave, passes = graph.enter, graph.leave, setup.plan.heads_as_inputs
 
     def run(*args):
         # a boxed call passes one list of inputs (whether Dynamo boxes depends on the path)
@@ -413,6 +435,9 @@ def _around_calls(compiled, setup: GraphSetup):
             args = (inputs,) if boxed_call else inputs
         heads = enter(inputs)
         try:
+            if passes:
+                inputs = graph.passed(inputs, heads)
+                args = (inputs,) if boxed_call else inputs
             return compiled(*args)
         finally:
             leave(heads)
@@ -542,6 +567,7 @@ def _plan_key(plan: GraphPlan) -> tuple:
         plan.head_regions,
         sorted(plan.swapped_inputs.items()),
         sorted(plan.swapped_as_inputs),
+        plan.heads_as_inputs,
         plan.refill_in_graph,
     )
 

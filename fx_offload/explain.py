@@ -85,6 +85,11 @@ def format_graph(gm: fx.GraphModule, plan: GraphPlan, regions: list[RewrittenReg
     placeholders = [node.name for node in gm.graph.nodes if node.op == "placeholder"]
     head = [f"# regions: {', '.join(r.region.name for r in regions)}"]
     head += [f"# {placeholders[i]}: {name}" for i, name in sorted(plan.offloaded_inputs.items())]
+    head += [
+        f"# {r.region.name}: head buffers passed as inputs ({', '.join(p.name for p in r.items)})"
+        for r in regions
+        if r.passed
+    ]
     code = gm.print_readable(print_output=False, include_stride=False, include_device=False)
     body = [line for line in code.splitlines() if line.strip() and not _TRACE_COMMENT.match(line)]
     return "\n".join(head + body[1:])  # body[0] is "class GraphModule(torch.nn.Module):"
@@ -160,14 +165,19 @@ def format_offload_nodes(gm: fx.GraphModule, plan: GraphPlan, regions: Sequence[
             lines.append(f"{node.name} = {_OPS[node.target]}({', '.join(shown)})")
 
     skip = set(_OPS)
+    as_inputs = set()
     for r in regions:
+        if r.passed:
+            lines.append(f"reads of {r.region.name} (its head buffers passed as inputs):")
+            lines += _reads(graph, r.items, {param: names[param] for param in r.items}, skip)
+            as_inputs.update(r.items)
+            continue
         lines.append(f"reads of {r.region.name}:")
         lines += _reads(graph, r.items, carries, skip)
     for node in graph.nodes:
         if node.target is SWAPPED:
             lines.append(f"reads of swapped component {node.args[1]}:")
             lines += _reads(graph, items.get(node, []), carries, skip)
-    as_inputs = set()
     for component, positions in plan.components_passed().items():
         params = [placeholders[i] for i in positions]
         lines.append(f"reads of swapped component {component} (its device copies passed as inputs):")

@@ -77,7 +77,7 @@ def rewritten(gm: fx.GraphModule, plan: GraphPlan, regions: Sequence, before: st
     refills = {refill["region"]: refill.get("in_graph", 0) for refill in refills}
     swapped = [node for node in graph.nodes if node.target is SWAPPED]
     sizes = [sum(_nbytes(param) for param in r.region.params) for r in regions]
-    heads = [r.fetch.target is HEAD for r in regions]
+    heads = [r.passed or r.fetch.target is HEAD for r in regions]
     count = counters["fx_offload"]
     count["graphs"] += 1
     count["regions"] += len(regions)
@@ -102,18 +102,21 @@ def _summary(
     swapped: list[fx.Node],
     passed: dict[str, list[int]],
 ) -> str:
-    heads = sum(r.fetch.target is HEAD for r in regions)
+    heads = sum(r.passed or r.fetch.target is HEAD for r in regions)
     components = len(swapped) + len(passed)
     lines = [
         f"rewrote a graph: {len(regions)} regions, {_bytes(sum(sizes))} offloaded; "
-        f"prefetch={plan.prefetch}, heads={heads}, refill_in_graph={plan.refill_in_graph}"
+        f"prefetch={plan.prefetch}, heads={heads}"
+        + (" passed as inputs" if plan.heads_as_inputs else f", refill_in_graph={plan.refill_in_graph}")
         + (f"; {components} swapped components" if components else "")
     ]
     release_of = {r.release: r.region.name for r in regions}
     width = max((len(r.region.name) for r in regions), default=0)
     for r, size in zip(regions, sizes):
         name = r.region.name
-        if r.fetch.target is HEAD:
+        if r.passed:
+            how = "head: copied in between calls, passed as the graph's inputs"
+        elif r.fetch.target is HEAD:
             how = "head: copied in between calls"
             if name in refills:
                 how += f", {_bytes(refills[name])} of its refill inside the call"

@@ -26,7 +26,7 @@ from fx_offload import matching
 
 AUTO = "auto"  # chosen per graph: the one spelling of "not given" for every option that has a default rule
 
-OURS = ("prefetch", "prefetch_head", "refill_in_graph", "offload")
+OURS = ("prefetch", "prefetch_head", "refill_in_graph", "heads_as_inputs", "offload")
 
 
 class OffloadOptionError(ShortenTraceback, ValueError):
@@ -58,6 +58,12 @@ class Options:
             the call delays the next call's start where calls come back to back; a part past the
             last compute makes the call end late. ``AUTO``: as many bytes as that compute hides,
             estimated per graph (``estimate.tail_bytes``).
+        heads_as_inputs: whether the compiled function's wrapper passes a head region's buffers
+            to the graph as its inputs, in place of the parameters, where the graph allows it (no
+            CUDA graphs, an inference graph, head weights only read, by their head region alone):
+            the graph then has no op for its heads (no ``head``, ``wait``, ``refill``, ``join``,
+            ``release``), which saves their Python on every call; a ``refill_in_graph`` other
+            than ``AUTO`` or 0 keeps the ops (it is their refill's). ``False``: always the ops.
         offload: patterns (``matching``) whose modules' parameters the backend places at its first
             compile, as ``fx_offload.offload`` would; ``None``: the model was offloaded before.
         inductor: every other key of torch.compile's ``options``: Inductor config options (names
@@ -67,6 +73,7 @@ class Options:
     prefetch: int | str = AUTO
     prefetch_head: int | bool | str = AUTO
     refill_in_graph: int | str = AUTO
+    heads_as_inputs: bool = True
     offload: tuple[str, ...] | None = None
     inductor: Mapping[str, object] = field(default_factory=dict, hash=False)
 
@@ -101,6 +108,11 @@ class Options:
                 f"options['refill_in_graph']={in_graph} splits the refill of head regions, but "
                 f"prefetch_head={self.prefetch_head!r} with prefetch={prefetch!r} leaves no head. Give "
                 "prefetch_head >= 1 (and prefetch >= prefetch_head), or drop refill_in_graph"
+            )
+        if not isinstance(self.heads_as_inputs, bool):
+            raise OffloadOptionError(
+                "options['heads_as_inputs'] must be True (the wrapper passes head buffers as the graph's "
+                f"inputs where it can) or False (always the graph's ops), got {self.heads_as_inputs!r}"
             )
         patterns = self.offload
         if patterns is not None:

@@ -51,6 +51,10 @@ class GraphPlan:
         swapped_as_inputs: of those, the positions that the compiled function's wrapper passes
             as the device copies themselves (the graph only reads them): the pass leaves their
             reads as they are, so the graph is the resident one's.
+        heads_as_inputs: whether the compiled function's wrapper passes the heads' buffers as the
+            graph's inputs at ``head_regions``' positions (the graph only reads those weights, in
+            its head regions alone): the pass leaves the head regions' reads as they are, and the
+            wrapper copies, waits for and refills the heads around each call.
         refill_in_graph: of the heads' refill for the next call, the first bytes the graph
             copies itself after its last fetch (they overlap its last compute; the wrapper copies
             the rest when the call returns); ``options.AUTO``: as many as that compute hides, estimated
@@ -65,6 +69,7 @@ class GraphPlan:
     head_regions: tuple[tuple[str, tuple[int, ...]], ...] = ()
     swapped_inputs: Mapping[int, tuple[str, str]] = field(default_factory=dict)
     swapped_as_inputs: frozenset[int] = frozenset()
+    heads_as_inputs: bool = False
     refill_in_graph: int | str = 0  # or options.AUTO: estimated per graph (``rewrite._auto_in_graph``)
     device_figures: DeviceFigures | None = None  # for AUTO; measured on the device, not in cache keys
 

@@ -50,13 +50,20 @@ from fx_offload.regions import GraphPlan, Region, find_regions, is_write_back
 
 @dataclass(eq=False)
 class RewrittenRegion:
-    """The nodes the pass added for one region."""
+    """The nodes the pass added for one region. A head whose buffers the wrapper passes as the
+    graph's inputs (``GraphPlan.heads_as_inputs``) has none: its ``items`` are the weights' own
+    placeholders, which the wrapper fills with the buffers."""
 
     region: Region
-    fetch: fx.Node
+    fetch: fx.Node | None
     items: list[fx.Node]
-    wait: fx.Node
-    release: fx.Node
+    wait: fx.Node | None
+    release: fx.Node | None
+
+    @property
+    def passed(self) -> bool:
+        """Whether the wrapper passes this head region's buffers as the graph's inputs."""
+        return self.fetch is None
 
 
 def rewrite(graph: fx.Graph, plan: GraphPlan) -> list[RewrittenRegion]:
@@ -72,15 +79,29 @@ def rewrite(graph: fx.Graph, plan: GraphPlan) -> list[RewrittenRegion]:
             f"among the prefetch + 1 regions on the device), got prefetch={plan.prefetch}"
         )
     _refuse_captured_write_backs(graph, plan)
-    inserted = [_insert(graph, region) for region in find_regions(graph, plan)]
-    # nodes compare by their place in the graph: regions in the order their reads start
-    inserted.sort(key=lambda r: r.wait)
-    heads = [] if has_barrier(graph, plan.device_type) else _heads(graph, inserted, plan)
-    served = [head.rewritten for head in heads]
-    order = served + [r for r in inserted if r not in served]  # the heads first, then in graph order
-    _schedule(graph, order, plan.prefetch, len(heads), plan.device_type)
-    if heads:
-        _serve_head(graph, order, plan, heads)
+    regions = find_regions(graph, plan)  # in the order their reads start
+    if plan.heads_as_inputs:  # the wrapper passes the heads' buffers: their reads stay as they are
+        passed = _heads(graph, regions, plan)
+        _check_heads_passed(graph, regions, passed)
+        heads = {id(head.region): head for head in passed}
+        inserted = [_insert(graph, r) for r in regions if id(r) not in heads]
+        inserted.sort(key=lambda r: r.wait)  # nodes compare by their place in the graph
+        _schedule(graph, inserted, plan.prefetch - len(passed), 0, plan.device_type)
+        fetched = {id(r.region): r for r in inserted}
+        inserted = [  # the regions in the order they run, heads among them
+            fetched[id(r)] if id(r) in fetched else RewrittenRegion(r, None, heads[id(r)].weights, None, None)
+            for r in regions
+        ]
+    else:
+        inserted = [_insert(graph, region) for region in regions]
+        inserted.sort(key=lambda r: r.wait)
+        heads = [] if has_barrier(graph, plan.device_type) else _heads(graph, regions, plan)
+        rewritten = {id(r.region): r for r in inserted}
+        served = [rewritten[id(head.region)] for head in heads]
+        order = served + [r for r in inserted if r not in served]  # the heads first, then in graph order
+        _schedule(graph, order, plan.prefetch, len(heads), plan.device_type)
+        if heads:
+            _serve_head(graph, order, plan, heads)
     _serve_swapped(graph, plan)
     graph.lint()
     return inserted
@@ -119,30 +140,56 @@ class _HeadRegion:
     """A region served from head buffers: ``name`` and ``weights`` as the wrapper's buffers hold
     them (the head's every weight, in the order of the graph's inputs)."""
 
-    rewritten: RewrittenRegion
+    region: Region
     name: str
     weights: list[fx.Node]
 
 
-def _heads(graph: fx.Graph, regions: list[RewrittenRegion], plan: GraphPlan) -> list[_HeadRegion]:
-    """The regions served from head buffers, in graph order: those the plan names (the backend
-    chose them in Dynamo's graph and made their buffers: each is the first region, in this graph,
-    that reads only weights among the head's; Inductor may have reordered the regions, or dropped
-    a read), else this graph's first ``prefetch_head``."""
+def _heads(graph: fx.Graph, regions: list[Region], plan: GraphPlan) -> list[_HeadRegion]:
+    """The regions (in the order they run) served from head buffers, in that order: those the
+    plan names (the backend chose them in Dynamo's graph and made their buffers: each is the first
+    region, in this graph, that reads only weights among the head's; Inductor may have reordered
+    the regions, or dropped a read), else this graph's first ``prefetch_head``."""
     if not plan.head_regions:
-        return [_HeadRegion(r, r.region.name, list(r.region.params)) for r in regions[: plan.prefetch_head]]
+        return [_HeadRegion(r, r.name, list(r.params)) for r in regions[: plan.prefetch_head]]
     placeholders = [node for node in graph.nodes if node.op == "placeholder"]
     index = {node: i for i, node in enumerate(placeholders)}
     heads: list[_HeadRegion] = []
     for name, positions in plan.head_regions:
-        taken = {id(head.rewritten) for head in heads}
+        taken = {id(head.region) for head in heads}
         within = set(positions)
         for r in regions:
-            if id(r) not in taken and {index[p] for p in r.region.params} <= within:
+            if id(r) not in taken and {index[p] for p in r.params} <= within:
                 heads.append(_HeadRegion(r, name, [placeholders[i] for i in positions]))
                 break
-    heads.sort(key=lambda head: head.rewritten.wait)
+    place = {id(r): k for k, r in enumerate(regions)}
+    heads.sort(key=lambda head: place[id(head.region)])
     return heads
+
+
+def _check_heads_passed(graph: fx.Graph, regions: list[Region], heads: list[_HeadRegion]) -> None:
+    """Head weights whose buffers the wrapper passes as inputs must be read by their head region
+    only, and only read: another region's fetch would copy from a buffer, a write would store into
+    it, an escaping view would hand it to the caller. ``backend.graph_plan`` decided so from
+    Dynamo's graph; a region of Inductor's graph the plan's heads do not cover is no head either."""
+    weights = {weight: head.name for head in heads for weight in head.weights}
+    served = {id(head.region) for head in heads}
+    for r in regions:
+        shared = [p for p in r.params if p in weights]
+        if shared and id(r) not in served:
+            _passed_wrongly(weights[shared[0]], f"region {r.name!r} reads {shared[0].name} too")
+    for weight, name in weights.items():
+        for user in weight.users:
+            if escapes(user) or is_write_back(user, weight) or user.op == "output":
+                _passed_wrongly(name, f"the graph writes or returns {weight.name} ({user.format_node()})")
+
+
+def _passed_wrongly(name: str, why: str) -> None:
+    raise RuntimeError(
+        f"fx_offload: head region {name!r} was planned to be passed as the graph's inputs, but {why} "
+        "after AOTAutograd. Please report this with the model; compile with "
+        "options={'heads_as_inputs': False} meanwhile"
+    )
 
 
 def _schedule(

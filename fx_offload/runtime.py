@@ -379,12 +379,14 @@ class GraphRuntime:
 
     def __init__(self) -> None:
         self._first: list[_Head] = []  # made at compile time, for the first thread that calls
+        self._positions: list[list[int]] = []  # each head's weights' positions among the inputs
         self._sets: weakref.WeakKeyDictionary[threading.Thread, list[_Head]] = weakref.WeakKeyDictionary()
         self._dropped = False
         self._last: tuple[int | None, list[_Head]] = (None, [])  # (thread id, its heads)
         self.device: DeviceRuntime | None = None
         self.token: int | None = None  # names the graph in its device's call sequence
         self.name = ""  # how ``last_forward`` names it: its token and first head region
+        self.passes_heads = False  # the wrapper passes the head buffers as the graph's inputs
 
     def declare_head(self, example_inputs: list, positions: list[int], region: str = "") -> None:
         """At compile time: make the buffers of one head region of the graph (the next of its
@@ -394,6 +396,7 @@ class GraphRuntime:
         weights = [example_inputs[p] for p in positions]
         buffers = [torch.empty(w.shape, dtype=w.dtype, device=w.device) for w in weights]
         self._first.append(_made(buffers, positions, region))
+        self._positions.append(list(positions))
         if self.device is None and buffers:
             self.device = device_runtime(buffers[0].device)
             self.device.graphs.add(self)
@@ -475,6 +478,30 @@ class GraphRuntime:
             origin = device.sequence.arrive(self.token, key, held)
             counters["fx_offload"][_COUNTED[origin]] += 1
         return heads
+
+    def passed(self, inputs, heads: list[_Head]) -> list:
+        """The inputs to call a graph that reads its heads as inputs with (``passes_heads``): each
+        head's weights replaced by its buffers, which ``enter`` made hold them; on a GPU the
+        compute stream first waits for the copy into them (the refill after the previous call,
+        or another graph's prefetch), in Python, outside the graph. The wrapper refills them after
+        the call, all of them (no graph ``refill`` copies part of them within). Heads dropped
+        (their weights restored elsewhere): one persistent copy per weight, as ``head`` serves a
+        graph run without the wrapper. A boxed call's list is emptied, as the compiled function
+        would: it owns its inputs."""
+        passed = list(inputs)
+        for found in heads:
+            if found.refilled is not None:
+                self.device.compute_stream().wait_event(found.refilled)
+            found.deferred = True
+            for position, buffer in zip(found.positions, found.buffers):
+                passed[position] = buffer
+        if not heads:
+            positions = [p for found in self._positions for p in found]
+            for position, buffer in zip(positions, _loose_head([inputs[p] for p in positions])):
+                passed[position] = buffer
+        if isinstance(inputs, list):
+            inputs.clear()
+        return passed
 
     def leave(self, heads: list[_Head]) -> None:
         """After the call (also when it raised): refill the heads for this graph's next call, then

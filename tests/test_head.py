@@ -83,7 +83,7 @@ def test_the_wrapper_refills_the_head_once_per_call_after_the_graph(backend, hea
     returned (head regions in order), so a call ends without waiting for the next call's head."""
     model = seeded(Stack, n=4)
     offloaded(model, ["layers.*"])
-    compiled = _compiled(model, backend, prefetch_head=head)
+    compiled = _compiled(model, backend, prefetch_head=head, heads_as_inputs=False)
     events = []
     monkeypatch.setattr(runtime, "_refill_after", lambda found: events.append(("refill", found.records)))
     original = runtime.refill
@@ -101,6 +101,53 @@ def test_the_wrapper_refills_the_head_once_per_call_after_the_graph(backend, hea
     for i, (_, records) in enumerate(events[head : 2 * head]):
         names = [record.names[0] for record in records]
         assert names and all(name.startswith(f"layers.{i}.") for name in names), names
+
+
+@pytest.mark.parametrize("backend", ["offload_eager", "offload_inductor"])
+@pytest.mark.parametrize("head", [1, 2])
+def test_heads_passed_as_inputs_need_no_op_and_are_refilled_after_the_call(
+    backend, head, offloaded, monkeypatch
+):
+    """Without CUDA graphs the wrapper passes the heads' buffers as the graph's inputs: the graph
+    has no head, wait, refill, join or release for them; the wrapper refills each head once per
+    call, after it; every byte crosses once per call; values and in-place writes between calls
+    are as without offload."""
+    model = seeded(Stack, n=4)
+    plan = offloaded(model, ["layers.*"])
+    graphs = []
+    fx_offload.backend.listeners.append(lambda gm, plan, regions: graphs.append((gm.code, regions)))
+    try:
+        compiled = _compiled(model, backend, prefetch_head=head)
+        refills = []
+        original = runtime._refill_after
+
+        def refill_after(found):
+            refills.append([record.names[0] for record in found.records])
+            original(found)
+
+        monkeypatch.setattr(runtime, "_refill_after", refill_after)
+        x = torch.randn(3, 8)
+        copied = []
+        with torch.no_grad():
+            for _ in range(3):
+                before = runtime.bytes_copied()
+                out = compiled(x)
+                copied.append(runtime.bytes_copied() - before)
+            torch.testing.assert_close(out, _restored_output(model, x), rtol=1e-5, atol=1e-6)
+            for layer in model.layers:
+                layer.fc2.weight.mul_(0.5)
+            out = compiled(x)
+    finally:
+        fx_offload.backend.listeners.pop()
+    torch.testing.assert_close(out, _restored_output(model, x), rtol=1e-5, atol=1e-6)
+    (code, regions), = graphs
+    assert [r.passed for r in regions] == [True] * head + [False] * (4 - head)
+    for op in ("head", "refill", "join"):
+        assert f"fx_offload.{op}" not in code, code
+    assert code.count("fx_offload.fetch") == code.count("fx_offload.release") == 4 - head, code
+    assert [names[0].split(".")[1] for names in refills[:head]] == [str(i) for i in range(head)], refills
+    assert len(refills) == 4 * head
+    assert copied[1:] == [plan.offloaded_bytes] * 2, (copied, plan.offloaded_bytes)
 
 
 @pytest.mark.parametrize("backend", ["offload_eager", "offload_inductor"])
@@ -123,7 +170,7 @@ def test_the_graph_copies_the_first_refill_in_graph_bytes_and_the_wrapper_the_re
     x = torch.randn(3, 8)
     plan = offloaded(model, ["layers.*"])
     options = {} if in_graph is None else {"refill_in_graph": in_graph}
-    compiled = _compiled(model, backend, prefetch_head=head, **options)
+    compiled = _compiled(model, backend, prefetch_head=head, heads_as_inputs=False, **options)
     copied = []
     with torch.no_grad():
         for _ in range(3):
@@ -309,3 +356,21 @@ def test_head_regions_that_read_the_same_weights_each_read_their_own_buffers(
     with torch.no_grad():
         for _ in range(2):
             torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_refill_in_graph_given_keeps_the_heads_ops(offloaded):
+    """``refill_in_graph`` is a part of the graph's ``refill``: asked for, the heads stay ops even
+    where the wrapper could pass their buffers as inputs; ``'auto'`` lets it pass them."""
+    model = seeded(Stack, n=4)
+    offloaded(model, ["layers.*"])
+    seen = []
+    fx_offload.backend.listeners.append(lambda gm, plan, regions: seen.append(plan.heads_as_inputs))
+    try:
+        with torch.no_grad():
+            for in_graph in (700, "auto"):
+                torch._dynamo.reset()
+                compiled = _compiled(model, "offload_eager", prefetch_head=1, refill_in_graph=in_graph)
+                compiled(torch.randn(3, 8))
+    finally:
+        fx_offload.backend.listeners.pop()
+    assert seen == [False, True]

@@ -39,33 +39,36 @@ def _run_with_torch_logs(setting: str) -> str:
 
 def test_torch_logs_shows_regions_bytes_window_and_graphs():
     """Two blocks of 1120 bytes (fc1 16x8 + 16, fc2 8x16 + 8, float32): the default window makes
-    the first a head, fetches the second at the start, and refills the head inside the call."""
+    the first a head (its buffers passed as the graph's inputs: no CUDA graphs here), and fetches
+    the second at the start."""
     out = _run_with_torch_logs("+fx_offload")
     assert "window: prefetch=2, heads=1 for 2 regions of 1120 B, 1120 B" in out, out
-    assert "rewrote a graph: 2 regions, 2240 B offloaded; prefetch=2, heads=1, refill_in_graph=auto" in out
-    assert "layers.0      1120 B  head: copied in between calls, 1120 B of its refill inside the call" in out
+    assert "rewrote a graph: 2 regions, 2240 B offloaded; prefetch=2, heads=1 passed as inputs" in out
+    assert "layers.0      1120 B  head: copied in between calls, passed as the graph's inputs" in out
     assert "layers.1      1120 B  fetched at the start" in out
     before, _, after = out.partition("graph after the offload pass:")
     assert "graph before the offload pass:" in before and "torch.ops.fx_offload" not in before
     assert "torch.ops.fx_offload.fetch.default([arg5_1, arg6_1, arg7_1, arg8_1], [], 'layers.1')" in after
 
 
-def test_counters_add_up_what_the_pass_built(offloaded):
+@pytest.mark.parametrize("passed", [True, False])
+def test_counters_add_up_what_the_pass_built(offloaded, passed):
     counters.clear()
     model = seeded(Stack, n=3)
     offloaded(model, ["layers.*"])
+    options = {"prefetch": 2, "prefetch_head": 1, "heads_as_inputs": passed}
     with torch.no_grad():
-        torch.compile(model, backend="offload_eager", options={"prefetch": 2, "prefetch_head": 1})(
-            torch.randn(2, 8)
-        )
+        torch.compile(model, backend="offload_eager", options=options)(torch.randn(2, 8))
     assert dict(counters["fx_offload"]) == {
         "graphs": 1,
         "regions": 3,
         "heads": 1,
         "head_bytes": 1120,
         "fetched_bytes": 2 * 1120,
-        "refills": 1,
-        "refill_in_graph_bytes": 1120,  # on a CPU 'auto' copies all of the heads in the call
+        # passed as inputs, the head's buffers are refilled by the wrapper; else by a refill in
+        # the graph, which on a CPU ('auto') copies all of the heads in the call
+        "refills": 0 if passed else 1,
+        "refill_in_graph_bytes": 0 if passed else 1120,
         "swapped": 0,
         "head_copy_not_predicted": 1,  # the runtime's: the first call's head was copied when it began
     }

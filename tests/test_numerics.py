@@ -49,26 +49,31 @@ def test_inductor_equals_inductor_without_offload_and_eager(case, offloaded):
     plain = _run(model, "inductor", inputs)
     torch._dynamo.reset()
     offloaded(model, patterns)
-    with recording() as graphs:
+    with recording(lambda gm, plan, regions: (gm.code, regions)) as graphs:
         out = _run(model, "offload_inductor", inputs)
     assert graphs, "the offload pass did not run inside Inductor"
-    assert all(
-        ("fx_offload.fetch" in g or "fx_offload.head" in g) and "fx_offload.release" in g for g in graphs
-    )
+    for code, regions in graphs:  # each region fetched (or a head op) and released, or passed
+        assert regions and code.count("fx_offload.release") == sum(not r.passed for r in regions), code
     assert torch.equal(out, plain)  # the pass moves data, never changes arithmetic
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
 
 
-def test_inductor_fetches_exactly_the_offloaded_parameters(offloaded):
+@pytest.mark.parametrize("passed", [True, False])
+def test_inductor_fetches_exactly_the_offloaded_parameters(offloaded, passed):
     model = seeded(Nested)
     offloaded(model, ["visual"])
     with recording() as graphs:
-        _run(model, "offload_inductor", (torch.randn(2, 8),))
+        _run(model, "offload_inductor", (torch.randn(2, 8),), options={"heads_as_inputs": passed})
     (text,) = graphs
     named = {line.split(": ", 1)[1] for line in text.splitlines() if line.startswith("# arg")}
     assert named == {n for n, _ in model.named_parameters() if n.startswith("thinker.visual.")}
-    (head,) = [line for line in text.splitlines() if "fx_offload.head.default(" in line]
-    arguments = head.split("head.default([", 1)[1].split("]", 1)[0].split(", ")
+    if passed:  # the head's weights are the graph's inputs, the wrapper passes its buffers there
+        (head,) = [line for line in text.splitlines() if "head buffers passed as inputs (" in line]
+        arguments = head.split("inputs (", 1)[1].rstrip(")").split(", ")
+        assert "fx_offload.head" not in text
+    else:
+        (head,) = [line for line in text.splitlines() if "fx_offload.head.default(" in line]
+        arguments = head.split("head.default([", 1)[1].split("]", 1)[0].split(", ")
     assert len(arguments) == len(named)
 
 
@@ -106,9 +111,8 @@ def test_recompile_rewrites_again(offloaded):
         compiled(torch.randn(2, 8))
         compiled(torch.randn(5, 8))
     assert len(graphs) == 2
-    assert all(
-        g.count("fx_offload.fetch.default(") == 2 and g.count("fx_offload.head.default(") == 1 for g in graphs
-    )
+    for g in graphs:  # two regions fetched, and the head, whose buffers are passed as inputs
+        assert g.count("fx_offload.fetch.default(") == 2 and g.count("head buffers passed as inputs") == 1
 
 
 def test_mode_and_prefetch_options_are_accepted_on_cpu(offloaded):

@@ -38,6 +38,7 @@ class Snapshots(TestCase):
         options.setdefault("prefetch", 2)
         options.setdefault("prefetch_head", 1)
         options.setdefault("refill_in_graph", 0)
+        options.setdefault("heads_as_inputs", False)
         fx_offload.offload(model, patterns, device="cpu")
         self.models.append(model)
         with torch.no_grad():
@@ -201,6 +202,44 @@ reads of layers.3:
   addmm_6 <- fetched_13 (layers.3.fc1.bias)
   t_7 <- fetched_14 (layers.3.fc2.weight)
   addmm_7 <- fetched_15 (layers.3.fc2.bias)""",
+        )
+
+    def test_layer_stack_heads_passed_as_inputs(self):
+        """The default without CUDA graphs: the heads (layers.0 and .1) have no op, their reads
+        stay on the graph's inputs, which the wrapper fills with the head buffers; layers.2 and .3
+        are fetched as ever, both at the start (prefetch=3: the two heads and two more)."""
+        model, x = seeded(Stack, n=4), torch.randn(2, 8)
+        text = self.explain(model, ["layers.*"], x, prefetch=3, prefetch_head=2, heads_as_inputs=True)
+        self.assertExpectedInline(
+            text,
+            """\
+# graph 1 of 1
+fetch = fetch('layers.2', [layers.2.fc1.weight, layers.2.fc1.bias, layers.2.fc2.weight, layers.2.fc2.bias], after=[])
+fetch_1 = fetch('layers.3', [layers.3.fc1.weight, layers.3.fc1.bias, layers.3.fc2.weight, layers.3.fc2.bias], after=[])
+wait = wait('layers.2', fetched..fetched_3, issued=[fetched_4])
+release = release('layers.2', fetched..fetched_3, readers=[addmm_5])
+wait_1 = wait('layers.3', fetched_4..fetched_7, issued=[])
+release_1 = release('layers.3', fetched_4..fetched_7, readers=[addmm_7])
+reads of layers.0 (its head buffers passed as inputs):
+  t <- arg0_1 (layers.0.fc1.weight)
+  addmm <- arg1_1 (layers.0.fc1.bias)
+  t_1 <- arg3_1 (layers.0.fc2.weight)
+  addmm_1 <- arg4_1 (layers.0.fc2.bias)
+reads of layers.1 (its head buffers passed as inputs):
+  t_2 <- arg5_1 (layers.1.fc1.weight)
+  addmm_2 <- arg6_1 (layers.1.fc1.bias)
+  t_3 <- arg7_1 (layers.1.fc2.weight)
+  addmm_3 <- arg8_1 (layers.1.fc2.bias)
+reads of layers.2:
+  t_4 <- fetched (layers.2.fc1.weight)
+  addmm_4 <- fetched_1 (layers.2.fc1.bias)
+  t_5 <- fetched_2 (layers.2.fc2.weight)
+  addmm_5 <- fetched_3 (layers.2.fc2.bias)
+reads of layers.3:
+  t_6 <- fetched_4 (layers.3.fc1.weight)
+  addmm_6 <- fetched_5 (layers.3.fc1.bias)
+  t_7 <- fetched_6 (layers.3.fc2.weight)
+  addmm_7 <- fetched_7 (layers.3.fc2.bias)""",
         )
 
     def test_layer_stack_refill_estimated(self):

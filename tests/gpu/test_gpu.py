@@ -240,6 +240,7 @@ def test_refill_in_graph_copies_part_of_the_heads_inside_the_call(mode, cls):
     try:
         cudagraphs = mode == "reduce-overhead"
         options = {"prefetch_head": 2, "refill_in_graph": in_graph, "triton.cudagraphs": cudagraphs}
+        # (a refill_in_graph given keeps the heads' ops without CUDA graphs too)
         compiled = torch.compile(model, backend="offload_inductor", options=options)
         with _Recordings() as graphs, torch.no_grad():
             for step in range(6):

@@ -93,9 +93,11 @@ def _fetched_owners(run: dict) -> list[str]:
 
 
 def _fetched(graph: str) -> set[str]:
-    """The placeholders that fetch and head nodes take."""
+    """The placeholders that fetch and head nodes take, and those of heads passed as inputs."""
     found = set()
     for line in graph.splitlines():
+        if line.startswith("# ") and "head buffers passed as inputs (" in line:
+            found |= set(line.split("passed as inputs (", 1)[1].rstrip(")").split(", "))
         for op in ("fx_offload.fetch.default([", "fx_offload.head.default(["):
             if op in line:
                 found |= set(line.split(op, 1)[1].split("]", 1)[0].split(", "))
