@@ -224,13 +224,22 @@ def graph_plan(
         for name, positions in chosen:
             graph.declare_head(example_inputs, list(positions), name)
         plan = dataclasses.replace(plan, head_regions=chosen)
-        # a refill_in_graph asked for needs the graph's refill op: the heads stay ops then
-        asked = options.refill_in_graph not in (AUTO, 0)
-        if options.heads_as_inputs and not asked and swapped_as_inputs and not _trains(gm, example_inputs):
-            passed = _heads_passable(placeholders, example_inputs, regions, heads)
+        if pass_heads(options, device_type, heads, len(regions)) and swapped_as_inputs:
+            passed = not _trains(gm, example_inputs) and _heads_passable(
+                placeholders, example_inputs, regions, heads
+            )
             plan = dataclasses.replace(plan, heads_as_inputs=passed)
             graph.passes_heads = passed
     return GraphSetup(plan, graph, tuple(sorted(swapped)))
+
+
+def pass_heads(options: Options, device_type: str, heads: int, regions: int) -> bool:
+    """``options.heads_as_inputs`` for a graph of ``regions`` regions, ``heads`` of them heads,
+    on ``device_type``, before the graph's own conditions (``_heads_passable``). A
+    ``refill_in_graph`` asked for needs the graph's refill op."""
+    if options.refill_in_graph not in (AUTO, 0) or not options.heads_as_inputs:
+        return False
+    return options.heads_as_inputs is True or device_type == "cpu" or heads == regions
 
 
 def _heads_passable(placeholders: list[fx.Node], example_inputs: list, regions: list, heads: int) -> bool:

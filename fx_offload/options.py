@@ -62,8 +62,12 @@ class Options:
             to the graph as its inputs, in place of the parameters, where the graph allows it (no
             CUDA graphs, an inference graph, head weights only read, by their head region alone):
             the graph then has no op for its heads (no ``head``, ``wait``, ``refill``, ``join``,
-            ``release``), which saves their Python on every call; a ``refill_in_graph`` other
-            than ``AUTO`` or 0 keeps the ops (it is their refill's). ``False``: always the ops.
+            ``release``), which saves their Python on every call, and the wrapper refills them
+            whole after the call, none of it hidden behind the graph's last compute. ``AUTO``: on
+            a CPU, and on a GPU where every region of the graph is a head (a graph Dynamo cut
+            small: no compute after the heads to hide a refill behind). ``True``: wherever the
+            graph allows; ``False``: never. A ``refill_in_graph`` other than ``AUTO`` or 0 keeps
+            the ops (it is their refill's).
         offload: patterns (``matching``) whose modules' parameters the backend places at its first
             compile, as ``fx_offload.offload`` would; ``None``: the model was offloaded before.
         inductor: every other key of torch.compile's ``options``: Inductor config options (names
@@ -73,7 +77,7 @@ class Options:
     prefetch: int | str = AUTO
     prefetch_head: int | bool | str = AUTO
     refill_in_graph: int | str = AUTO
-    heads_as_inputs: bool = True
+    heads_as_inputs: bool | str = AUTO
     offload: tuple[str, ...] | None = None
     inductor: Mapping[str, object] = field(default_factory=dict, hash=False)
 
@@ -109,10 +113,11 @@ class Options:
                 f"prefetch_head={self.prefetch_head!r} with prefetch={prefetch!r} leaves no head. Give "
                 "prefetch_head >= 1 (and prefetch >= prefetch_head), or drop refill_in_graph"
             )
-        if not isinstance(self.heads_as_inputs, bool):
+        if not isinstance(self.heads_as_inputs, bool) and self.heads_as_inputs != AUTO:
             raise OffloadOptionError(
                 "options['heads_as_inputs'] must be True (the wrapper passes head buffers as the graph's "
-                f"inputs where it can) or False (always the graph's ops), got {self.heads_as_inputs!r}"
+                f"inputs where it can), False (always the graph's ops) or {AUTO!r}, got "
+                f"{self.heads_as_inputs!r}"
             )
         patterns = self.offload
         if patterns is not None:

@@ -374,3 +374,20 @@ def test_a_refill_in_graph_given_keeps_the_heads_ops(offloaded):
     finally:
         fx_offload.backend.listeners.pop()
     assert seen == [False, True]
+
+
+@pytest.mark.parametrize(
+    ("option", "device", "heads", "regions", "passes"),
+    [
+        ("auto", "cpu", 1, 4, True),  # a CPU: no copy to hide, the ops' Python saved
+        ("auto", "cuda", 1, 4, False),  # the graph's tail would hide part of the refill
+        ("auto", "cuda", 2, 2, True),  # every region a head: nothing after them to hide it behind
+        (True, "cuda", 1, 4, True),
+        (False, "cpu", 2, 2, False),
+    ],
+)
+def test_which_graphs_pass_their_heads_as_inputs(option, device, heads, regions, passes):
+    options = fx_offload.Options(heads_as_inputs=option)
+    assert fx_offload.backend.pass_heads(options, device, heads, regions) is passes
+    asked = fx_offload.Options(heads_as_inputs=option, refill_in_graph=1024)
+    assert fx_offload.backend.pass_heads(asked, device, heads, regions) is False
