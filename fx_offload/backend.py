@@ -229,7 +229,6 @@ def graph_plan(
                 placeholders, example_inputs, regions, heads
             )
             plan = dataclasses.replace(plan, heads_as_inputs=passed)
-            graph.passes_heads = passed
     return GraphSetup(plan, graph, tuple(sorted(swapped)))
 
 

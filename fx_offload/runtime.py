@@ -386,7 +386,6 @@ class GraphRuntime:
         self.device: DeviceRuntime | None = None
         self.token: int | None = None  # names the graph in its device's call sequence
         self.name = ""  # how ``last_forward`` names it: its token and first head region
-        self.passes_heads = False  # the wrapper passes the head buffers as the graph's inputs
 
     def declare_head(self, example_inputs: list, positions: list[int], region: str = "") -> None:
         """At compile time: make the buffers of one head region of the graph (the next of its
@@ -480,7 +479,7 @@ class GraphRuntime:
         return heads
 
     def passed(self, inputs, heads: list[_Head]) -> list:
-        """The inputs to call a graph that reads its heads as inputs with (``passes_heads``): each
+        """The inputs to call a graph that reads its heads as inputs with (``heads_as_inputs``): each
         head's weights replaced by its buffers, which ``enter`` made hold them; on a GPU the
         compute stream first waits for the copy into them (the refill after the previous call,
         or another graph's prefetch), in Python, outside the graph. The wrapper refills them after

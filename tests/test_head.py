@@ -24,6 +24,16 @@ def _compiled(model, backend, **options):
     return torch.compile(model, backend=backend, options=options)
 
 
+def _copied_per_call(compiled, x, calls=3):
+    """The last output of ``calls`` calls, and the bytes each call copied host to device."""
+    copied = []
+    for _ in range(calls):
+        before = runtime.bytes_copied()
+        out = compiled(x)
+        copied.append(runtime.bytes_copied() - before)
+    return out, copied
+
+
 @pytest.mark.parametrize("head", [True, False, 2, 4])
 def test_every_call_copies_every_offloaded_byte_once(head, offloaded):
     model = seeded(Stack, n=4)
@@ -127,12 +137,8 @@ def test_heads_passed_as_inputs_need_no_op_and_are_refilled_after_the_call(
 
         monkeypatch.setattr(runtime, "_refill_after", refill_after)
         x = torch.randn(3, 8)
-        copied = []
         with torch.no_grad():
-            for _ in range(3):
-                before = runtime.bytes_copied()
-                out = compiled(x)
-                copied.append(runtime.bytes_copied() - before)
+            out, copied = _copied_per_call(compiled, x)
             torch.testing.assert_close(out, _restored_output(model, x), rtol=1e-5, atol=1e-6)
             for layer in model.layers:
                 layer.fc2.weight.mul_(0.5)
@@ -171,12 +177,8 @@ def test_the_graph_copies_the_first_refill_in_graph_bytes_and_the_wrapper_the_re
     plan = offloaded(model, ["layers.*"])
     options = {} if in_graph is None else {"refill_in_graph": in_graph}
     compiled = _compiled(model, backend, prefetch_head=head, heads_as_inputs=False, **options)
-    copied = []
     with torch.no_grad():
-        for _ in range(3):
-            before = runtime.bytes_copied()
-            out = compiled(x)
-            copied.append(runtime.bytes_copied() - before)
+        out, copied = _copied_per_call(compiled, x)
         torch.testing.assert_close(out, _restored_output(model, x), rtol=1e-5, atol=1e-6)
         assert [found.in_graph for found in runtime.live_heads()] == split
         assert copied[1:] == [plan.offloaded_bytes] * 2, (copied, plan.offloaded_bytes)
