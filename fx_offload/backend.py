@@ -216,7 +216,8 @@ def graph_plan(
     for i in sorted(swapped):
         components.setdefault(records[i].component, None)
     swap.check_together(list(components))
-    if swapped_as_inputs and not _trains(gm, example_inputs):
+    as_inputs = swapped_as_inputs and not _trains(gm, example_inputs)
+    if as_inputs:
         plan = dataclasses.replace(plan, swapped_as_inputs=_only_read(placeholders, swapped))
     graph = runtime.GraphRuntime()
     if heads and offloaded:  # window gave a graph split by a barrier none
@@ -224,36 +225,22 @@ def graph_plan(
         for name, positions in chosen:
             graph.declare_head(example_inputs, list(positions), name)
         plan = dataclasses.replace(plan, head_regions=chosen)
-        if pass_heads(options, device_type, heads, len(regions)) and swapped_as_inputs:
-            passed = not _trains(gm, example_inputs) and _heads_passable(
-                placeholders, example_inputs, regions, heads
-            )
+        if as_inputs and pass_heads(options, device_type, heads, len(regions)):
+            # weights the graph only reads, contiguous as the buffers are (any region may read them)
+            weights = sorted({i for _, positions in chosen for i in positions})
+            passed = all(example_inputs[i].is_contiguous() for i in weights)
+            passed = passed and _only_read(placeholders, weights) == frozenset(weights)
             plan = dataclasses.replace(plan, heads_as_inputs=passed)
     return GraphSetup(plan, graph, tuple(sorted(swapped)))
 
 
 def pass_heads(options: Options, device_type: str, heads: int, regions: int) -> bool:
     """``options.heads_as_inputs`` for a graph of ``regions`` regions, ``heads`` of them heads,
-    on ``device_type``, before the graph's own conditions (``_heads_passable``). A
-    ``refill_in_graph`` asked for needs the graph's refill op."""
+    on ``device_type``, before the graph's own conditions. A ``refill_in_graph`` asked for needs
+    the graph's refill op."""
     if options.refill_in_graph not in (AUTO, 0) or not options.heads_as_inputs:
         return False
     return options.heads_as_inputs is True or device_type == "cpu" or heads == regions
-
-
-def _heads_passable(placeholders: list[fx.Node], example_inputs: list, regions: list, heads: int) -> bool:
-    """Whether the wrapper can pass the first ``heads`` regions' buffers as the graph's inputs:
-    their weights are contiguous (as the buffers are), the graph only reads them
-    (``_only_read``), and no other region reads them (its fetch would get the buffers)."""
-    position = {node: i for i, node in enumerate(placeholders)}
-    weights = [position[p] for region in regions[:heads] for p in region.params]
-    others = {position[p] for region in regions[heads:] for p in region.params}
-    return (
-        len(set(weights)) == len(weights)
-        and not others.intersection(weights)
-        and all(example_inputs[i].is_contiguous() for i in weights)
-        and _only_read(placeholders, weights) == frozenset(weights)
-    )
 
 
 def _trains(gm: fx.GraphModule, example_inputs: list) -> bool:

@@ -119,6 +119,12 @@ class Options:
                 f"inputs where it can), False (always the graph's ops) or {AUTO!r}, got "
                 f"{self.heads_as_inputs!r}"
             )
+        if self.heads_as_inputs is True and in_graph != AUTO and in_graph > 0:
+            raise OffloadOptionError(
+                f"options['heads_as_inputs']=True passes the heads' buffers as the graph's inputs and "
+                f"refills them after the call, but options['refill_in_graph']={in_graph} asks the graph "
+                "to copy part of that refill itself: drop one of the two"
+            )
         patterns = self.offload
         if patterns is not None:
             try:

@@ -35,6 +35,7 @@ After::
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import operator
 from dataclasses import dataclass
 
@@ -79,20 +80,18 @@ def rewrite(graph: fx.Graph, plan: GraphPlan) -> list[RewrittenRegion]:
             f"among the prefetch + 1 regions on the device), got prefetch={plan.prefetch}"
         )
     _refuse_captured_write_backs(graph, plan)
-    regions = find_regions(graph, plan)  # in the order their reads start
     if plan.heads_as_inputs:  # the wrapper passes the heads' buffers: their reads stay as they are
-        passed = _heads(graph, regions, plan)
-        _check_heads_passed(graph, regions, passed)
-        heads = {id(head.region): head for head in passed}
-        inserted = [_insert(graph, r) for r in regions if id(r) not in heads]
+        passed = _passed_heads(graph, plan)
+        fetched = {i for _, positions in plan.head_regions for i in positions}
+        rest = dataclasses.replace(
+            plan, offloaded_inputs={i: n for i, n in plan.offloaded_inputs.items() if i not in fetched}
+        )
+        inserted = [_insert(graph, region) for region in find_regions(graph, rest)]
         inserted.sort(key=lambda r: r.wait)  # nodes compare by their place in the graph
         _schedule(graph, inserted, plan.prefetch - len(passed), 0, plan.device_type)
-        fetched = {id(r.region): r for r in inserted}
-        inserted = [  # the regions in the order they run, heads among them
-            fetched[id(r)] if id(r) in fetched else RewrittenRegion(r, None, heads[id(r)].weights, None, None)
-            for r in regions
-        ]
+        inserted = passed + inserted
     else:
+        regions = find_regions(graph, plan)  # in the order their reads start
         inserted = [_insert(graph, region) for region in regions]
         inserted.sort(key=lambda r: r.wait)
         heads = [] if has_barrier(graph, plan.device_type) else _heads(graph, regions, plan)
@@ -167,29 +166,19 @@ def _heads(graph: fx.Graph, regions: list[Region], plan: GraphPlan) -> list[_Hea
     return heads
 
 
-def _check_heads_passed(graph: fx.Graph, regions: list[Region], heads: list[_HeadRegion]) -> None:
-    """Head weights whose buffers the wrapper passes as inputs must be read by their head region
-    only, and only read: another region's fetch would copy from a buffer, a write would store into
-    it, an escaping view would hand it to the caller. ``backend.graph_plan`` decided so from
-    Dynamo's graph; a region of Inductor's graph the plan's heads do not cover is no head either."""
-    weights = {weight: head.name for head in heads for weight in head.weights}
-    served = {id(head.region) for head in heads}
-    for r in regions:
-        shared = [p for p in r.params if p in weights]
-        if shared and id(r) not in served:
-            _passed_wrongly(weights[shared[0]], f"region {r.name!r} reads {shared[0].name} too")
-    for weight, name in weights.items():
-        for user in weight.users:
-            if escapes(user) or is_write_back(user, weight) or user.op == "output":
-                _passed_wrongly(name, f"the graph writes or returns {weight.name} ({user.format_node()})")
-
-
-def _passed_wrongly(name: str, why: str) -> None:
-    raise RuntimeError(
-        f"fx_offload: head region {name!r} was planned to be passed as the graph's inputs, but {why} "
-        "after AOTAutograd. Please report this with the model; compile with "
-        "options={'heads_as_inputs': False} meanwhile"
-    )
+def _passed_heads(graph: fx.Graph, plan: GraphPlan) -> list[RewrittenRegion]:
+    """The plan's heads, whose buffers the wrapper passes as the graph's inputs at their weights'
+    positions: the pass adds nothing for them, and every read of those weights, by any region,
+    reads the buffers. They must only be read (``_check_only_read``)."""
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+    passed = []
+    fix = "compile with options={'heads_as_inputs': False}"
+    for name, positions in plan.head_regions:
+        weights = [placeholders[i] for i in positions]
+        for i in positions:
+            _check_only_read(placeholders[i], plan.offloaded_inputs[i], "its head's buffer", fix)
+        passed.append(RewrittenRegion(Region(name, name, weights), None, weights, None, None))
+    return passed
 
 
 def _schedule(
@@ -311,7 +300,8 @@ def _serve_swapped(graph: fx.Graph, plan: GraphPlan) -> None:
     by_component: dict[str, list[fx.Node]] = {}
     for i, (name, component) in sorted(plan.swapped_inputs.items()):
         if i in plan.swapped_as_inputs:  # the wrapper passes the device copy itself
-            _check_only_read(placeholders[i], name)
+            fix = "restore the model and offload it with policy='stream'"
+            _check_only_read(placeholders[i], name, "its component's device copy", fix)
         elif placeholders[i].users:
             by_component.setdefault(component, []).append(placeholders[i])
     if not by_component:
@@ -334,16 +324,17 @@ def _serve_swapped(graph: fx.Graph, plan: GraphPlan) -> None:
             _call(graph, HOLD, (items, results, component), "hold")
 
 
-def _check_only_read(param: fx.Node, name: str) -> None:
-    """A swapped parameter that the wrapper passes as its device copy must only be read here: a
-    write-back would store into the device copy instead of the parameter, an escaping view would
-    hand the device copy to the caller. ``backend.graph_plan`` decided so from Dynamo's graph."""
+def _check_only_read(param: fx.Node, name: str, copy: str, fix: str) -> None:
+    """A parameter whose device ``copy`` the wrapper passes in its place must only be read here: a
+    write-back would store into the copy instead of the parameter, an escaping view would hand
+    the copy to the caller. ``backend.graph_plan`` decided so from Dynamo's graph; ``fix`` says how
+    to do without the passing."""
     for user in param.users:
         if escapes(user) or is_write_back(user, param) or user.op == "output":
             raise RuntimeError(
-                f"fx_offload: swapped parameter {name!r} was planned as a plain read, but the graph "
-                f"after AOTAutograd writes or returns it ({user.format_node()}). Please report this; "
-                "restore the model and offload it with policy='stream' meanwhile"
+                f"fx_offload: parameter {name!r} was planned to be passed as {copy}, only read, but the "
+                f"graph the offload pass rewrites writes or returns it ({user.format_node()}). Please "
+                f"report this; {fix} meanwhile"
             )
 
 

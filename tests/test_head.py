@@ -391,5 +391,6 @@ def test_a_refill_in_graph_given_keeps_the_heads_ops(offloaded):
 def test_which_graphs_pass_their_heads_as_inputs(option, device, heads, regions, passes):
     options = fx_offload.Options(heads_as_inputs=option)
     assert fx_offload.backend.pass_heads(options, device, heads, regions) is passes
-    asked = fx_offload.Options(heads_as_inputs=option, refill_in_graph=1024)
-    assert fx_offload.backend.pass_heads(asked, device, heads, regions) is False
+    if option is not True:  # (True with a refill_in_graph raises: test_options)
+        asked = fx_offload.Options(heads_as_inputs=option, refill_in_graph=1024)
+        assert fx_offload.backend.pass_heads(asked, device, heads, regions) is False

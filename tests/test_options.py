@@ -33,6 +33,7 @@ def _compile_and_call(options):
         ({"refill_in_graph": 100, "prefetch_head": 0}, r"refill_in_graph'\]=100 .* leaves no head"),
         ({"refill_in_graph": 100, "prefetch": 1}, r"refill_in_graph'\]=100 .* leaves no head"),
         ({"heads_as_inputs": "yes"}, r"options\['heads_as_inputs'\] must be True .* got 'yes'"),
+        ({"heads_as_inputs": True, "refill_in_graph": 100}, r"heads_as_inputs'\]=True .* drop one of"),
         ({"offload": []}, r"options\['offload'\] is empty"),
         ({"offload": [3]}, r"options\['offload'\] must hold strings"),
         ({"prefech": 2}, r"options\['prefech'\]=2 is not an option: did you mean fx_offload's 'prefetch'\?"),
