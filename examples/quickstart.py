@@ -57,8 +57,9 @@ def main() -> None:
     print(f"\nthe rewritten graph has {len(calls)} fx_offload calls; the first three:")
     print("\n".join(call.split(";")[0] for call in calls[:3]))
     print(
-        "(head: a region whose weights stay on the device between calls, refilled after each call; "
-        "fetch / wait / release: a region copied in during the call and freed after its last use)"
+        "(fetch / wait / release: a region copied in during the call and freed after its last use; "
+        "a head, whose weights stay on the device between calls, refilled after each call, has no "
+        "op where the graph runs without CUDA graphs: its buffers are passed as the graph's inputs)"
     )
 
     fx_offload.restore(model)

@@ -42,7 +42,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from fx_offload import estimate, logs, matching, ops, placement, runtime, swap
 from fx_offload import plan as offload_plan
-from fx_offload.options import AUTO, Options
+from fx_offload.options import AUTO, OffloadOptionError, Options
 from fx_offload.regions import GraphPlan, find_regions, module_calls, module_name
 from fx_offload.rewrite import RewrittenRegion, has_barrier, rewrite
 
@@ -352,7 +352,7 @@ def _refuse_nothing_to_offload(example_inputs: list) -> None:
     params = [example for example in example_inputs if isinstance(example, nn.Parameter)]
     if params and not offload_plan.holds_offloaded_model_parameters(params):
         raise ValueError(
-            "offload_inductor has nothing to offload: call fx_offload.offload(model, patterns) "
+            "fx_offload's backend has nothing to offload: call fx_offload.offload(model, patterns) "
             "before compiling, or pass torch.compile(..., options={'offload': [module names]}). "
             "A model given back with fx_offload.restore is resident: compile it anew with "
             "torch.compile(model)"
@@ -385,11 +385,20 @@ def _place_by_patterns(gm, placeholders, example_inputs, patterns) -> set[str]:
         grapharg = node.meta.get("grapharg")
         if isinstance(example, nn.Parameter) and grapharg is not None and grapharg.source is not None:
             params.setdefault(module_name(grapharg.source.name), example)
+    if offload_plan.holds_offloaded_model_parameters(list(params.values())):
+        raise OffloadOptionError(
+            f"options['offload']={list(patterns)!r} places parameters at the first compile, but this "
+            "model was already offloaded with fx_offload.offload: drop options['offload'], or call "
+            "fx_offload.restore(model) first"
+        )
     calls = module_calls(gm.graph)
     names = {""} | set(calls.values())
     for name in params:
         names |= set(matching.prefixes(name.rpartition(".")[0]))
-    selected = matching.select(patterns, sorted(names))
+    try:
+        selected = matching.select(patterns, sorted(names))
+    except ValueError as error:
+        raise OffloadOptionError(f"options['offload']: {error}") from None
     roots = {name for hits in selected.values() for name in hits}
     owned: dict[int, tuple[nn.Parameter, list[str]]] = {}
     for name, param in params.items():

@@ -112,6 +112,10 @@ def offload(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if pin_memory is not None and not isinstance(pin_memory, bool):
+        raise TypeError(
+            f"pin_memory must be True, False or None (pin where the device needs it), got {pin_memory!r}"
+        )
     if isinstance(patterns, Iterator):
         patterns = list(patterns)  # read once, checked twice below
     policies = matching.normalize_policies(patterns, policy)

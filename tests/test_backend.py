@@ -31,7 +31,7 @@ def test_backend_name_works_without_importing_fx_offload_first(tmp_path):
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
     # the lookup found our backend: it refuses a model with nothing to offload, by our message
-    assert "offload_inductor has nothing to offload" in done.stdout, done.stdout + done.stderr
+    assert "backend has nothing to offload" in done.stdout, done.stdout + done.stderr
 
 
 def test_backend_alone_places_and_rewrites_at_first_compile():
@@ -54,8 +54,19 @@ def test_backend_alone_places_and_rewrites_at_first_compile():
 
 def test_backend_alone_with_a_typo_names_the_pattern():
     model = seeded(Nested)
-    with pytest.raises(Exception, match="no module matches 'visul'"):
+    typo = r"options\['offload'\]: no module matches 'visul'"
+    with pytest.raises(fx_offload.OffloadOptionError, match=typo):
         torch.compile(model, backend="offload_eager", options={"offload": ["visul"]})(torch.randn(2, 8))
+
+
+def test_the_backend_option_refuses_a_model_offload_placed(offloaded):
+    """``options['offload']`` on a model ``fx_offload.offload`` placed raises (it would place more
+    parameters than the model's plan lists); nothing is placed."""
+    model = seeded(Nested)
+    offloaded(model, ["visual"])
+    with pytest.raises(fx_offload.OffloadOptionError, match=r"already offloaded .* fx_offload\.restore"):
+        torch.compile(model, backend="offload_eager", options={"offload": ["head"]})(torch.randn(2, 8))
+    assert placement.lookup(model.head.weight) is None
 
 
 def test_nothing_to_offload_names_both_ways():

@@ -173,3 +173,11 @@ def test_a_parameter_dropped_during_a_trace_releases_its_host_copy_cleanly(monke
     assert raised == []
     assert all(record.host.numel() == 0 for record in plan.records if record.param() is None)
     fx_offload.restore(model)
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, 0.0])
+def test_a_pin_memory_that_is_no_bool_raises_naming_it(bad):
+    model = seeded(Stack)
+    with pytest.raises(TypeError, match=rf"pin_memory must be True, False or None .* got {bad!r}"):
+        fx_offload.offload(model, ["layers.0"], device="cpu", pin_memory=bad)
+    assert all(placement.lookup(p) is None for p in model.parameters())
