@@ -517,14 +517,7 @@ class _SwappedInputs:
         return self._passed(inputs, copies)
 
     def _passed(self, inputs, copies: tuple):
-        if not copies:
-            return inputs
-        passed = list(inputs)
-        for position, copy in zip(self.as_inputs, copies):
-            passed[position] = copy
-        if isinstance(inputs, list):
-            inputs.clear()
-        return passed
+        return runtime.replaced(inputs, self.as_inputs, copies) if copies else inputs
 
     def _group(self, inputs) -> list[tuple[weakref.ref, list[weakref.ref]]]:
         groups: dict[swap.Component, list] = {}

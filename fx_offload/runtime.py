@@ -481,26 +481,22 @@ class GraphRuntime:
     def passed(self, inputs, heads: list[_Head]) -> list:
         """The inputs to call a graph that reads its heads as inputs with (``heads_as_inputs``): each
         head's weights replaced by its buffers, which ``enter`` made hold them; on a GPU the
-        compute stream first waits for the copy into them (the refill after the previous call,
-        or another graph's prefetch), in Python, outside the graph. The wrapper refills them after
-        the call, all of them (no graph ``refill`` copies part of them within). Heads dropped
-        (their weights restored elsewhere): one persistent copy per weight, as ``head`` serves a
-        graph run without the wrapper. A boxed call's list is emptied, as the compiled function
-        would: it owns its inputs."""
-        passed = list(inputs)
+        compute stream of each head's device first waits for the copy into them (the refill after
+        the previous call, or another graph's prefetch), in Python, outside the graph. The wrapper
+        refills them after the call, all of them (no graph ``refill`` copies part of them within).
+        Heads dropped (their weights restored elsewhere): one persistent copy per weight, as
+        ``head`` serves a graph run without the wrapper."""
+        positions, values = [], []
         for found in heads:
             if found.refilled is not None:
-                self.device.compute_stream().wait_event(found.refilled)
+                device_runtime(found.buffers[0].device).compute_stream().wait_event(found.refilled)
             found.deferred = True
-            for position, buffer in zip(found.positions, found.buffers):
-                passed[position] = buffer
+            positions += found.positions
+            values += found.buffers
         if not heads:
             positions = [p for found in self._positions for p in found]
-            for position, buffer in zip(positions, _loose_head([inputs[p] for p in positions])):
-                passed[position] = buffer
-        if isinstance(inputs, list):
-            inputs.clear()
-        return passed
+            values = _loose_head([inputs[p] for p in positions])
+        return replaced(inputs, positions, values)
 
     def leave(self, heads: list[_Head]) -> None:
         """After the call (also when it raised): refill the heads for this graph's next call, then
@@ -537,6 +533,18 @@ class GraphRuntime:
             found.holds = (pointers, _versions(records))
             _copy_head(found, records, 0)
             counters["fx_offload"]["cross_graph_prefetches"] += 1
+
+
+def replaced(inputs, positions, values) -> list:
+    """``inputs`` as a new list with ``values`` at ``positions`` (what a wrapper passes a graph in
+    place of the parameters there). A boxed call's list is emptied, as the compiled function
+    would: it owns its inputs."""
+    passed = list(inputs)
+    for position, value in zip(positions, values):
+        passed[position] = value
+    if isinstance(inputs, list):
+        inputs.clear()
+    return passed
 
 
 def _refill_after(found: _Head) -> None:

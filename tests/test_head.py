@@ -394,3 +394,24 @@ def test_which_graphs_pass_their_heads_as_inputs(option, device, heads, regions,
     if option is not True:  # (True with a refill_in_graph raises: test_options)
         asked = fx_offload.Options(heads_as_inputs=option, refill_in_graph=1024)
         assert fx_offload.backend.pass_heads(asked, device, heads, regions) is False
+
+
+@pytest.mark.parametrize("backend", ["offload_eager", "offload_inductor"])
+@pytest.mark.parametrize("cls", [Stack, BreakingStack])
+def test_a_graph_passed_its_heads_reads_the_head_buffers(backend, cls, offloaded):
+    """The head buffers are what the graph reads, not the parameters: garbage put in them after
+    a call's refill (which left them holding the next call's weights) comes out of the next call,
+    and the refill after that call makes the one after it right again."""
+    model = seeded(cls, n=4)
+    offloaded(model, ["layers.*"])
+    compiled = _compiled(model, backend, heads_as_inputs=True)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        expected = compiled(x)
+        compiled(x)  # (a graph reused per block has learned which block follows which)
+        assert runtime.live_heads()
+        for found in runtime.live_heads():
+            for buffer in found.buffers:
+                buffer.fill_(float("nan"))
+        assert torch.isnan(compiled(x)).all()
+        torch.testing.assert_close(compiled(x), expected)
