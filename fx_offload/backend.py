@@ -222,15 +222,22 @@ def graph_plan(
     graph = runtime.GraphRuntime()
     if heads and offloaded:  # window gave a graph split by a barrier none
         chosen = tuple((region.name, tuple(position[p] for p in region.params)) for region in regions[:heads])
-        for name, positions in chosen:
-            graph.declare_head(example_inputs, list(positions), name)
-        plan = dataclasses.replace(plan, head_regions=chosen)
+        passed = False
         if as_inputs and pass_heads(options, device_type, heads, len(regions)):
             # weights the graph only reads, contiguous as the buffers are (any region may read them)
             weights = sorted({i for _, positions in chosen for i in positions})
             passed = all(example_inputs[i].is_contiguous() for i in weights)
             passed = passed and _only_read(placeholders, weights) == frozenset(weights)
-            plan = dataclasses.replace(plan, heads_as_inputs=passed)
+        if passed:  # a head whose weights an earlier one holds would be buffers no read reaches
+            kept, held = [], set()
+            for name, positions in chosen:
+                if not held.issuperset(positions):
+                    kept.append((name, positions))
+                    held.update(positions)
+            chosen = tuple(kept)
+        for name, positions in chosen:
+            graph.declare_head(example_inputs, list(positions), name)
+        plan = dataclasses.replace(plan, head_regions=chosen, heads_as_inputs=passed)
     return GraphSetup(plan, graph, tuple(sorted(swapped)))
 
 

@@ -60,14 +60,15 @@ class Options:
             estimated per graph (``estimate.tail_bytes``).
         heads_as_inputs: whether the compiled function's wrapper passes a head region's buffers
             to the graph as its inputs, in place of the parameters, where the graph allows it (no
-            CUDA graphs, an inference graph, head weights only read, by their head region alone):
+            CUDA graphs, an inference graph, head weights only read):
             the graph then has no op for its heads (no ``head``, ``wait``, ``refill``, ``join``,
             ``release``), which saves their Python on every call, and the wrapper refills them
             whole after the call, none of it hidden behind the graph's last compute. ``AUTO``: on
             a CPU, and on a GPU where every region of the graph is a head (a graph Dynamo cut
             small: no compute after the heads to hide a refill behind). ``True``: wherever the
-            graph allows; ``False``: never. A ``refill_in_graph`` other than ``AUTO`` or 0 keeps
-            the ops (it is their refill's).
+            graph allows (a ``refill_in_graph`` other than ``AUTO`` or 0 beside it raises: that
+            is a part of the ops' refill); ``False``: never. Under ``AUTO`` such a
+            ``refill_in_graph`` keeps the ops.
         offload: patterns (``matching``) whose modules' parameters the backend places at its first
             compile, as ``fx_offload.offload`` would; ``None``: the model was offloaded before.
         inductor: every other key of torch.compile's ``options``: Inductor config options (names

@@ -52,9 +52,9 @@ class GraphPlan:
             as the device copies themselves (the graph only reads them): the pass leaves their
             reads as they are, so the graph is the resident one's.
         heads_as_inputs: whether the compiled function's wrapper passes the heads' buffers as the
-            graph's inputs at ``head_regions``' positions (the graph only reads those weights, in
-            its head regions alone): the pass leaves the head regions' reads as they are, and the
-            wrapper copies, waits for and refills the heads around each call.
+            graph's inputs at ``head_regions``' positions (the graph only reads those weights):
+            the pass leaves every read of those weights as it is, whichever region makes it, and
+            the wrapper copies, waits for and refills the heads around each call.
         refill_in_graph: of the heads' refill for the next call, the first bytes the graph
             copies itself after its last fetch (they overlap its last compute; the wrapper copies
             the rest when the call returns); ``options.AUTO``: as many as that compute hides, estimated

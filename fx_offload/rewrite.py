@@ -70,7 +70,8 @@ class RewrittenRegion:
 def rewrite(graph: fx.Graph, plan: GraphPlan) -> list[RewrittenRegion]:
     """Insert fetch / wait / release for every region of ``graph`` and schedule the fetches.
 
-    Returns the added nodes per region, in the order the regions run.
+    Returns the added nodes per region, in the order the regions run (heads passed as inputs
+    first: they have none).
     """
     if plan.prefetch < 0:
         raise ValueError(f"prefetch must be >= 0, got {plan.prefetch}")

@@ -429,9 +429,9 @@ class GraphRuntime:
     def _thread_heads(self) -> list[_Head]:
         if self._dropped or not self._first:
             return []
-        ident = threading.get_ident()
-        if ident == self._last[0]:
-            return self._last[1]  # the thread that called last (an id reused after a thread
+        ident, last = threading.get_ident(), self._last  # read once: another thread may replace it
+        if ident == last[0]:
+            return last[1]  # the thread that called last (an id reused after a thread
             # ended takes over its heads: the ended thread reads them no more)
         thread = threading.current_thread()
         heads = self._sets.get(thread)

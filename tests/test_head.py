@@ -415,3 +415,34 @@ def test_a_graph_passed_its_heads_reads_the_head_buffers(backend, cls, offloaded
                 buffer.fill_(float("nan"))
         assert torch.isnan(compiled(x)).all()
         torch.testing.assert_close(compiled(x), expected)
+
+
+@pytest.mark.parametrize(
+    ("cls", "patterns", "make_input"),
+    [
+        (CalledTwice, ["shared", "mid"], lambda: torch.randn(3, 8)),
+        (Tied, ["embed", "body", "lm_head"], lambda: torch.randint(0, 16, (2, 5))),
+    ],
+)
+def test_passed_heads_of_shared_weights_are_one_set_and_each_is_read(cls, patterns, make_input, offloaded):
+    """A module called twice, or a tied weight, makes two head regions of the same weights:
+    passed as inputs, one set of buffers serves both (another would be filled and refilled every
+    call with no read reaching it), and every set the graph holds is read: garbage in any one
+    comes out of the next call."""
+    model = seeded(cls)
+    offloaded(model, patterns)
+    x = make_input()
+    compiled = _compiled(model, "offload_eager", prefetch=3, prefetch_head=3, heads_as_inputs=True)
+    with torch.no_grad():
+        expected = compiled(x)
+        heads = runtime.live_heads()
+        held = [tuple(sorted(found.positions)) for found in heads]
+        assert len(set(held)) == len(held), held
+        for found in heads:
+            saved = [buffer.clone() for buffer in found.buffers]
+            for buffer in found.buffers:
+                buffer.fill_(float("nan"))
+            assert torch.isnan(compiled(x)).any(), found.region
+            torch.testing.assert_close(compiled(x), expected)
+            for buffer, value in zip(found.buffers, saved):
+                assert torch.equal(buffer, value)
