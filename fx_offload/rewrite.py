@@ -18,6 +18,9 @@
    fetch; its ``in_graph`` argument (``plan.refill_in_graph``, spent on the heads in order; by
    default what ``estimate.tail_bytes`` says the compute after the last fetch can hide) is how
    many of its bytes the graph copies there itself, the wrapper copying the rest after the call.
+   Where the plan passes the heads as inputs (``heads_as_inputs``: no CUDA graphs), the heads get
+   no node at all: their weights leave the regions, every read of them reads the buffers the
+   wrapper puts in their place, and the other regions are scheduled as above.
 
 Before (one offloaded ``Linear`` called ``visual``)::
 
@@ -83,9 +86,9 @@ def rewrite(graph: fx.Graph, plan: GraphPlan) -> list[RewrittenRegion]:
     _refuse_captured_write_backs(graph, plan)
     if plan.heads_as_inputs:  # the wrapper passes the heads' buffers: their reads stay as they are
         passed = _passed_heads(graph, plan)
-        fetched = {i for _, positions in plan.head_regions for i in positions}
+        held = {i for _, positions in plan.head_regions for i in positions}
         rest = dataclasses.replace(
-            plan, offloaded_inputs={i: n for i, n in plan.offloaded_inputs.items() if i not in fetched}
+            plan, offloaded_inputs={i: n for i, n in plan.offloaded_inputs.items() if i not in held}
         )
         inserted = [_insert(graph, region) for region in find_regions(graph, rest)]
         inserted.sort(key=lambda r: r.wait)  # nodes compare by their place in the graph
