@@ -341,6 +341,8 @@ class _Head:
 
     def __post_init__(self) -> None:
         self.nbytes = sum(buffer.nbytes for buffer in self.buffers)
+        # the buffers' device's runtime, found once: the calls' paths read it every call
+        self.runtime = device_runtime(self.buffers[0].device) if self.buffers else None
         take = operator.itemgetter(*self.positions) if self.positions else (lambda args: ())
         # the region's weights among a call's inputs, as a tuple (C-level)
         self.take = take if len(self.positions) != 1 else (lambda args: (take(args),))
@@ -364,7 +366,7 @@ def _made(buffers: list[torch.Tensor], positions: list[int], region: str) -> _He
     found = _Head(buffers, list(positions), region)
     if buffers and buffers[0].device.type == "cuda":
         found.refilled = torch.cuda.Event(external=True)
-        copy = device_runtime(buffers[0].device).copy_stream()
+        copy = found.runtime.copy_stream()
         for buffer in buffers:  # the copy stream writes them: freed, wait for it before reuse
             buffer.record_stream(copy)
     return found
@@ -489,7 +491,7 @@ class GraphRuntime:
         positions, values = [], []
         for found in heads:
             if found.refilled is not None:
-                device_runtime(found.buffers[0].device).compute_stream().wait_event(found.refilled)
+                found.runtime.compute_stream().wait_event(found.refilled)
             found.deferred = True
             positions += found.positions
             values += found.buffers
@@ -577,7 +579,7 @@ def _copy_head(found: _Head, records: list[placement.HostParameter], copied: int
     """Copy ``records``' host values but their first ``copied`` bytes into ``found``'s buffers: on
     a GPU on the copy stream, after all the compute stream queued, ending with ``refilled``."""
     hosts = [record.host for record in records]
-    device = device_runtime(found.buffers[0].device)
+    device = found.runtime
     if copied:
         _, pairs = _split(found.buffers, hosts, copied)
         device.count(records, sum(buffer.nbytes for buffer, _ in pairs))
@@ -606,7 +608,7 @@ def _fill(found: _Head, weights: list[torch.Tensor], pointers: tuple[int, ...]) 
     state = (pointers, _versions(records))
     if found.holds == state:
         return  # the previous call refilled it with these values
-    device = device_runtime(found.buffers[0].device)
+    device = found.runtime
     if found.refilled is not None:  # after the previous call's refill, which writes them too
         device.compute_stream().wait_event(found.refilled)
     for buffer, record in zip(found.buffers, records):
