@@ -68,6 +68,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch._dynamo.utils import counters
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -158,6 +159,7 @@ class Row:
     wall_samples: list[float] = field(default_factory=list)
     peak_bytes: int | None = None
     outputs: tuple = ()
+    counts: dict = field(default_factory=dict)  # fx_offload's counters over one forward
 
 
 def _sync(device: torch.device) -> None:
@@ -234,6 +236,12 @@ def measure(rows: list[Row], device: torch.device, rounds: int, calls: int) -> N
             row.call()
             _sync(device)
             row.peak_bytes = row.rest_bytes + torch.cuda.max_memory_allocated(device) - base
+    for row in rows:
+        if row.plan is not None:
+            counters["fx_offload"].clear()
+            row.call()
+            _sync(device)
+            row.counts = dict(counters["fx_offload"])
 
 
 def profile(row: Row, device: torch.device, calls: int) -> dict:
@@ -309,6 +317,7 @@ def table(work: Workload, rows: list[Row], device_name: str) -> list[dict]:
             "wall_samples_ms": row.wall_samples,
             "outside_graphs": row.plan.outside_graphs() if row.plan is not None else [],
             "swap_ins": {c.name: c.swap_ins for c in row.plan.components} if row.plan is not None else {},
+            "counters": row.counts,
         }
         results.append(result)
         shown_copy = f"{copy_ms:8.3f}" if copy_ms is not None else f"{'-':>8}"
@@ -319,6 +328,18 @@ def table(work: Workload, rows: list[Row], device_name: str) -> list[dict]:
             f"{diff:10.2e}"
         )
     for result in results:
+        copies = {
+            k.removeprefix("head_copy_"): v
+            for k, v in result["counters"].items()
+            if k.startswith("head_copy")
+        }
+        if copies:
+            shown = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in copies.items())
+            prefetches = result["counters"].get("cross_graph_prefetches", 0)
+            print(
+                f"  {result['row']}: calls with heads, by where their copy was issued: {shown}; "
+                f"{prefetches} prefetches into another graph's heads (one forward)"
+            )
         if result["outside_graphs"]:
             print(
                 f"  {result['row']}: {len(result['outside_graphs'])} offloaded parameters read outside graphs"
