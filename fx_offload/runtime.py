@@ -133,8 +133,8 @@ class DeviceRuntime:
         if not torch._C._cuda_isCurrentStreamCapturing() and len(self._events) < _FREE_EVENTS:
             self._events.append(event)
 
-    def copy(self, pairs, done: torch.cuda.Event | None = None) -> torch.cuda.Event:
-        """Copy each (device buffer, host tensor) of ``pairs`` on the copy stream, after all the
+    def copy(self, buffers, hosts, done: torch.cuda.Event | None = None) -> torch.cuda.Event:
+        """Copy each host tensor of ``hosts`` into its device buffer on the copy stream, after all the
         compute stream queued (the buffers may reuse memory its kernels still read); record
         ``done`` (or a free event) on the copy stream after them and return it.
 
@@ -149,11 +149,11 @@ class DeviceRuntime:
         done = done if done is not None else self.event()
         if torch._C._cuda_getDevice() != self.device.index:
             with torch.cuda.stream(copy):
-                _copy_then_record(pairs, done, copy)
+                _copy_then_record(buffers, hosts, done, copy)
             return done
         _make_current(copy)
         try:
-            _copy_then_record(pairs, done, copy)
+            _copy_then_record(buffers, hosts, done, copy)
         finally:
             _make_current(compute)
         return done
@@ -165,11 +165,16 @@ class DeviceRuntime:
         self.copied_bytes += sum(record.nbytes for record in records) if nbytes is None else nbytes
 
 
-def _copy_then_record(pairs, done: torch.cuda.Event, stream: torch.cuda.Stream) -> None:
-    """On the current stream (``stream``): each (buffer, host) copy, then ``done``."""
-    for buffer, host in pairs:
-        buffer.copy_(host, non_blocking=True)
+def _copy_then_record(buffers, hosts, done: torch.cuda.Event, stream: torch.cuda.Stream) -> None:
+    """On the current stream (``stream``): the copies, then ``done``."""
+    copy_all(buffers, hosts)
     done.record(stream)
+
+
+def copy_all(buffers, hosts) -> None:
+    """Copy each of ``hosts`` into its buffer, on the current stream, in one call (not one per
+    tensor: this runs on every graph call with heads)."""
+    torch._foreach_copy_(list(buffers), list(hosts), non_blocking=True)
 
 
 def _make_current(stream: torch.cuda.Stream) -> None:
@@ -269,11 +274,10 @@ def _start_copies(buffers: list[torch.Tensor], weights: list[torch.Tensor]) -> N
 def _copy_in(buffers: list[torch.Tensor], hosts: list[torch.Tensor]) -> None:
     """``_start_copies`` from the host tensors themselves (whole or cut by ``_split``)."""
     if not buffers or buffers[0].device.type != "cuda":
-        for buffer, host in zip(buffers, hosts):
-            buffer.copy_(host)
+        copy_all(buffers, hosts)
         return
     device = device_runtime(buffers[0].device)
-    device.inflight[buffers[0].data_ptr()] = device.copy(zip(buffers, hosts))
+    device.inflight[buffers[0].data_ptr()] = device.copy(buffers, hosts)
 
 
 def wait(fetched: list[torch.Tensor]) -> None:
@@ -580,19 +584,19 @@ def _copy_head(found: _Head, records: list[placement.HostParameter], copied: int
     a GPU on the copy stream, after all the compute stream queued, ending with ``refilled``."""
     hosts = [record.host for record in records]
     device = found.runtime
+    buffers = found.buffers
     if copied:
-        _, pairs = _split(found.buffers, hosts, copied)
-        device.count(records, sum(buffer.nbytes for buffer, _ in pairs))
+        _, pairs = _split(buffers, hosts, copied)
+        buffers, hosts = [buffer for buffer, _ in pairs], [host for _, host in pairs]
+        device.count(records, sum(buffer.nbytes for buffer in buffers))
     else:  # the whole head: no cut, and its records were marked fetched when it was first filled
-        pairs = zip(found.buffers, hosts)
         device.copied_bytes += found.nbytes
         if not records[0].fetched:
             device.count(records, 0)
     if found.refilled is None:
-        for buffer, host in pairs:
-            buffer.copy_(host)
+        copy_all(buffers, hosts)
         return
-    device.copy(pairs, found.refilled)
+    device.copy(buffers, hosts, found.refilled)
 
 
 def _fill(found: _Head, weights: list[torch.Tensor], pointers: tuple[int, ...]) -> None:
@@ -611,8 +615,7 @@ def _fill(found: _Head, weights: list[torch.Tensor], pointers: tuple[int, ...]) 
     device = found.runtime
     if found.refilled is not None:  # after the previous call's refill, which writes them too
         device.compute_stream().wait_event(found.refilled)
-    for buffer, record in zip(found.buffers, records):
-        buffer.copy_(record.host, non_blocking=True)  # on the compute stream, before the call
+    copy_all(found.buffers, [record.host for record in records])  # on the compute stream, before the call
     device.count(records)
     found.holds = state
 
