@@ -65,7 +65,8 @@ def window(sizes: Sequence[int], prefetch: int | str, head: int | str) -> tuple[
     regions as make ``HEAD_BYTES``, at least one and at most half the graph's regions (so that
     offloading still keeps most of a small graph's weights off the device between calls), and at
     most ``prefetch - 1`` when ``prefetch`` is given (so one region can still be copied while
-    another computes); ``prefetch`` is ``default_prefetch(heads)``.
+    another computes); ``prefetch`` is ``default_prefetch(heads)``. (``graph_plan`` makes every
+    region of a small graph whose heads it passes as inputs a head.)
     """
     if head == AUTO:
         heads = total = 0
@@ -206,6 +207,17 @@ def graph_plan(
     if not has_barrier(gm.graph, device_type):  # heads cannot cross a partition
         sizes = [sum(example_inputs[position[p]].nbytes for p in region.params) for region in regions]
     prefetch, heads = window(sizes, options.prefetch, options.prefetch_head)
+    as_inputs = swapped_as_inputs and not _trains(gm, example_inputs)
+    region_inputs = tuple((region.name, tuple(position[p] for p in region.params)) for region in regions)
+    if (
+        as_inputs
+        and sizes
+        and sum(sizes) <= HEAD_BYTES
+        and options.prefetch == options.prefetch_head == AUTO
+        and pass_heads(options, device_type, len(sizes), len(sizes))
+        and _passable(example_inputs, placeholders, region_inputs)
+    ):  # a small graph (a piece of a block Dynamo split): every region a head, passed as inputs
+        prefetch, heads = default_prefetch(len(sizes)), len(sizes)
     logs.planned(sizes, prefetch, heads, options)
     in_graph = options.refill_in_graph
     figures = estimate.device_figures(device_type) if in_graph == AUTO and heads else None
@@ -216,18 +228,13 @@ def graph_plan(
     for i in sorted(swapped):
         components.setdefault(records[i].component, None)
     swap.check_together(list(components))
-    as_inputs = swapped_as_inputs and not _trains(gm, example_inputs)
     if as_inputs:
         plan = dataclasses.replace(plan, swapped_as_inputs=_only_read(placeholders, swapped))
     graph = runtime.GraphRuntime()
     if heads and offloaded:  # window gave a graph split by a barrier none
-        chosen = tuple((region.name, tuple(position[p] for p in region.params)) for region in regions[:heads])
-        passed = False
-        if as_inputs and pass_heads(options, device_type, heads, len(regions)):
-            # weights the graph only reads, contiguous as the buffers are (any region may read them)
-            weights = sorted({i for _, positions in chosen for i in positions})
-            passed = all(example_inputs[i].is_contiguous() for i in weights)
-            passed = passed and _only_read(placeholders, weights) == frozenset(weights)
+        chosen = region_inputs[:heads]
+        passed = as_inputs and pass_heads(options, device_type, heads, len(regions))
+        passed = passed and _passable(example_inputs, placeholders, chosen)
         if passed:  # a head whose weights an earlier one holds would be buffers no read reaches
             kept, held = [], set()
             for name, positions in chosen:
@@ -235,10 +242,24 @@ def graph_plan(
                     kept.append((name, positions))
                     held.update(positions)
             chosen = tuple(kept)
-        for name, positions in chosen:
-            graph.declare_head(example_inputs, list(positions), name)
+            # one set of buffers for them all: the wrapper checks, passes and refills it at once
+            graph.declare_head(
+                example_inputs, list(dict.fromkeys(i for _, p in chosen for i in p)), chosen[0][0]
+            )
+        else:
+            for name, positions in chosen:
+                graph.declare_head(example_inputs, list(positions), name)
         plan = dataclasses.replace(plan, head_regions=chosen, heads_as_inputs=passed)
     return GraphSetup(plan, graph, tuple(sorted(swapped)))
+
+
+def _passable(example_inputs: list, placeholders: list[fx.Node], heads: tuple) -> bool:
+    """Whether head regions ``heads`` (name, input positions) can be passed as the graph's inputs:
+    weights the graph only reads, contiguous as the buffers are (any region may read them)."""
+    weights = sorted({i for _, positions in heads for i in positions})
+    if not all(example_inputs[i].is_contiguous() for i in weights):
+        return False
+    return _only_read(placeholders, weights) == frozenset(weights)
 
 
 def pass_heads(options: Options, device_type: str, heads: int, regions: int) -> bool:

@@ -119,9 +119,9 @@ def test_heads_passed_as_inputs_need_no_op_and_are_refilled_after_the_call(
     backend, head, offloaded, monkeypatch
 ):
     """Without CUDA graphs the wrapper passes the heads' buffers as the graph's inputs: the graph
-    has no head, wait, refill, join or release for them; the wrapper refills each head once per
-    call, after it; every byte crosses once per call; values and in-place writes between calls
-    are as without offload."""
+    has no head, wait, refill, join or release for them; the wrapper refills them, one set of
+    buffers, once per call, after it; every byte crosses once per call; values and in-place
+    writes between calls are as without offload."""
     model = seeded(Stack, n=4)
     plan = offloaded(model, ["layers.*"])
     graphs = []
@@ -146,13 +146,14 @@ def test_heads_passed_as_inputs_need_no_op_and_are_refilled_after_the_call(
     finally:
         fx_offload.backend.listeners.pop()
     torch.testing.assert_close(out, _restored_output(model, x), rtol=1e-5, atol=1e-6)
-    (code, regions), = graphs
+    ((code, regions),) = graphs
     assert [r.passed for r in regions] == [True] * head + [False] * (4 - head)
     for op in ("head", "refill", "join"):
         assert f"fx_offload.{op}" not in code, code
     assert code.count("fx_offload.fetch") == code.count("fx_offload.release") == 4 - head, code
-    assert [names[0].split(".")[1] for names in refills[:head]] == [str(i) for i in range(head)], refills
-    assert len(refills) == 4 * head
+    # the heads are one set of buffers, refilled at once after each call: the first head's weights first
+    assert [names[0].split(".")[1] for names in refills] == ["0"] * 4, refills
+    assert {name.split(".")[1] for name in refills[0]} == {str(i) for i in range(head)}, refills
     assert copied[1:] == [plan.offloaded_bytes] * 2, (copied, plan.offloaded_bytes)
 
 
@@ -394,6 +395,45 @@ def test_which_graphs_pass_their_heads_as_inputs(option, device, heads, regions,
     if option is not True:  # (True with a refill_in_graph raises: test_options)
         asked = fx_offload.Options(heads_as_inputs=option, refill_in_graph=1024)
         assert fx_offload.backend.pass_heads(asked, device, heads, regions) is False
+
+
+@pytest.mark.parametrize(
+    ("head_bytes", "options", "heads", "passed"),
+    [
+        (None, {}, 4, True),  # a small graph: every region a head, passed
+        (2000, {}, 2, True),  # above HEAD_BYTES: heads up to it, at most half the regions
+        (None, {"prefetch_head": 1}, 1, True),  # asked for: as asked
+        (None, {"prefetch": 2}, 1, True),  # a prefetch given: the window's heads
+        (None, {"heads_as_inputs": False}, 2, False),  # the ops: the window's heads
+    ],
+)
+def test_a_small_graph_passes_every_region_as_a_head(
+    head_bytes, options, heads, passed, offloaded, monkeypatch
+):
+    """Where heads are passed as inputs and the graph's offloaded weights total at most
+    ``HEAD_BYTES`` (a piece of a block Dynamo split), every region is a head: the graph has no
+    fx_offload op, its weights stay in one set of buffers between calls, and calls read them."""
+    if head_bytes is not None:
+        monkeypatch.setattr(fx_offload.backend, "HEAD_BYTES", head_bytes)
+    model = seeded(Stack, n=4)  # four regions of 1120 B
+    plan = offloaded(model, ["layers.*"])
+    graphs = []
+    fx_offload.backend.listeners.append(lambda gm, plan, regions: graphs.append((gm.code, regions)))
+    try:
+        compiled = _compiled(model, "offload_eager", **options)
+        x = torch.randn(3, 8)
+        with torch.no_grad():
+            out, copied = _copied_per_call(compiled, x)
+    finally:
+        fx_offload.backend.listeners.pop()
+    torch.testing.assert_close(out, _restored_output(model, x), rtol=1e-5, atol=1e-6)
+    ((code, regions),) = graphs
+    served = [r.passed or r.fetch.target is fx_offload.ops.HEAD for r in regions]
+    assert served == [True] * heads + [False] * (4 - heads)
+    assert all(r.passed == passed for r in regions[:heads])
+    assert ("fx_offload." in code) == (heads < 4 or not passed), code
+    assert runtime.persistent_bytes() == heads * 1120
+    assert copied[1:] == [plan.offloaded_bytes] * 2
 
 
 @pytest.mark.parametrize("backend", ["offload_eager", "offload_inductor"])

@@ -21,7 +21,7 @@ from tests.models import Stack, seeded
 model = seeded(Stack, n=2)
 fx_offload.offload(model, ["layers.*"], device="cpu")
 with torch.no_grad():
-    torch.compile(model, backend="offload_eager")(torch.randn(2, 8))
+    torch.compile(model, backend="offload_eager", options={"prefetch_head": 1})(torch.randn(2, 8))
 """
 
 
@@ -38,11 +38,14 @@ def _run_with_torch_logs(setting: str) -> str:
 
 
 def test_torch_logs_shows_regions_bytes_window_and_graphs():
-    """Two blocks of 1120 bytes (fc1 16x8 + 16, fc2 8x16 + 8, float32): the default window makes
-    the first a head (its buffers passed as the graph's inputs: no CUDA graphs here), and fetches
-    the second at the start."""
+    """Two blocks of 1120 bytes (fc1 16x8 + 16, fc2 8x16 + 8, float32), one head: the first
+    block (its buffers passed as the graph's inputs: no CUDA graphs here); the second fetched at
+    the start."""
     out = _run_with_torch_logs("+fx_offload")
-    assert "window: prefetch=2, heads=1 for 2 regions of 1120 B, 1120 B" in out, out
+    assert (
+        "window: prefetch=2, heads=1 for 2 regions of 1120 B, 1120 B (asked: prefetch=auto, prefetch_head=1)"
+        in out
+    ), out
     assert "rewrote a graph: 2 regions, 2240 B offloaded; prefetch=2, heads=1 passed as inputs" in out
     assert "layers.0      1120 B  head: copied in between calls, passed as the graph's inputs" in out
     assert "layers.1      1120 B  fetched at the start" in out
