@@ -18,7 +18,10 @@ Each row keeps one static cache (``transformers.StaticCache``) across its genera
 Prefill is the time of ``generate(max_new_tokens=1)`` (the prompt's forward and one sampled
 token); decode per token is ``(generate(N) - generate(1)) / (N - 1)``, each the median of a few
 runs after warm-up (compiles excluded). The floor of a row with offloaded weights is ``max(resident time,
-offloaded bytes / pinned bandwidth)`` for prefill and for each decode step. Every row's tokens are
+offloaded bytes / pinned bandwidth)`` for prefill and for each decode step. ``before fw`` is the part of
+prefill generate() spends before it calls the forward (host time with nothing queued on the device:
+no copy the forward issues can overlap it). ``--prefetch-head N`` sets the fx_offload row's
+``prefetch_head`` (how many layers are copied in between calls). Every row's tokens are
 compared with the resident model's: a row giving other tokens is marked WRONG (compiled and eager
 bf16 kernels may round differently: the eager rows are also compared with the eager resident model).
 
@@ -106,15 +109,20 @@ def offloaded_bytes(model, layers: list[int]) -> int:
     return sum(p.nbytes for i in layers for p in model.model.layers[i].parameters())
 
 
-def prepare(row: str, model, device: torch.device, layers: list[int]):
-    """Set ``row``'s offloading up on ``model``; return the generate() keyword arguments it needs."""
+def prepare(row: str, model, device: torch.device, layers: list[int], prefetch_head: str = "auto"):
+    """Set ``row``'s offloading up on ``model``; return the generate() keyword arguments it needs.
+    ``prefetch_head``: the fx_offload row's option."""
     patterns = [f"model.layers.{i}" for i in layers]
     kwargs: dict = {"disable_compile": True}  # rows compile model.forward themselves, or run eager
     if row == "resident":
         model.forward = torch.compile(model.forward, mode="reduce-overhead")
     elif row == "fx_offload":
         fx_offload.offload(model, patterns, device=device)
-        model.forward = torch.compile(model.forward, backend="offload_inductor", mode="reduce-overhead")
+        if prefetch_head == "auto":
+            model.forward = torch.compile(model.forward, backend="offload_inductor", mode="reduce-overhead")
+        else:  # torch.compile takes a mode or options: reduce-overhead's CUDA graphs as an option
+            options = {"prefetch_head": int(prefetch_head), "triton.cudagraphs": True}
+            model.forward = torch.compile(model.forward, backend="offload_inductor", options=options)
     elif row == "accelerate device_map":
         from accelerate import dispatch_model
 
@@ -189,6 +197,36 @@ def timed(model, ids, new_tokens: int, kwargs: dict, device: torch.device, runs:
     return statistics.median(times)
 
 
+def before_forward(model, ids, kwargs: dict, device: torch.device, runs: int) -> float:
+    """Median seconds that ``generate(max_new_tokens=1)`` spends before it calls the model's forward
+    (cache reset, input preparation, logits processors): host time in which nothing is queued on
+    the device yet, so no copy issued by the forward can overlap it."""
+    own = "forward" in vars(model)
+    inner = model.forward
+    starts: list[float] = []
+
+    def forward(*args, **kw):
+        starts.append(time.perf_counter())
+        return inner(*args, **kw)
+
+    model.forward = forward
+    try:
+        times = []
+        for _ in range(runs):
+            sync(device)
+            starts.clear()
+            start = time.perf_counter()
+            generate(model, ids, 1, kwargs)
+            sync(device)
+            times.append(starts[0] - start)
+    finally:
+        if own:
+            model.forward = inner
+        else:
+            del model.forward
+    return statistics.median(times)
+
+
 def measure(row: str, cfg, state, device, dtype, ids, args, references: dict) -> dict:
     torch._dynamo.reset()
     gc.collect()
@@ -201,7 +239,7 @@ def measure(row: str, cfg, state, device, dtype, ids, args, references: dict) ->
     model = build(cfg, state, device, dtype)
     layers = offloaded_layers(cfg.num_hidden_layers)
     try:
-        kwargs = prepare(row, model, device, layers)
+        kwargs = prepare(row, model, device, layers, args.prefetch_head)
         if device.type == "cuda":  # the model was built on the device: its peak is the whole model's
             torch.cuda.reset_peak_memory_stats(device)
         kwargs["past_key_values"] = static_cache(
@@ -215,6 +253,7 @@ def measure(row: str, cfg, state, device, dtype, ids, args, references: dict) ->
         prefill = timed(model, ids, 1, kwargs, device, args.runs)
         whole = timed(model, ids, args.new_tokens, kwargs, device, args.runs)
         result["prefill_ms"] = prefill * 1e3
+        result["prefill_before_forward_ms"] = before_forward(model, ids, kwargs, device, args.runs) * 1e3
         result["decode_ms_per_token"] = (whole - prefill) / (args.new_tokens - 1) * 1e3
         result["tokens"] = tokens.tolist()
         if device.type == "cuda":
@@ -355,7 +394,8 @@ def line(r: dict, floor: dict | None) -> str:
     if "error" in r:
         return f"{r['row']:24} failed: {r['error'][:140]}"
     mark = "reference" if r.get("reference") else {True: "ok", False: "WRONG", None: "?"}[r.get("correct")]
-    text = f"{r['row']:24} {r['prefill_ms']:10.2f} {r['decode_ms_per_token']:10.2f}"
+    text = f"{r['row']:24} {r['prefill_ms']:10.2f} {r['prefill_before_forward_ms']:9.2f}"
+    text += f" {r['decode_ms_per_token']:10.2f}"
     if "prefill_x_floor" in r:
         text += f" {r['prefill_x_floor']:9.3f} {r['decode_x_floor']:9.3f}"
     else:
@@ -377,7 +417,7 @@ def table(result: dict) -> str:
             f"transfer {floor['transfer_ms']:.2f} ms; "
             f"floor prefill {floor['prefill_ms']:.2f} ms, decode {floor['decode_ms_per_token']:.2f} ms/token"
         )
-    columns = f"{'row':24} {'prefill ms':>10} {'ms/token':>10} {'x floor':>9} {'x floor':>9}"
+    columns = f"{'row':24} {'prefill ms':>10} {'before fw':>9} {'ms/token':>10} {'x floor':>9} {'x floor':>9}"
     columns += f" {'peak GB':>7} {'warmup s':>8}"
     return "\n".join([head, columns] + [line(r, floor) for r in result["rows"]])
 
@@ -395,6 +435,9 @@ def main() -> None:
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--forward", type=int, default=None, help="time one forward of this many tokens")
+    parser.add_argument(
+        "--prefetch-head", default="auto", help="the fx_offload row's prefetch_head option (auto, or regions)"
+    )
     parser.add_argument("--json", default="bench_generate.json", help="where to write the results")
     args = parser.parse_args()
     device = torch.device(args.device)
