@@ -216,9 +216,12 @@ def graph_plan(
         and options.prefetch == options.prefetch_head == AUTO
         and pass_heads(options, device_type, len(sizes), len(sizes))
         and _passable(example_inputs, placeholders, region_inputs)
-    ):  # a small graph (a piece of a block Dynamo split): every region a head, passed as inputs
+        and one_block_of_a_stack([records[i] for i in offloaded])
+    ):  # a piece of a stack's block: every region a head, passed as inputs
         prefetch, heads = default_prefetch(len(sizes)), len(sizes)
-    logs.planned(sizes, prefetch, heads, options)
+        logs.planned(sizes, prefetch, heads, options, "every region a head: one block of a stack, passed")
+    else:
+        logs.planned(sizes, prefetch, heads, options)
     in_graph = options.refill_in_graph
     figures = estimate.device_figures(device_type) if in_graph == AUTO and heads else None
     plan = dataclasses.replace(
@@ -242,15 +245,55 @@ def graph_plan(
                     kept.append((name, positions))
                     held.update(positions)
             chosen = tuple(kept)
-            # one set of buffers for them all: the wrapper checks, passes and refills it at once
-            graph.declare_head(
-                example_inputs, list(dict.fromkeys(i for _, p in chosen for i in p)), chosen[0][0]
-            )
+            # one set of buffers per device for them all: the wrapper checks, passes and refills
+            # it at once (on its device's streams)
+            by_device: dict[torch.device, dict[int, None]] = {}
+            for _, positions in chosen:
+                for i in positions:
+                    by_device.setdefault(example_inputs[i].device, {})[i] = None
+            for positions in by_device.values():
+                graph.declare_head(example_inputs, list(positions), chosen[0][0])
         else:
             for name, positions in chosen:
                 graph.declare_head(example_inputs, list(positions), name)
         plan = dataclasses.replace(plan, head_regions=chosen, heads_as_inputs=passed)
     return GraphSetup(plan, graph, tuple(sorted(swapped)))
+
+
+def one_block_of_a_stack(records: list[placement.HostParameter]) -> bool:
+    """Whether the offloaded parameters of a graph (``records``) all lie in one block of a stack
+    (``layers.3`` of ``layers.3.mlp.fc1.weight``: the last numbered module of their names) whose
+    other blocks hold offloaded parameters of the same names and shapes. Dynamo reuses such a
+    graph for every block (the weights are its inputs), so the weights it keeps on the device
+    between calls are one block's, not the stack's. One scan of the offloaded parameters, once
+    per graph compiled."""
+    blocks = {_block_of(record.names[0]) for record in records}
+    if len(blocks) != 1 or None in blocks:
+        return False
+    ((prefix, index),) = blocks
+    prefix = list(prefix)
+    first = records[0]
+    rest = first.names[0].split(".")[len(prefix) + 1 :]
+    for other in placement.records():
+        for name in other.names:
+            parts = name.split(".")
+            if (
+                len(parts) == len(prefix) + 1 + len(rest)
+                and parts[len(prefix)] != index
+                and parts[len(prefix)].isdigit()
+                and parts[: len(prefix)] == prefix
+                and parts[len(prefix) + 1 :] == rest
+                and other.host.shape == first.host.shape
+            ):
+                return True
+    return False
+
+
+def _block_of(name: str) -> tuple[tuple[str, ...], str] | None:
+    """(the names before the last numbered module in ``name``, its number), or None."""
+    parts = name.split(".")
+    numbered = [k for k, part in enumerate(parts[:-1]) if part.isdigit()]
+    return (tuple(parts[: numbered[-1]]), parts[numbered[-1]]) if numbered else None
 
 
 def _passable(example_inputs: list, placeholders: list[fx.Node], heads: tuple) -> bool:

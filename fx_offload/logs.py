@@ -49,16 +49,18 @@ register_log("fx_offload", "fx_offload")
 log = logging.getLogger(__name__)
 
 
-def planned(sizes: Sequence[int], prefetch: int, heads: int, options) -> None:
-    """Log the window ``graph_plan`` chose for a graph whose regions hold ``sizes`` bytes."""
+def planned(sizes: Sequence[int], prefetch: int, heads: int, options, why: str = "") -> None:
+    """Log the window ``graph_plan`` chose for a graph whose regions hold ``sizes`` bytes (``why``:
+    a rule that chose it other than the options')."""
     log.info(
-        "window: prefetch=%s, heads=%s for %d regions of %s (asked: prefetch=%s, prefetch_head=%s)",
+        "window: prefetch=%s, heads=%s for %d regions of %s (asked: prefetch=%s, prefetch_head=%s)%s",
         prefetch,
         heads,
         len(sizes),
         LazyString(lambda: ", ".join(_bytes(size) for size in sizes) or "no bytes"),
         options.prefetch,
         options.prefetch_head,
+        f"; {why}" if why else "",
     )
 
 

@@ -53,9 +53,10 @@ class Options:
         prefetch_head: how many of each graph's first regions (heads) are copied in between calls,
             into persistent buffers; ``True`` is 1, ``False`` 0. ``AUTO``: as many first regions as
             make ``HEAD_BYTES``, at most half the graph's regions and at most ``prefetch - 1``;
-            but every region of a graph whose offloaded weights total at most ``HEAD_BYTES``
-            where its heads are passed as inputs (a piece of a block Dynamo split at a graph
-            break: no op left in it; with ``prefetch`` ``AUTO`` too).
+            but every region of a graph whose heads are passed as inputs and whose offloaded
+            weights total at most ``HEAD_BYTES`` and lie in one block of a stack of alike blocks
+            (``backend.one_block_of_a_stack``: a piece of a block Dynamo cut at a graph break
+            and reuses for every block; no op is left in it; with ``prefetch`` ``AUTO`` too).
         refill_in_graph: of the heads' refill for the next call, the bytes a graph copies itself
             during its last compute; the wrapper copies the rest after the call. A part left after
             the call delays the next call's start where calls come back to back; a part past the
@@ -67,7 +68,7 @@ class Options:
             the graph then has no op for its heads (no ``head``, ``wait``, ``refill``, ``join``,
             ``release``), which saves their Python on every call, and the wrapper refills them
             whole after the call, none of it hidden behind the graph's last compute; a graph's
-            passed heads are one set of buffers, checked, passed and refilled at once. ``AUTO``:
+            passed heads are one set of buffers per device, checked, passed and refilled at once. ``AUTO``:
             on a CPU, and on a GPU where every region of the graph is a head (a graph Dynamo cut
             small: no compute after the heads to hide a refill behind). ``True``: wherever the
             graph allows (a ``refill_in_graph`` other than ``AUTO`` or 0 beside it raises: that

@@ -84,6 +84,11 @@ def any_placed() -> bool:
     return bool(_records)
 
 
+def records() -> list[HostParameter]:
+    """The records of every parameter offloaded now."""
+    return list(_records.values())
+
+
 def place(
     params: list[tuple[nn.Parameter, tuple[str, ...]]],
     device: torch.device,

@@ -174,7 +174,9 @@ def _copy_then_record(buffers, hosts, done: torch.cuda.Event, stream: torch.cuda
 def copy_all(buffers, hosts) -> None:
     """Copy each of ``hosts`` into its buffer, on the current stream, in one call (not one per
     tensor: this runs on every graph call with heads)."""
-    torch._foreach_copy_(list(buffers), list(hosts), non_blocking=True)
+    buffers = list(buffers)
+    if buffers:
+        torch._foreach_copy_(buffers, list(hosts), non_blocking=True)
 
 
 def _make_current(stream: torch.cuda.Stream) -> None:
@@ -490,8 +492,9 @@ class GraphRuntime:
         compute stream of each head's device first waits for the copy into them (the refill after
         the previous call, or another graph's prefetch), in Python, outside the graph. The wrapper
         refills them after the call, all of them (no graph ``refill`` copies part of them within).
-        Heads dropped (their weights restored elsewhere): one persistent copy per weight, as
-        ``head`` serves a graph run without the wrapper."""
+        Heads dropped (their weights restored elsewhere): fresh copies of the call's weights,
+        freed after it, as the graph's fetches would be (persistent copies of every weight a
+        passed graph reads, of every block that calls it, would keep them all on the device)."""
         positions, values = [], []
         for found in heads:
             if found.refilled is not None:
@@ -499,9 +502,9 @@ class GraphRuntime:
             found.deferred = True
             positions += found.positions
             values += found.buffers
-        if not heads:
+        if not heads:  # fresh copies, freed after the call: as the graph's fetches would be
             positions = [p for found in self._positions for p in found]
-            values = _loose_head([inputs[p] for p in positions])
+            values = _copied([inputs[p] for p in positions])
         return replaced(inputs, positions, values)
 
     def leave(self, heads: list[_Head]) -> None:
@@ -539,6 +542,17 @@ class GraphRuntime:
             found.holds = (pointers, _versions(records))
             _copy_head(found, records, 0)
             counters["fx_offload"]["cross_graph_prefetches"] += 1
+
+
+def _copied(weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    """New device buffers holding ``weights``' host values, copied on the compute stream."""
+    if not weights:
+        return []
+    records = [_streamed_record_of(weight) for weight in weights]
+    buffers = [torch.empty(w.shape, dtype=w.dtype, device=w.device) for w in weights]
+    copy_all(buffers, [record.host for record in records])
+    device_runtime(weights[0].device).count(records)
+    return buffers
 
 
 def replaced(inputs, positions, values) -> list:

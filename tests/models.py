@@ -129,6 +129,31 @@ class BreakingStack(nn.Module):
         return x
 
 
+class HalvesBlock(nn.Module):
+    """Two regions on each side of a graph break (a norm and an MLP, say): Dynamo compiles each
+    half once and reuses it for every block of a stack."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.d = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.b(torch.relu(self.a(x)))
+        torch._dynamo.graph_break()
+        return x + self.d(torch.relu(self.c(h)))
+
+
+class HalvesStack(nn.Module):
+    def __init__(self, n: int = 4, dim: int = 8) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([HalvesBlock(dim) for _ in range(n)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
 class TwoStage(nn.Module):
     """Shaped like thinker -> talker: a stage that reads the input, then one that decodes from it.
 

@@ -11,6 +11,7 @@ from tests.models import (
     BreakingStack,
     CalledTwice,
     CrossedTowers,
+    HalvesStack,
     RootReadFirst,
     ShapeReadFirst,
     Stack,
@@ -196,7 +197,7 @@ def test_the_graph_copies_the_first_refill_in_graph_bytes_and_the_wrapper_the_re
 
 def _restored_output(model, x):
     """The output of a resident copy of ``model`` with its current values."""
-    plain = seeded(Stack, n=4)
+    plain = seeded(type(model), n=4)
     plain.load_state_dict(model.state_dict())
     return plain(x)
 
@@ -331,6 +332,30 @@ def test_restore_frees_the_heads_of_graphs_that_held_the_models_weights(offloade
     assert runtime.persistent_bytes() == plan.offloaded_bytes // 2
 
 
+def test_an_old_compiled_model_whose_passed_heads_were_dropped_copies_each_call_and_holds_nothing(
+    offloaded,
+):
+    """After ``restore`` drops a graph's heads, a model offloaded again runs the old compiled
+    object with fresh copies per call, freed after it: a graph whose every region is a head
+    would otherwise keep every block's weights on the device."""
+    model = seeded(HalvesStack, n=4)
+    compiled = _compiled(model, "offload_eager")
+    x = torch.randn(3, 8)
+    plan = offloaded(model, HALVES)
+    with torch.no_grad():
+        compiled(x)
+        fx_offload.restore(model)
+        assert runtime.persistent_bytes() == 0
+        plan = offloaded(model, HALVES)
+        _, copied = _copied_per_call(compiled, x)
+        for layer in model.layers:
+            layer.d.weight.mul_(0.5)
+        out = compiled(x)
+    torch.testing.assert_close(out, _restored_output(model, x), rtol=1e-5, atol=1e-6)
+    assert copied == [plan.offloaded_bytes] * 3
+    assert runtime.persistent_bytes() == 0
+
+
 @pytest.mark.parametrize("bad", ["true", "all", -1, 1.5])
 def test_prefetch_head_must_be_a_bool_a_count_or_auto(bad, offloaded):
     model = seeded(Stack)
@@ -397,43 +422,53 @@ def test_which_graphs_pass_their_heads_as_inputs(option, device, heads, regions,
         assert fx_offload.backend.pass_heads(asked, device, heads, regions) is False
 
 
+HALVES = ["layers.*.a", "layers.*.b", "layers.*.c", "layers.*.d"]  # two regions of 288 B per half
+
+
 @pytest.mark.parametrize(
-    ("head_bytes", "options", "heads", "passed"),
+    ("model_cls", "head_bytes", "options", "heads", "passed"),
     [
-        (None, {}, 4, True),  # a small graph: every region a head, passed
-        (2000, {}, 2, True),  # above HEAD_BYTES: heads up to it, at most half the regions
-        (None, {"prefetch_head": 1}, 1, True),  # asked for: as asked
-        (None, {"prefetch": 2}, 1, True),  # a prefetch given: the window's heads
-        (None, {"heads_as_inputs": False}, 2, False),  # the ops: the window's heads
+        (HalvesStack, None, {}, 2, True),  # one block's half of a stack: every region a head, passed
+        (HalvesStack, 500, {}, 1, True),  # above HEAD_BYTES: heads up to it, at most half the regions
+        (HalvesStack, None, {"prefetch_head": 1}, 1, True),  # asked for: as asked
+        (HalvesStack, None, {"prefetch": 2}, 1, True),  # a prefetch given: the window's heads
+        (HalvesStack, None, {"heads_as_inputs": False}, 1, False),  # the ops: the window's heads
+        (Stack, None, {}, 2, True),  # a small model in one graph: no block of a stack, half the regions
     ],
 )
-def test_a_small_graph_passes_every_region_as_a_head(
-    head_bytes, options, heads, passed, offloaded, monkeypatch
+def test_a_piece_of_a_stacks_block_passes_every_region_as_a_head(
+    model_cls, head_bytes, options, heads, passed, offloaded, monkeypatch
 ):
-    """Where heads are passed as inputs and the graph's offloaded weights total at most
-    ``HEAD_BYTES`` (a piece of a block Dynamo split), every region is a head: the graph has no
-    fx_offload op, its weights stay in one set of buffers between calls, and calls read them."""
+    """Where heads are passed as inputs and a graph's offloaded weights total at most
+    ``HEAD_BYTES`` and lie in one block of a stack of alike blocks (a piece Dynamo cut and reuses
+    for every block), every region is a head: the graph has no fx_offload op, the device holds one
+    block's weights between calls, every byte still crosses once per forward (each call refills
+    the next block's), and calls read the right block's values. A small model compiled as one
+    graph keeps the window's heads: offloading it still frees most of its weights."""
     if head_bytes is not None:
         monkeypatch.setattr(fx_offload.backend, "HEAD_BYTES", head_bytes)
-    model = seeded(Stack, n=4)  # four regions of 1120 B
-    plan = offloaded(model, ["layers.*"])
+    model = seeded(model_cls, n=4)
+    plan = offloaded(model, HALVES if model_cls is HalvesStack else ["layers.*"])
     graphs = []
     fx_offload.backend.listeners.append(lambda gm, plan, regions: graphs.append((gm.code, regions)))
     try:
         compiled = _compiled(model, "offload_eager", **options)
         x = torch.randn(3, 8)
         with torch.no_grad():
-            out, copied = _copied_per_call(compiled, x)
+            out, copied = _copied_per_call(compiled, x, calls=4)
     finally:
         fx_offload.backend.listeners.pop()
     torch.testing.assert_close(out, _restored_output(model, x), rtol=1e-5, atol=1e-6)
-    ((code, regions),) = graphs
-    served = [r.passed or r.fetch.target is fx_offload.ops.HEAD for r in regions]
-    assert served == [True] * heads + [False] * (4 - heads)
-    assert all(r.passed == passed for r in regions[:heads])
-    assert ("fx_offload." in code) == (heads < 4 or not passed), code
-    assert runtime.persistent_bytes() == heads * 1120
-    assert copied[1:] == [plan.offloaded_bytes] * 2
+    region_bytes = 288 if model_cls is HalvesStack else 1120
+    assert len(graphs) == (2 if model_cls is HalvesStack else 1)
+    for code, regions in graphs:
+        served = [r.passed or r.fetch.target is fx_offload.ops.HEAD for r in regions]
+        assert served == [True] * heads + [False] * (len(regions) - heads)
+        assert all(r.passed == passed for r in regions[:heads])
+        assert ("fx_offload." in code) == (heads < len(regions) or not passed), code
+    assert runtime.persistent_bytes() == len(graphs) * heads * region_bytes
+    # (the second call still learns which block follows which: it copies some twice)
+    assert copied[2:] == [plan.offloaded_bytes] * 2
 
 
 @pytest.mark.parametrize("backend", ["offload_eager", "offload_inductor"])

@@ -169,8 +169,7 @@ def test_the_old_compiled_object_after_offloading_again_with_another_policy(befo
     with torch.no_grad():
         expected = model(x)
     fx_offload.offload(model, ["layers"], device="cpu", policy=before)
-    # one head: a small graph's default makes every region a head, whose copies persist
-    compiled = _compiled(model, prefetch_head=1)
+    compiled = _compiled(model)
     try:
         with torch.no_grad():
             compiled(x)
