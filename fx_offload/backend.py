@@ -66,7 +66,7 @@ def window(sizes: Sequence[int], prefetch: int | str, head: int | str) -> tuple[
     offloading still keeps most of a small graph's weights off the device between calls), and at
     most ``prefetch - 1`` when ``prefetch`` is given (so one region can still be copied while
     another computes); ``prefetch`` is ``default_prefetch(heads)``. (``graph_plan`` makes every
-    region of a small graph whose heads it passes as inputs a head.)
+    region a head in a piece of a stack's block whose heads it passes: ``one_block_of_a_stack``.)
     """
     if head == AUTO:
         heads = total = 0

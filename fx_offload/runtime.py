@@ -502,7 +502,7 @@ class GraphRuntime:
             found.deferred = True
             positions += found.positions
             values += found.buffers
-        if not heads:  # fresh copies, freed after the call: as the graph's fetches would be
+        if not heads:
             positions = [p for found in self._positions for p in found]
             values = _copied([inputs[p] for p in positions])
         return replaced(inputs, positions, values)
