@@ -11,7 +11,7 @@ import torch
 import fx_offload
 from fx_offload import backend, placement, runtime
 from fx_offload.explain import recording
-from tests.models import BreakingStack, Broken, CpuHop, Stack, seeded
+from tests.models import BreakingStack, Broken, CpuHop, HalvesStack, Stack, seeded
 
 pytestmark = [
     pytest.mark.gpu,
@@ -302,6 +302,54 @@ def test_the_next_call_waits_for_the_refill_of_its_head(mode, passed, head):
             assert graphs.skips == 0, "Inductor skipped CUDA graphs"
     finally:
         fx_offload.restore(model)
+
+
+def test_the_pieces_of_a_graph_broken_stack_are_all_heads_and_read_the_right_block():
+    """Without CUDA graphs each half of a graph-broken block (two regions) is all heads, passed
+    as inputs: no fx_offload op in its graph; the refill after each call loads the next block's
+    weights, delayed here on the copy stream (~25 ms asleep) with the buffers poisoned before it,
+    so a call that read them without waiting would read NaN; in-place writes between forwards are
+    read; one block's weights stay on the device between calls."""
+    model = _on_gpu(seeded(HalvesStack, n=4, dim=256), torch.float32)
+    x = torch.randn(32, 256, device="cuda")
+    patterns = ["layers.*.a", "layers.*.b", "layers.*.c", "layers.*.d"]
+    plan = fx_offload.offload(model, patterns)
+    original, codes = runtime._refill_after, []
+
+    def late(found):
+        compute = torch.cuda.current_stream()
+        for buffer in found.buffers:
+            buffer.fill_(float("nan"))
+        copy = runtime.device_runtime(found.buffers[0].device).copy_stream()
+        copy.wait_stream(compute)
+        with torch.cuda.stream(copy):
+            torch.cuda._sleep(50_000_000)
+        original(found)
+
+    backend.listeners.append(lambda gm, plan, regions: codes.append(gm.code))
+    try:
+        compiled = torch.compile(model, backend="offload_inductor")
+        with mock.patch.object(runtime, "_refill_after", late), torch.no_grad():
+            outs = [compiled(x).clone() for _ in range(3)]  # no sync between calls
+            for layer in model.layers:
+                layer.d.weight.mul_(0.5)
+            outs.append(compiled(x).clone())
+        torch.cuda.synchronize()
+        assert len(codes) == 2 and not any("fx_offload" in code for code in codes), codes
+        assert runtime.persistent_bytes() == plan.offloaded_bytes // 4  # one block's
+        fx_offload.restore(model)
+        with torch.no_grad():
+            expected_last = model(x)
+            for layer in model.layers:
+                layer.d.weight.mul_(2.0)
+            expected = model(x)
+        for out in outs[:3]:
+            torch.testing.assert_close(out, expected, **TOLERANCE[torch.float32])
+        torch.testing.assert_close(outs[3], expected_last, **TOLERANCE[torch.float32])
+    finally:
+        backend.listeners.pop()
+        if fx_offload.plan_of(model) is not None:
+            fx_offload.restore(model)
 
 
 @pytest.mark.parametrize("model_cls", [Stack, BreakingStack])
