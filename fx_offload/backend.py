@@ -252,7 +252,7 @@ def graph_plan(
                 for i in positions:
                     by_device.setdefault(example_inputs[i].device, {})[i] = None
             for positions in by_device.values():
-                graph.declare_head(example_inputs, list(positions), chosen[0][0])
+                graph.declare_head(example_inputs, list(positions), chosen[0][0], passed=True)
         else:
             for name, positions in chosen:
                 graph.declare_head(example_inputs, list(positions), name)

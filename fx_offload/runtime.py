@@ -387,7 +387,8 @@ class GraphRuntime:
 
     def __init__(self) -> None:
         self._first: list[_Head] = []  # made at compile time, for the first thread that calls
-        self._positions: list[list[int]] = []  # each head's weights' positions among the inputs
+        # passed heads' (shapes, dtypes, devices), positions and region: made again after a drop
+        self._passed: list[tuple[list[tuple], list[int], str]] = []
         self._sets: weakref.WeakKeyDictionary[threading.Thread, list[_Head]] = weakref.WeakKeyDictionary()
         self._dropped = False
         self._last: tuple[int | None, list[_Head]] = (None, [])  # (thread id, its heads)
@@ -395,15 +396,20 @@ class GraphRuntime:
         self.token: int | None = None  # names the graph in its device's call sequence
         self.name = ""  # how ``last_forward`` names it: its token and first head region
 
-    def declare_head(self, example_inputs: list, positions: list[int], region: str = "") -> None:
+    def declare_head(
+        self, example_inputs: list, positions: list[int], region: str = "", passed: bool = False
+    ) -> None:
         """At compile time: make the buffers of one head region of the graph (the next of its
         first regions), given the positions of its weights among the graph's inputs. Made at the
         first run instead, they would land in the memory pool of a CUDA graph tree that is
-        warming up, which refuses them."""
+        warming up, which refuses them. ``passed``: the wrapper passes them as the graph's inputs
+        (no CUDA graph holds their addresses), so after ``drop_heads`` the next call makes them
+        again."""
         weights = [example_inputs[p] for p in positions]
         buffers = [torch.empty(w.shape, dtype=w.dtype, device=w.device) for w in weights]
         self._first.append(_made(buffers, positions, region))
-        self._positions.append(list(positions))
+        if passed:
+            self._passed.append(([(w.shape, w.dtype, w.device) for w in weights], list(positions), region))
         if self.device is None and buffers:
             self.device = device_runtime(buffers[0].device)
             self.device.graphs.add(self)
@@ -421,7 +427,8 @@ class GraphRuntime:
         return [found for heads in sets for found in heads]
 
     def drop_heads(self) -> None:
-        """Free the head buffers; later calls serve their head regions from loose heads."""
+        """Free the head buffers; later calls serve their head regions from loose heads, or, where
+        the heads are passed as inputs, from new buffers made at the next call."""
         self._dropped = True
         self._first, self._sets = [], weakref.WeakKeyDictionary()
         self._last = (None, [])
@@ -435,6 +442,14 @@ class GraphRuntime:
         return False
 
     def _thread_heads(self) -> list[_Head]:
+        if self._dropped and self._passed:  # (restored, and offloaded again): made anew, empty
+            self._first = [
+                _made(
+                    [torch.empty(shape, dtype=dtype, device=device) for shape, dtype, device in specs], p, r
+                )
+                for specs, p, r in self._passed
+            ]
+            self._dropped = False
         if self._dropped or not self._first:
             return []
         ident, last = threading.get_ident(), self._last  # read once: another thread may replace it
@@ -492,9 +507,7 @@ class GraphRuntime:
         compute stream of each head's device first waits for the copy into them (the refill after
         the previous call, or another graph's prefetch), in Python, outside the graph. The wrapper
         refills them after the call, all of them (no graph ``refill`` copies part of them within).
-        Heads dropped (their weights restored elsewhere): fresh copies of the call's weights,
-        freed after it, as the graph's fetches would be (persistent copies of every weight a
-        passed graph reads, of every block that calls it, would keep them all on the device)."""
+        After ``drop_heads`` the next call's heads are new buffers (``_thread_heads``)."""
         positions, values = [], []
         for found in heads:
             if found.refilled is not None:
@@ -502,9 +515,6 @@ class GraphRuntime:
             found.deferred = True
             positions += found.positions
             values += found.buffers
-        if not heads:
-            positions = [p for found in self._positions for p in found]
-            values = _copied([inputs[p] for p in positions])
         return replaced(inputs, positions, values)
 
     def leave(self, heads: list[_Head]) -> None:
@@ -542,17 +552,6 @@ class GraphRuntime:
             found.holds = (pointers, _versions(records))
             _copy_head(found, records, 0)
             counters["fx_offload"]["cross_graph_prefetches"] += 1
-
-
-def _copied(weights: list[torch.Tensor]) -> list[torch.Tensor]:
-    """New device buffers holding ``weights``' host values, copied on the compute stream."""
-    if not weights:
-        return []
-    records = [_streamed_record_of(weight) for weight in weights]
-    buffers = [torch.empty(w.shape, dtype=w.dtype, device=w.device) for w in weights]
-    copy_all(buffers, [record.host for record in records])
-    device_runtime(weights[0].device).count(records)
-    return buffers
 
 
 def replaced(inputs, positions, values) -> list:
