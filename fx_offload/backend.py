@@ -220,7 +220,7 @@ def graph_plan(
     ):  # a piece of a stack's block: every region a head, passed as inputs
         prefetch, heads = default_prefetch(len(sizes)), len(sizes)
         logs.planned(sizes, prefetch, heads, options, "every region a head: one block of a stack, passed")
-    else:
+    elif regions:  # (a graph without offloaded weights has no window to tell)
         logs.planned(sizes, prefetch, heads, options)
     in_graph = options.refill_in_graph
     figures = estimate.device_figures(device_type) if in_graph == AUTO and heads else None
