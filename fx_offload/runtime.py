@@ -389,6 +389,7 @@ class GraphRuntime:
         self._first: list[_Head] = []  # made at compile time, for the first thread that calls
         # passed heads' (shapes, dtypes, devices), positions and region: made again after a drop
         self._passed: list[tuple[list[tuple], list[int], str]] = []
+        self._lock = threading.Lock()  # for the sets' slow paths: a thread new to the graph, a remake
         self._sets: weakref.WeakKeyDictionary[threading.Thread, list[_Head]] = weakref.WeakKeyDictionary()
         self._dropped = False
         self._last: tuple[int | None, list[_Head]] = (None, [])  # (thread id, its heads)
@@ -409,7 +410,8 @@ class GraphRuntime:
         buffers = [torch.empty(w.shape, dtype=w.dtype, device=w.device) for w in weights]
         self._first.append(_made(buffers, positions, region))
         if passed:
-            self._passed.append(([(w.shape, w.dtype, w.device) for w in weights], list(positions), region))
+            specs = [(w.shape, {"dtype": w.dtype, "device": w.device}) for w in weights]  # torch.empty's
+            self._passed.append((specs, list(positions), region))
         if self.device is None and buffers:
             self.device = device_runtime(buffers[0].device)
             self.device.graphs.add(self)
@@ -443,13 +445,13 @@ class GraphRuntime:
 
     def _thread_heads(self) -> list[_Head]:
         if self._dropped and self._passed:  # (restored, and offloaded again): made anew, empty
-            self._first = [
-                _made(
-                    [torch.empty(shape, dtype=dtype, device=device) for shape, dtype, device in specs], p, r
-                )
-                for specs, p, r in self._passed
-            ]
-            self._dropped = False
+            with self._lock:
+                if self._dropped:
+                    self._first = [
+                        _made([torch.empty(shape, **kind) for shape, kind in specs], p, r)
+                        for specs, p, r in self._passed
+                    ]
+                    self._dropped = False
         if self._dropped or not self._first:
             return []
         ident, last = threading.get_ident(), self._last  # read once: another thread may replace it
@@ -457,12 +459,13 @@ class GraphRuntime:
             return last[1]  # the thread that called last (an id reused after a thread
             # ended takes over its heads: the ended thread reads them no more)
         thread = threading.current_thread()
-        heads = self._sets.get(thread)
-        if heads is None:  # the compile-time set, or, if a live thread has it, a new one
-            taken = any(held is self._first for held in self._sets.values())
-            heads = [found._like() for found in self._first] if taken else self._first
-            self._sets[thread] = heads  # made here, in the wrapper: outside any capture
-        self._last = (ident, heads)
+        with self._lock:  # two threads new to the graph must not both take the compile-time set
+            heads = self._sets.get(thread)
+            if heads is None:  # the compile-time set, or, if a live thread has it, a new one
+                taken = any(held is self._first for held in self._sets.values())
+                heads = [found._like() for found in self._first] if taken else self._first
+                self._sets[thread] = heads  # made here, in the wrapper: outside any capture
+            self._last = (ident, heads)
         return heads
 
     @property
@@ -538,7 +541,11 @@ class GraphRuntime:
     def prefetch(self, key: tuple) -> None:
         """Copy into this graph's heads (of the calling thread) the weights of a call guessed to
         come next (``key`` as ``enter`` gave it to the sequence), where they hold other values.
-        A wrong guess costs the copy: ``enter`` checks what the heads hold before the call."""
+        A wrong guess costs the copy: ``enter`` checks what the heads hold before the call.
+        Heads dropped by ``restore`` are made again by the graph's own next call, not here: the
+        model may stay restored."""
+        if self._dropped:
+            return
         heads = self._thread_heads()
         if not heads:
             return

@@ -361,6 +361,25 @@ def test_passed_heads_dropped_by_restore_are_made_again_at_the_next_call(anew, o
     assert copied[2:] == [plan.offloaded_bytes] * 2
 
 
+def test_another_models_call_does_not_make_the_dropped_heads_of_a_restored_model_again(offloaded):
+    """The call sequence guesses that the restored model's graph comes next after the other
+    model's last call; its prefetch must not make that graph's heads again while it is restored."""
+    model, other = seeded(HalvesStack, n=4), seeded(BreakingStack, n=4, seed=1)
+    offloaded(model, HALVES)
+    offloaded(other, ["layers.*"])
+    compiled, compiled_other = _compiled(model, "offload_eager"), _compiled(other, "offload_eager")
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        for _ in range(3):
+            compiled(x)
+            compiled_other(x)
+        compiled(x)  # learned: the other model's last call is followed by this model's first
+        fx_offload.restore(model)
+        held = runtime.persistent_bytes()  # the other model's heads
+        compiled_other(x)
+    assert runtime.persistent_bytes() == held
+
+
 @pytest.mark.parametrize("bad", ["true", "all", -1, 1.5])
 def test_prefetch_head_must_be_a_bool_a_count_or_auto(bad, offloaded):
     model = seeded(Stack)
