@@ -209,7 +209,7 @@ def graph_plan(
     prefetch, heads = window(sizes, options.prefetch, options.prefetch_head)
     as_inputs = swapped_as_inputs and not _trains(gm, example_inputs)
     region_inputs = tuple((region.name, tuple(position[p] for p in region.params)) for region in regions)
-    if (
+    whole = bool(
         as_inputs
         and sizes
         and sum(sizes) <= HEAD_BYTES
@@ -217,7 +217,8 @@ def graph_plan(
         and pass_heads(options, device_type, len(sizes), len(sizes))
         and _passable(example_inputs, placeholders, region_inputs)
         and one_block_of_a_stack([records[i] for i in offloaded])
-    ):  # a piece of a stack's block: every region a head, passed as inputs
+    )
+    if whole:  # a piece of a stack's block: every region a head, passed as inputs
         prefetch, heads = default_prefetch(len(sizes)), len(sizes)
         logs.planned(sizes, prefetch, heads, options, "every region a head: one block of a stack, passed")
     elif regions:  # (a graph without offloaded weights has no window to tell)
@@ -236,8 +237,11 @@ def graph_plan(
     graph = runtime.GraphRuntime()
     if heads and offloaded:  # window gave a graph split by a barrier none
         chosen = region_inputs[:heads]
-        passed = as_inputs and pass_heads(options, device_type, heads, len(regions))
-        passed = passed and _passable(example_inputs, placeholders, chosen)
+        passed = whole or (  # (judged above for the whole graph)
+            as_inputs
+            and pass_heads(options, device_type, heads, len(regions))
+            and _passable(example_inputs, placeholders, chosen)
+        )
         if passed:  # a head whose weights an earlier one holds would be buffers no read reaches
             kept, held = [], set()
             for name, positions in chosen:

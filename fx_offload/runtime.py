@@ -387,8 +387,8 @@ class GraphRuntime:
 
     def __init__(self) -> None:
         self._first: list[_Head] = []  # made at compile time, for the first thread that calls
-        # passed heads' (shapes, dtypes, devices), positions and region: made again after a drop
-        self._passed: list[tuple[list[tuple], list[int], str]] = []
+        # passed heads' torch.empty arguments, positions and region: made again after a drop
+        self._remade: list[tuple[list[tuple], list[int], str]] = []
         self._lock = threading.Lock()  # for the sets' slow paths: a thread new to the graph, a remake
         self._sets: weakref.WeakKeyDictionary[threading.Thread, list[_Head]] = weakref.WeakKeyDictionary()
         self._dropped = False
@@ -411,7 +411,7 @@ class GraphRuntime:
         self._first.append(_made(buffers, positions, region))
         if passed:
             specs = [(w.shape, {"dtype": w.dtype, "device": w.device}) for w in weights]  # torch.empty's
-            self._passed.append((specs, list(positions), region))
+            self._remade.append((specs, list(positions), region))
         if self.device is None and buffers:
             self.device = device_runtime(buffers[0].device)
             self.device.graphs.add(self)
@@ -444,12 +444,12 @@ class GraphRuntime:
         return False
 
     def _thread_heads(self) -> list[_Head]:
-        if self._dropped and self._passed:  # (restored, and offloaded again): made anew, empty
+        if self._dropped and self._remade:  # (restored, and offloaded again): made anew, empty
             with self._lock:
                 if self._dropped:
                     self._first = [
                         _made([torch.empty(shape, **kind) for shape, kind in specs], p, r)
-                        for specs, p, r in self._passed
+                        for specs, p, r in self._remade
                     ]
                     self._dropped = False
         if self._dropped or not self._first:
