@@ -20,13 +20,21 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import has_free_symbols
 from torch.utils.flop_counter import flop_registry
+
+try:  # a symbol's size hint, without a guard (torch 2.13 renamed it)
+    from torch.fx.experimental.symbolic_shapes import optimization_hint as hint_int
+except ImportError:
+    from torch.fx.experimental.symbolic_shapes import hint_int
 
 # What a kernel costs beyond its roofline inside a CUDA graph (launch and tail effects), seconds.
 KERNEL_OVERHEAD_S = 3e-6
 # The estimate is doubled: too short costs copy time one for one, too long costs only past the
 # heads' share of the gap between calls.
 MARGIN = 2.0
+# The size taken for a symbol without a hint (a data-dependent size), as Inductor's own fallback.
+UNHINTED_SIZE = 8192
 
 
 @dataclass(frozen=True)
@@ -47,7 +55,8 @@ def tail_seconds(nodes: Iterable[fx.Node], figures: DeviceFigures) -> float:
         if node.op != "call_function" or formula is None:
             continue
         args, kwargs, out = torch.fx.node.map_aggregate(
-            (node.args, node.kwargs, node), lambda a: a.meta.get("val") if isinstance(a, fx.Node) else a
+            (node.args, node.kwargs, node),
+            lambda a: _hinted(a.meta.get("val") if isinstance(a, fx.Node) else a),
         )
         leaves = torch.utils._pytree.tree_leaves((args, kwargs, out))
         tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
@@ -62,6 +71,18 @@ def tail_seconds(nodes: Iterable[fx.Node], figures: DeviceFigures) -> float:
         memory = sum(t.nbytes for t in tensors) / figures.memory_bytes_per_s
         total += max(compute, memory) + KERNEL_OVERHEAD_S
     return total
+
+
+def _hinted(value):
+    """``value`` at the sizes of the call that compiled its graph: in a graph compiled for dynamic
+    shapes a size is a symbol, which neither a byte count nor a FLOP formula may read without
+    guarding on it; a tensor with symbolic sizes becomes a meta tensor of its hinted sizes."""
+    if isinstance(value, torch.SymInt):
+        return hint_int(value, fallback=UNHINTED_SIZE)
+    if isinstance(value, torch.Tensor) and has_free_symbols(value):
+        shape = [hint_int(size, fallback=UNHINTED_SIZE) for size in value.shape]
+        return torch.empty(shape, dtype=value.dtype, device="meta")
+    return value
 
 
 def tail_bytes(nodes: Iterable[fx.Node], figures: DeviceFigures) -> int:

@@ -258,6 +258,24 @@ def test_refill_in_graph_copies_part_of_the_heads_inside_the_call(mode, cls):
         fx_offload.restore(model)
 
 
+def test_graphs_compiled_for_dynamic_shapes_estimate_their_refill_at_the_sizes_seen():
+    """Under CUDA graphs a graph's heads are refilled by its own ops, whose in-call part is
+    estimated from its tail's shapes; a graph compiled for dynamic shapes (generate() with another
+    prompt length) has symbols there, timed at their hints instead of failing the compile."""
+    model = _on_gpu(seeded(Stack, n=4, dim=256, hidden=1024), torch.float32)
+    plain = _on_gpu(seeded(Stack, n=4, dim=256, hidden=1024), torch.float32)
+    fx_offload.offload(model, ["layers.*"])
+    try:
+        compiled = torch.compile(model, backend="offload_inductor", mode="reduce-overhead", dynamic=True)
+        with torch.no_grad():
+            for rows in (8, 24, 8, 40):
+                x = torch.randn(rows, 256, device="cuda")
+                torch.testing.assert_close(compiled(x), plain(x), **TOLERANCE[torch.float32])
+        assert [found.in_graph for found in runtime.live_heads()], "no head was refilled by its graph"
+    finally:
+        fx_offload.restore(model)
+
+
 @pytest.mark.parametrize("head", [1, 2])
 @pytest.mark.parametrize(("mode", "passed"), [(None, False), (None, True), ("reduce-overhead", False)])
 def test_the_next_call_waits_for_the_refill_of_its_head(mode, passed, head):
