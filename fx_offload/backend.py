@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 from torch import nn
+from torch._dynamo.eval_frame import innermost_fn
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.multiprocessing.reductions import StorageWeakRef
 
@@ -503,6 +504,11 @@ def _around_calls(compiled, setup: GraphSetup):
     if components is None and not graph.has_heads:
         return compiled
     boxed = getattr(compiled, "_boxed_call", False)
+    # The compiled graph comes wrapped in Dynamo's ``disable`` (its frames must not be traced),
+    # which ``run`` takes over: Dynamo wraps a backend's function in one ``disable`` of the
+    # innermost function, so ``compiled``'s own would be a second per call (eval-frame switches
+    # and a Python frame: a few microseconds, on hundreds of graph calls per forward).
+    compiled = innermost_fn(compiled)
     enter, leave, passes = graph.enter, graph.leave, setup.plan.heads_as_inputs
 
     def run(*args):
@@ -531,7 +537,7 @@ def _around_calls(compiled, setup: GraphSetup):
 
     if boxed:
         run._boxed_call = True
-    return run
+    return torch._dynamo.disable(run, reason="an fx_offload wrapper of a compiled graph")
 
 
 class _SwappedInputs:

@@ -2,6 +2,8 @@
 next call (by the graph's wrapper when the call returns, after all the call queued), and
 filled again by the wrapper when a call passes other weights or their values changed in place."""
 
+from unittest import mock
+
 import pytest
 import torch
 
@@ -545,3 +547,30 @@ def test_passed_heads_of_shared_weights_are_one_set_and_each_is_read(cls, patter
             torch.testing.assert_close(compiled(x), expected)
             for buffer, value in zip(found.buffers, saved):
                 assert torch.equal(buffer, value)
+
+
+@pytest.mark.parametrize("heads_as_inputs", [True, False])
+def test_a_wrapped_graph_switches_dynamos_frame_evaluation_as_often_as_a_resident_graph(
+    heads_as_inputs, offloaded
+):
+    """Dynamo wraps a backend's function in its ``disable`` (frames below it are not traced); the
+    compiled graph inside the wrapper comes with one of its own, which the wrapper does not call
+    again: a call with heads costs no more eval-frame switches than a resident graph's call."""
+    from torch._dynamo import eval_frame
+
+    def switches(model, backend, **options):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend=backend, options=options)
+        x = torch.randn(3, 8)
+        with torch.no_grad():
+            compiled(x)
+            compiled(x)
+            with mock.patch.object(eval_frame, "set_eval_frame", wraps=eval_frame.set_eval_frame) as spy:
+                compiled(x)
+        return spy.call_count
+
+    resident = switches(seeded(BreakingStack, n=4), "inductor")
+    model = seeded(BreakingStack, n=4)
+    offloaded(model, ["layers.*"])
+    assert switches(model, "offload_inductor", heads_as_inputs=heads_as_inputs) == resident
+    assert runtime.live_heads()
