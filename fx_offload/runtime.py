@@ -359,8 +359,8 @@ class _Head:
         return self._records(self.current)
 
     def _records(self, pointers: tuple[int, ...]) -> list[placement.HostParameter]:
-        records = [ref() for ref in self.known.get(pointers, ())]
-        return [] if any(record is None for record in records) else records
+        records = list(map(_DEREF, self.known.get(pointers, ())))  # C-level: runs on every call
+        return records if all(records) else []
 
     def _like(self) -> _Head:
         """A set of buffers shaped like these, for another thread."""
@@ -394,6 +394,9 @@ class GraphRuntime:
         self._dropped = False
         self._last: tuple[int | None, list[_Head]] = (None, [])  # (thread id, its heads)
         self.device: DeviceRuntime | None = None
+        # its heads are passed as inputs: the graph calls no head op, so its calls are not put on
+        # the thread's stack of running graphs, which only those ops read
+        self.passes = False
         self.token: int | None = None  # names the graph in its device's call sequence
         self.name = ""  # how ``last_forward`` names it: its token and first head region
 
@@ -410,6 +413,7 @@ class GraphRuntime:
         buffers = [torch.empty(w.shape, dtype=w.dtype, device=w.device) for w in weights]
         self._first.append(_made(buffers, positions, region))
         if passed:
+            self.passes = True
             specs = [(w.shape, {"dtype": w.dtype, "device": w.device}) for w in weights]  # torch.empty's
             self._remade.append((specs, list(positions), region))
         if self.device is None and buffers:
@@ -496,7 +500,8 @@ class GraphRuntime:
             if not holds or holds[0] != pointers or holds[1] != tuple(map(_VERSION, weights)):
                 held = False
                 _fill(found, list(weights), pointers)
-        _registry.stack().append(heads)
+        if not self.passes:
+            _registry.stack().append(heads)
         if heads:
             device = self.device
             key = heads[0].current if len(heads) == 1 else tuple(found.current for found in heads)
@@ -524,7 +529,8 @@ class GraphRuntime:
         """After the call (also when it raised): refill the heads for this graph's next call, then
         start the copy of the heads of the call the device's sequence expects next, if it is
         another graph's and they do not hold its weights."""
-        _registry.stack().pop()
+        if not self.passes:
+            _registry.stack().pop()
         for found in heads:  # in region order: the copy stream is FIFO
             if found.deferred:
                 _refill_after(found)
@@ -602,7 +608,7 @@ def _refill_after(found: _Head) -> None:
 def _copy_head(found: _Head, records: list[placement.HostParameter], copied: int) -> None:
     """Copy ``records``' host values but their first ``copied`` bytes into ``found``'s buffers: on
     a GPU on the copy stream, after all the compute stream queued, ending with ``refilled``."""
-    hosts = [record.host for record in records]
+    hosts = list(map(_HOST, records))
     device = found.runtime
     buffers = found.buffers
     if copied:
@@ -653,6 +659,9 @@ def _forget_dead(found: _Head) -> None:
 
 _PTR = torch.Tensor.data_ptr
 _VERSION = operator.attrgetter("_version")
+_DEREF = weakref.ref.__call__  # a weak reference's referent, for map()
+_PARAM = operator.attrgetter("param")
+_HOST = operator.attrgetter("host")
 _CACHED = 1 << 12  # sets of weights whose host tensors or views are kept (then all are dropped)
 _FREE_EVENTS = 64  # events kept free for reuse per device
 # the counters (``counters["fx_offload"]``) of calls with heads, by where their copy was issued
@@ -660,8 +669,13 @@ _COUNTED = {origin: "head_copy_" + origin.value.replace(" ", "_") for origin in 
 
 
 def _versions(records: list) -> tuple[int, ...]:
-    params = [record.param() for record in records]
-    return tuple(param._version if param is not None else 0 for param in params)
+    """The version counters of ``records``' parameters (0 for one that is gone); C-level maps, as
+    this runs on every call with heads."""
+    try:
+        return tuple(map(_VERSION, map(_DEREF, map(_PARAM, records))))
+    except AttributeError:  # a parameter is gone
+        params = [record.param() for record in records]
+        return tuple(param._version if param is not None else 0 for param in params)
 
 
 def _running_heads() -> list[_Head]:
