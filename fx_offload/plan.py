@@ -229,8 +229,9 @@ def _decide(module: str, chosen: dict[str, str]) -> tuple[str, str]:
 def _check_budget(device_budget: object, policies: tuple[str, ...]) -> None:
     if device_budget is None:
         return
-    if not isinstance(device_budget, int) or isinstance(device_budget, bool) or device_budget <= 0:
-        raise TypeError(
+    whole = isinstance(device_budget, int) and not isinstance(device_budget, bool)
+    if not whole or device_budget <= 0:
+        raise (ValueError if whole else TypeError)(
             f"device_budget must be a positive number of bytes (an int, e.g. 4 << 30), got {device_budget!r}"
         )
     if "swap" not in policies:

@@ -74,6 +74,9 @@ def test_budget_smaller_than_the_largest_component_is_refused_naming_it():
         fx_offload.offload(model, ["thinker"], device_budget=1 << 20, device="cpu")
     with pytest.raises(TypeError, match=r"device_budget.*bytes"):
         fx_offload.offload(model, ["talker"], policy="swap", device_budget="1GB", device="cpu")
+    for bad in (0, -1):  # the right type, a wrong value
+        with pytest.raises(ValueError, match=rf"device_budget must be a positive .*got {bad}"):
+            fx_offload.offload(model, ["talker"], policy="swap", device_budget=bad, device="cpu")
     assert fx_offload.plan_of(model) is None
     assert not any(isinstance(p, placement.OffloadedParameter) for p in model.parameters())
 
