@@ -12,7 +12,7 @@ import fx_offload
 from fx_offload import placement
 from fx_offload.explain import recording
 from fx_offload.matching import pattern_matches
-from tests.models import Block, Nested, Stack, seeded
+from tests.models import Block, BreakingStack, Nested, Stack, seeded
 
 
 def _compiled(model, **options):
@@ -563,3 +563,39 @@ def _run_sequence(policy, writes_inside, head, operations, seed):
     finally:
         for model in models:
             fx_offload.restore(model)
+
+
+@pytest.mark.parametrize("heads_as_inputs", [True, False])
+def test_graphs_loaded_from_inductors_caches_serve_their_heads_and_see_writes(
+    heads_as_inputs, tmp_path, monkeypatch
+):
+    """A compile served from Inductor's and AOTAutograd's caches (a new process, or a new
+    compile after ``torch._dynamo.reset()``) skips the offload pass: the graph it loads must run
+    with the wrapper and heads that this compile made, reading the current weights."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+    from torch._dynamo.utils import counters
+
+    from fx_offload import runtime
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    options = {"heads_as_inputs": heads_as_inputs, "prefetch_head": 1}
+    x = torch.randn(3, 8)
+    with inductor_config.patch(fx_graph_cache=True), functorch_config.patch(enable_autograd_cache=True):
+        for compile_ in ("miss", "hit"):
+            torch._dynamo.reset()
+            hits = counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"]
+            model, plain = seeded(BreakingStack, n=4), seeded(BreakingStack, n=4)
+            fx_offload.offload(model, ["layers.*"], device="cpu")
+            try:
+                compiled = torch.compile(model, backend="offload_inductor", options=options)
+                with torch.no_grad():
+                    for step in range(3):
+                        torch.testing.assert_close(compiled(x), plain(x))
+                        for m in (model, plain):
+                            m.layers[step].fc1.weight.mul_(0.5)
+                assert runtime.live_heads()
+            finally:
+                fx_offload.restore(model)
+            now = counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"]
+            assert (now > hits) == (compile_ == "hit"), (compile_, hits, now)
