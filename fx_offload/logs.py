@@ -34,6 +34,7 @@ last forward's calls with their origins.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Sequence
 
@@ -90,7 +91,7 @@ def rewritten(gm: fx.GraphModule, plan: GraphPlan, regions: Sequence, before: st
     count["refill_in_graph_bytes"] += sum(refills.values())
     passed = plan.components_passed()
     count["swapped"] += len(swapped) + len(passed)
-    log.info("%s", LazyString(_summary, plan, regions, sizes, refills, swapped, passed))
+    log.info("%s", LazyString(_summary, plan, regions, sizes, refills, swapped, passed, graph))
     if before is not None:
         log.debug("graph before the offload pass:\n%s", before)
     log.debug("graph after the offload pass:\n%s", LazyString(_code, gm))
@@ -103,6 +104,7 @@ def _summary(
     refills: dict[str, int],
     swapped: list[fx.Node],
     passed: dict[str, list[int]],
+    graph: fx.Graph,
 ) -> str:
     heads = sum(r.passed or r.fetch.target is HEAD for r in regions)
     components = len(swapped) + len(passed)
@@ -112,16 +114,16 @@ def _summary(
         + (" passed as inputs" if plan.heads_as_inputs else f", refill_in_graph={plan.refill_in_graph}")
         + (f"; {components} swapped components" if components else "")
     ]
-    release_of = {r.release: r.region.name for r in regions}
-    width = max((len(r.region.name) for r in regions), default=0)
-    for r, size in zip(regions, sizes):
-        name = r.region.name
+    names = _full_names(graph, plan, regions)
+    release_of = {r.release: name for r, name in zip(regions, names)}
+    width = max(map(len, names), default=0)
+    for r, size, name in zip(regions, sizes, names):
         if r.passed:
             how = "head: copied in between calls, passed as the graph's inputs"
         elif r.fetch.target is HEAD:
             how = "head: copied in between calls"
-            if name in refills:
-                how += f", {_bytes(refills[name])} of its refill inside the call"
+            if r.region.name in refills:
+                how += f", {_bytes(refills[r.region.name])} of its refill inside the call"
         elif r.fetch.target is FETCH:
             after = [release_of.get(token, token.name) for token in r.fetch.args[1]]
             how = "fetched after the release of " + ", ".join(after) if after else "fetched at the start"
@@ -133,6 +135,22 @@ def _summary(
     for component, positions in passed.items():
         lines.append(f"  swapped component {component}: {len(positions)} parameters, passed as inputs")
     return "\n".join(lines)
+
+
+def _full_names(graph: fx.Graph, plan: GraphPlan, regions: Sequence) -> list[str]:
+    """Each region's module as the model names it (``visual.blocks.0.attn.proj``), from the names
+    of the parameters it reads: the graph's own names are relative to the frame Dynamo compiled
+    (``proj`` for a block's forward after a graph break, two modules alike). A graph reused for
+    every block of a stack is named after the block it was compiled for."""
+    position = {node: i for i, node in enumerate(n for n in graph.nodes if n.op == "placeholder")}
+    names = []
+    for r in regions:
+        inputs = [position.get(param) for param in r.region.params]
+        paths = [plan.offloaded_inputs[i].split(".")[:-1] for i in inputs if i in plan.offloaded_inputs]
+        same = itertools.takewhile(lambda parts: len(set(parts)) == 1, zip(*paths))
+        common = [parts[0] for parts in same]
+        names.append(".".join(common) or r.region.name)
+    return names
 
 
 def _nbytes(node: fx.Node) -> int:

@@ -2,6 +2,7 @@
 
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from fx_offload import logs
-from tests.models import Stack, seeded
+from tests.models import HalvesStack, Stack, seeded
 
 SCRIPT = """
 import torch
@@ -108,6 +109,19 @@ def test_set_logs_info_level_logs_regions_but_not_graphs(offloaded, fx_offload_l
     err = capsys.readouterr().err
     assert "rewrote a graph: 2 regions, 2240 B offloaded" in err
     assert "graph before the offload pass" not in err and "graph after" not in err  # those are +fx_offload
+
+
+def test_regions_are_logged_by_their_modules_names_in_the_model(offloaded, fx_offload_logs, capsys):
+    """After a graph break Dynamo compiles a block's own forward, whose module names are relative
+    to the block (``a``, ``b`` ...): the log names each region as the model does."""
+    torch._logging.set_logs(modules={"fx_offload": logging.INFO})
+    model = seeded(HalvesStack, n=3)
+    offloaded(model, ["layers.*"])
+    with torch.no_grad():
+        torch.compile(model, backend="offload_eager")(torch.randn(2, 8))
+    err = capsys.readouterr().err
+    for name in ("a", "b", "c", "d"):
+        assert re.search(rf"\]\s+layers\.0\.{name}\s+\d+ B", err), (name, err)
 
 
 def test_swapped_components_passed_as_inputs_are_logged_and_counted(offloaded, fx_offload_logs, capsys):
