@@ -34,7 +34,6 @@ last forward's calls with their origins.
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Sequence
 
@@ -44,7 +43,7 @@ from torch._logging import LazyString
 from torch._logging._internal import register_log
 
 from fx_offload.ops import FETCH, HEAD, REFILL, SWAPPED, arguments
-from fx_offload.regions import GraphPlan
+from fx_offload.regions import GraphPlan, common_module
 
 register_log("fx_offload", "fx_offload")
 log = logging.getLogger(__name__)
@@ -146,10 +145,8 @@ def _full_names(graph: fx.Graph, plan: GraphPlan, regions: Sequence) -> list[str
     names = []
     for r in regions:
         inputs = [position.get(param) for param in r.region.params]
-        paths = [plan.offloaded_inputs[i].split(".")[:-1] for i in inputs if i in plan.offloaded_inputs]
-        same = itertools.takewhile(lambda parts: len(set(parts)) == 1, zip(*paths))
-        common = [parts[0] for parts in same]
-        names.append(".".join(common) or r.region.name)
+        module = common_module(plan.offloaded_inputs[i] for i in inputs if i in plan.offloaded_inputs)
+        names.append(module or r.region.name)
     return names
 
 

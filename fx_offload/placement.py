@@ -79,6 +79,11 @@ def lookup(tensor: torch.Tensor) -> HostParameter | None:
     return record
 
 
+def at(pointer: int) -> HostParameter | None:
+    """The record of the offloaded parameter whose data starts at ``pointer``, or ``None``."""
+    return _records.get(pointer)
+
+
 def any_placed() -> bool:
     """Whether any parameter in the process is offloaded now."""
     return bool(_records)

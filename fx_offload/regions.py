@@ -13,8 +13,9 @@ keep placeholders in the same order and carry ``nn_module_stack``.
 
 from __future__ import annotations
 
+import itertools
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -90,6 +91,14 @@ class Region:
     name: str
     params: list[fx.Node] = field(default_factory=list)
     users: list[fx.Node] = field(default_factory=list)
+
+
+def common_module(parameter_names: Iterable[str]) -> str:
+    """The innermost module holding every parameter named (``visual.blocks.0.mlp`` for its
+    ``fc1.weight`` and ``fc2.bias``), as the model names it; "" for none."""
+    paths = [name.split(".")[:-1] for name in parameter_names]
+    same = itertools.takewhile(lambda parts: len(set(parts)) == 1, zip(*paths))
+    return ".".join(parts[0] for parts in same)
 
 
 def module_name(path: str) -> str:

@@ -66,6 +66,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from fx_offload import placement
+from fx_offload.regions import common_module
 from fx_offload.sequence import CallSequence, Forward, Origin
 
 
@@ -398,7 +399,7 @@ class GraphRuntime:
         # the thread's stack of running graphs, which only those ops read
         self.passes = False
         self.token: int | None = None  # names the graph in its device's call sequence
-        self.name = ""  # how ``last_forward`` names it: its token and first head region
+        self.name = ""  # how ``last_forward`` names it: Dynamo's compile id (or its token)
 
     def declare_head(
         self, example_inputs: list, positions: list[int], region: str = "", passed: bool = False
@@ -421,7 +422,9 @@ class GraphRuntime:
             self.device.graphs.add(self)
             self.token = self.device.sequence.graph(self)
             self.device.by_token[self.token] = self
-            self.name = f"{self.token} ({region})" if region else str(self.token)
+            # Dynamo's id of the compile, as the logs show it ([18/0]), where there is one
+            compile_id = torch._guards.CompileContext.current_compile_id()
+            self.name = f"[{compile_id}]" if compile_id is not None else str(self.token)
 
     def heads(self) -> list[_Head]:
         """Every head of the graph, of every thread that called it."""
@@ -810,7 +813,16 @@ def last_forward(device: torch.device | str | None = None) -> str:
     if forward is None:
         return "no forward recorded: no compiled graph with head regions has run"
     counts = ", ".join(f"{origin.value}: {n}" for origin, n in forward.counts().items())
-    return f"{len(forward.calls)} calls ({counts})\n{forward.format(names)}"
+    return f"{len(forward.calls)} calls ({counts})\n{forward.format(names, _weights_name)}"
+
+
+def _weights_name(key: tuple) -> str:
+    """A call's weights (their data_ptrs, per head) as the model names them: the module holding
+    them all, where they are still offloaded."""
+    pointers = [p for part in key for p in (part if isinstance(part, tuple) else (part,))]
+    records = [placement.at(pointer) for pointer in pointers]
+    module = common_module(r.names[0] for r in records if r is not None) if all(records) else ""
+    return f"{module} ({len(pointers)} weights)" if module else f"{len(pointers)} weights"
 
 
 def _last_forward(device) -> tuple[Forward | None, dict]:

@@ -37,7 +37,7 @@ import enum
 import itertools
 import weakref
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -76,12 +76,18 @@ class Forward:
             found[origin] += 1
         return found
 
-    def format(self, names: dict[Hashable, str] | None = None) -> str:
-        """One line per call: position, graph (named by ``names`` where given), weights, origin."""
+    def format(
+        self, names: dict[Hashable, str] | None = None, weights_name: Callable[[tuple], str] | None = None
+    ) -> str:
+        """One line per call: position, graph (named by ``names`` where given), weights (named by
+        ``weights_name`` where given), origin."""
         lines = []
         for i, (call, origin) in enumerate(zip(self.calls, self.origins)):
             graph = (names or {}).get(call.graph, call.graph)
-            weights = f"{len(call.weights)} weights" if isinstance(call.weights, tuple) else call.weights
+            if not isinstance(call.weights, tuple):
+                weights = call.weights
+            else:
+                weights = weights_name(call.weights) if weights_name else f"{len(call.weights)} weights"
             lines.append(f"{i:4d}  graph {graph}  {weights}  copy issued: {origin.value}")
         if self.truncated:
             lines.append(f"      ... {self.truncated} more calls")
