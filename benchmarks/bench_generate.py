@@ -24,7 +24,10 @@ runs after warm-up (compiles excluded). The floor of a row with offloaded weight
 time, offloaded bytes / pinned bandwidth)`` for prefill and for each decode step. ``before fw`` is
 the part of prefill generate() spends before it calls the forward (host time in which only copies
 issued before the call can run). ``--prefetch-head N`` sets the fx_offload row's ``prefetch_head``
-(how many layers are copied in between calls).
+(how many layers are copied in between calls). ``prefill x`` and ``decode x`` are each figure over
+its floor (a CUDA device: none elsewhere), ``peak GB`` the device memory the row held at its peak
+(after its set-up), ``warmup s`` its first two generate() calls (compiles and CUDA graph
+recordings), ``check`` how its tokens compare (below).
 
 Every row is checked against the resident model (the compiled rows against the compiled resident
 row, the eager rows against the eager resident model): ``equal`` where it generates the same tokens;
@@ -458,8 +461,8 @@ def table(result: dict) -> str:
             f"floor prefill {floor['prefill_ms']:.2f} ms, decode {floor['decode_ms_per_token']:.2f} ms/token"
         )
     columns = f"{'row':24} {'prefill ms':>10} {'+ copies':>9} {'before fw':>9} {'ms/token':>10}"
-    columns += f" {'x floor':>9} {'x floor':>9}"
-    columns += f" {'peak GB':>7} {'warmup s':>8}"
+    columns += f" {'prefill x':>9} {'decode x':>9}"
+    columns += f" {'peak GB':>7} {'warmup s':>8}  check"
     return "\n".join([head, columns] + [line(r, floor) for r in result["rows"]])
 
 

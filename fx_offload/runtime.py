@@ -423,8 +423,8 @@ class GraphRuntime:
             self.token = self.device.sequence.graph(self)
             self.device.by_token[self.token] = self
             # Dynamo's id of the compile, as the logs show it ([18/0]), where there is one
-            compile_id = torch._guards.CompileContext.current_compile_id()
-            self.name = f"[{compile_id}]" if compile_id is not None else str(self.token)
+            trace_id = torch._guards.CompileContext.current_trace_id()  # ([18/0_1]: its attempt)
+            self.name = f"[{trace_id}]" if trace_id is not None else str(self.token)
 
     def heads(self) -> list[_Head]:
         """Every head of the graph, of every thread that called it."""
