@@ -20,9 +20,10 @@ They count what the pass built, at compile time; ``runtime.copied_bytes`` counts
 actually copied host to device at run time. The runtime adds, per call of a graph with heads,
 where the copy of its heads was issued (``fx_offload.sequence.Origin``):
 
-* ``head_copy_same_graph``: after the previous call, of the same graph (a graph Dynamo reuses for
-  every block of a stack, refilled with the next block's weights);
-* ``head_copy_previous_graph``: after the previous call, of another graph (a graph break between);
+* ``head_copy_same_graph``: after the graph's own previous call, by its refill (a graph Dynamo
+  reuses for every block of a stack refills its heads with the next block's weights);
+* ``head_copy_previous_graph``: after the previous call, of another graph, by its prefetch into
+  these heads (``cross_graph_prefetches``);
 * ``head_copy_between_forwards``: after the previous forward's last call;
 * ``head_copy_not_predicted``: when the call began (the first calls, a wrong guess, a weight
   written since);

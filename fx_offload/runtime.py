@@ -334,6 +334,7 @@ class _Head:
     region: str = ""  # its name in the graph: two head regions may read the same weights
     current: tuple[int, ...] = ()  # data_ptrs of the weights of the call running
     holds: tuple = ()  # (data_ptrs, versions) of the values in the buffers
+    prefetched: bool = False  # they were copied by another graph's call (``prefetch``), not this one's
     # on a GPU, an external event: when the wrapper's refill after the last call is done
     refilled: torch.cuda.Event | None = None
     deferred: bool = False  # the graph's refill left the copies to the wrapper
@@ -490,7 +491,7 @@ class GraphRuntime:
         addresses and version counters per head, compared with what the head holds.
         """
         heads = self._thread_heads()
-        held = True
+        held, own = True, True
         for found in heads:
             weights = found.take(args)
             pointers = tuple(map(_PTR, weights))
@@ -503,12 +504,14 @@ class GraphRuntime:
             if not holds or holds[0] != pointers or holds[1] != tuple(map(_VERSION, weights)):
                 held = False
                 _fill(found, list(weights), pointers)
+            elif found.prefetched:
+                own = False
         if not self.passes:
             _registry.stack().append(heads)
         if heads:
             device = self.device
             key = heads[0].current if len(heads) == 1 else tuple(found.current for found in heads)
-            origin = device.sequence.arrive(self.token, key, held)
+            origin = device.sequence.arrive(self.token, key, held, own)
             counters["fx_offload"][_COUNTED[origin]] += 1
         return heads
 
@@ -539,6 +542,7 @@ class GraphRuntime:
                 _refill_after(found)
             else:
                 found.holds = (found.current, _versions(found.records))
+                found.prefetched = False
             found.weights = ()
         if heads:
             following = self.device.sequence.next
@@ -566,6 +570,7 @@ class GraphRuntime:
             if not records:
                 continue
             found.holds = (pointers, _versions(records))
+            found.prefetched = True
             _copy_head(found, records, 0)
             counters["fx_offload"]["cross_graph_prefetches"] += 1
 
@@ -595,7 +600,7 @@ def _refill_after(found: _Head) -> None:
     if following == found.current and found.in_graph >= found.nbytes and found.weights:
         versions = tuple(map(_VERSION, found.weights))
         if versions == found.in_graph_versions:  # the graph copied it all, nothing written since
-            found.holds = (following, versions)
+            found.holds, found.prefetched = (following, versions), False
             return
     records = found._records(following)
     if not records:  # the block that followed is gone: refill with the current one
@@ -604,7 +609,7 @@ def _refill_after(found: _Head) -> None:
     copied = found.in_graph if following == found.current else 0  # by the graph, in the call
     if copied and versions != found.in_graph_versions:
         copied = 0  # written in place after the graph's own refill (offload_eager stores late)
-    found.holds = (following, versions)
+    found.holds, found.prefetched = (following, versions), False
     _copy_head(found, records, copied)
 
 
@@ -646,7 +651,7 @@ def _fill(found: _Head, weights: list[torch.Tensor], pointers: tuple[int, ...]) 
         device.compute_stream().wait_event(found.refilled)
     copy_all(found.buffers, [record.host for record in records])  # on the compute stream, before the call
     device.count(records)
-    found.holds = state
+    found.holds, found.prefetched = state, False
 
 
 def _forget_dead(found: _Head) -> None:

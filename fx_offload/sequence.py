@@ -52,8 +52,8 @@ class Call(NamedTuple):
 class Origin(enum.Enum):
     """Where the copy of a call's first regions was issued, given the guesses made before it."""
 
-    SAME_GRAPH = "same graph"  # after the previous call, of the same graph (a reused graph)
-    PREVIOUS_GRAPH = "previous graph"  # after the previous call, of another graph
+    SAME_GRAPH = "same graph"  # after the graph's own previous call (its refill)
+    PREVIOUS_GRAPH = "previous graph"  # after the previous call, of another graph (its prefetch)
     BETWEEN_FORWARDS = "between forwards"  # after the previous forward's last call
     NOT_PREDICTED = "not predicted"  # no guess, or a wrong one: copied when the call started
 
@@ -170,22 +170,28 @@ class CallSequence:
 
     # -- the hot path -------------------------------------------------------------------------------
 
-    def arrive(self, graph: Hashable, weights: Hashable = (), held: bool = True) -> Origin:
+    def arrive(
+        self, graph: Hashable, weights: Hashable = (), held: bool = True, own: bool | None = None
+    ) -> Origin:
         """Note that the call ``(graph, weights)`` starts; return where its first regions' copy was
-        issued: ``NOT_PREDICTED`` where the last guess was another call, or none, or where the
-        caller says the prefetched bytes were not ``held`` (it issued no copy for the guess, or a
-        weight was written since). Afterwards ``next`` is the guess for the call after this one."""
+        issued: ``NOT_PREDICTED`` where the caller says the bytes were not ``held`` (no copy was
+        issued for this call, or a weight was written since). Where the caller knows which call
+        issued the copy (``own``: the graph's own previous call, its refill; else another graph's,
+        a prefetch), a held call is ``BETWEEN_FORWARDS`` if it starts a forward, else
+        ``SAME_GRAPH`` or ``PREVIOUS_GRAPH`` by that; where it does not, those follow from the
+        guess (``NOT_PREDICTED`` where the last guess was another call, or none) and the graph of
+        the call before. Afterwards ``next`` is the guess for the call after this one."""
         call = Call(graph, weights)
         last, guessed = self._last, self._next
         again = bool(weights) and call in self._seen  # a call with weights, twice in one forward
         starts = self._boundary or (
             not self._explicit and (call == self._anchor or self._anchor is None or again)
         )
-        if guessed != call or last is None or not held:
+        if not held or (own is None and (guessed != call or last is None)):
             origin = Origin.NOT_PREDICTED
         elif starts:
             origin = Origin.BETWEEN_FORWARDS
-        elif last.graph == graph:
+        elif own if own is not None else last.graph == graph:
             origin = Origin.SAME_GRAPH
         else:
             origin = Origin.PREVIOUS_GRAPH

@@ -145,7 +145,9 @@ def test_after_the_first_forwards_every_head_copy_was_issued_before_its_call(mod
     assert origins.get("head_copy_not_predicted", 0) == 0, origins
     assert calls >= 2 * 4, origins  # at least two graphs with heads per block, two forwards
     forward = runtime.last_forward()
-    assert "previous graph" in forward and "not predicted: 0" in forward, forward
+    assert "not predicted: 0" in forward, forward
+    # a call is counted as copied after another graph's call only where that call prefetched it
+    assert origins.get("head_copy_previous_graph", 0) <= origins.get("cross_graph_prefetches", 0), origins
     # graphs by Dynamo's compile ids, as in the logs; weights by the module holding them
     block = "layers" if model_name == "item_stack" else r"visual\.blocks"
     assert re.search(rf"graph \[\d+/\d+(_\d+)?\]  {block}\.\d+\S* \(\d+ weights\)", forward), forward

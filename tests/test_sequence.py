@@ -170,3 +170,17 @@ def test_a_sequence_met_after_another_model_finds_its_own_forwards():
         origins = _run(sequence, calls)
     assert origins == [Origin.BETWEEN_FORWARDS, Origin.PREVIOUS_GRAPH, Origin.PREVIOUS_GRAPH]
     assert sequence.forwards[-1].calls == calls
+
+
+def test_where_the_caller_says_which_call_issued_the_copy_that_names_the_origin():
+    """A head refilled by its own graph's previous call is ``SAME_GRAPH`` even where another graph
+    ran in between (the pieces of a block, each refilled with the next block's weights), one
+    prefetched by the call before it ``PREVIOUS_GRAPH``, whatever the guess; a copy not held is
+    ``NOT_PREDICTED``, and the first call of a forward ``BETWEEN_FORWARDS``."""
+    sequence = CallSequence()
+    sequence.begin_forward()
+    assert sequence.arrive("a", (1,), True, True) is Origin.BETWEEN_FORWARDS
+    assert sequence.arrive("b", (2,), True, True) is Origin.SAME_GRAPH  # nothing guessed yet
+    assert sequence.arrive("a", (3,), True, False) is Origin.PREVIOUS_GRAPH
+    assert sequence.arrive("b", (4,), False, True) is Origin.NOT_PREDICTED
+    assert sequence.counts[Origin.SAME_GRAPH] == 1
