@@ -509,7 +509,7 @@ def _around_calls(compiled, setup: GraphSetup):
     # innermost function, so ``compiled``'s own would be a second per call (eval-frame switches
     # and a Python frame: a few microseconds, on hundreds of graph calls per forward).
     compiled = innermost_fn(compiled)
-    enter, leave, passes = graph.enter, graph.leave, setup.plan.heads_as_inputs
+    enter, leave, passes = graph.enter, graph.leave, graph.passes
 
     def run(*args):
         # a boxed call passes one list of inputs (whether Dynamo boxes depends on the path)

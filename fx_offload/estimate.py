@@ -33,8 +33,6 @@ KERNEL_OVERHEAD_S = 3e-6
 # The estimate is doubled: too short costs copy time one for one, too long costs only past the
 # heads' share of the gap between calls.
 MARGIN = 2.0
-# The size taken for a symbol without a hint (a data-dependent size), as Inductor's own fallback.
-UNHINTED_SIZE = 8192
 
 
 @dataclass(frozen=True)
@@ -77,10 +75,13 @@ def _hinted(value):
     """``value`` at the sizes of the call that compiled its graph: in a graph compiled for dynamic
     shapes a size is a symbol, which neither a byte count nor a FLOP formula may read without
     guarding on it; a tensor with symbolic sizes becomes a meta tensor of its hinted sizes."""
+    from torch._inductor import config as inductor_config
+
+    fallback = inductor_config.unbacked_symint_fallback  # a data-dependent size: Inductor's guess
     if isinstance(value, torch.SymInt):
-        return hint_int(value, fallback=UNHINTED_SIZE)
+        return hint_int(value, fallback=fallback)
     if isinstance(value, torch.Tensor) and has_free_symbols(value):
-        shape = [hint_int(size, fallback=UNHINTED_SIZE) for size in value.shape]
+        shape = [hint_int(size, fallback=fallback) for size in value.shape]
         return torch.empty(shape, dtype=value.dtype, device="meta")
     return value
 

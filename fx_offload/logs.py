@@ -43,6 +43,7 @@ from torch._dynamo.utils import counters
 from torch._logging import LazyString
 from torch._logging._internal import register_log
 
+from fx_offload import placement
 from fx_offload.ops import FETCH, HEAD, REFILL, SWAPPED, arguments
 from fx_offload.regions import GraphPlan, common_module
 
@@ -140,14 +141,22 @@ def _summary(
 def _full_names(graph: fx.Graph, plan: GraphPlan, regions: Sequence) -> list[str]:
     """Each region's module as the model names it (``visual.blocks.0.attn.proj``), from the names
     of the parameters it reads: the graph's own names are relative to the frame Dynamo compiled
-    (``proj`` for a block's forward after a graph break, two modules alike). A graph reused for
-    every block of a stack is named after the block it was compiled for."""
+    (``proj`` for a block's forward after a graph break, two modules alike). A tied weight is
+    named as the module of the region that reads it (``lm_head``, not ``embed``). A graph reused
+    for every block of a stack is named after the block it was compiled for."""
     position = {node: i for i, node in enumerate(n for n in graph.nodes if n.op == "placeholder")}
+    every = {record.names[0]: record.names for record in placement.records()}
     names = []
     for r in regions:
-        inputs = [position.get(param) for param in r.region.params]
-        module = common_module(plan.offloaded_inputs[i] for i in inputs if i in plan.offloaded_inputs)
-        names.append(module or r.region.name)
+        local = r.region.name
+        chosen = []
+        for i in (position.get(param) for param in r.region.params):
+            if i not in plan.offloaded_inputs:
+                continue
+            aliases = every.get(plan.offloaded_inputs[i], (plan.offloaded_inputs[i],))
+            mine = [n for n in aliases if f".{n.rpartition('.')[0]}".endswith(f".{local}")]
+            chosen.append((mine or aliases)[0])
+        names.append(common_module(chosen) or local)
     return names
 
 

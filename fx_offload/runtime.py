@@ -24,7 +24,8 @@ State lives in three kinds of objects:
   models that share a graph (Dynamo reuses one for two instances of a class) never read each
   other's weights; in one thread a set serves every model and block that the graph runs.
 * the call stack of each thread (``GraphRuntime.enter`` / ``leave``): which graph's heads the
-  ``head`` and ``refill`` ops of the call in progress serve.
+  ``head``, ``refill`` and ``wait`` ops of the call in progress serve (a graph whose heads are
+  passed as inputs has no such op and is not put on it).
 
 Parameters are known through their records (``placement.HostParameter``), which these objects
 hold weakly: a model dropped without ``restore`` leaves nothing behind but the graph's buffers.
@@ -396,8 +397,8 @@ class GraphRuntime:
         self._dropped = False
         self._last: tuple[int | None, list[_Head]] = (None, [])  # (thread id, its heads)
         self.device: DeviceRuntime | None = None
-        # its heads are passed as inputs: the graph calls no head op, so its calls are not put on
-        # the thread's stack of running graphs, which only those ops read
+        # its heads are passed as inputs: the graph has no head or refill op and none of its waits
+        # is for a head, so its calls are not put on the thread's stack of running graphs
         self.passes = False
         self.token: int | None = None  # names the graph in its device's call sequence
         self.name = ""  # how ``last_forward`` names it: Dynamo's compile id (or its token)
@@ -811,9 +812,9 @@ def _forget_dead_loose(device: DeviceRuntime) -> None:
 
 def last_forward(device: torch.device | str | None = None) -> str:
     """The last forward's calls of graphs with heads, as the device's call sequence recorded
-    them: in order, each with its graph (token and first head region), its weights and where the
-    copy of its heads was issued (``sequence.Origin``). ``device`` defaults to the one device
-    that ran any (a CUDA device before the CPU)."""
+    them: in order, each with its graph (Dynamo's trace id, as the logs show it), the module
+    holding its weights and where the copy of its heads was issued (``sequence.Origin``).
+    ``device`` defaults to the one device that ran any (a CUDA device before the CPU)."""
     forward, names = _last_forward(device)
     if forward is None:
         return "no forward recorded: no compiled graph with head regions has run"
@@ -826,7 +827,7 @@ def _weights_name(key: tuple) -> str:
     them all, where they are still offloaded."""
     pointers = [p for part in key for p in (part if isinstance(part, tuple) else (part,))]
     records = [placement.at(pointer) for pointer in pointers]
-    module = common_module(r.names[0] for r in records if r is not None) if all(records) else ""
+    module = common_module(r.names[0] for r in records) if all(records) else ""
     return f"{module} ({len(pointers)} weights)" if module else f"{len(pointers)} weights"
 
 

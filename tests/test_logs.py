@@ -12,7 +12,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from fx_offload import logs
-from tests.models import HalvesStack, Stack, seeded
+from tests.models import HalvesStack, Stack, Tied, seeded
 
 SCRIPT = """
 import torch
@@ -122,6 +122,14 @@ def test_regions_are_logged_by_their_modules_names_in_the_model(offloaded, fx_of
     err = capsys.readouterr().err
     for name in ("a", "b", "c", "d"):
         assert re.search(rf"\]\s+layers\.0\.{name}\s+\d+ B", err), (name, err)
+    # a tied weight is named as the module of the region that reads it
+    tied = seeded(Tied)
+    offloaded(tied, ["*"])
+    options = {"prefetch_head": 1, "heads_as_inputs": False}
+    with torch.no_grad():
+        torch.compile(tied, backend="offload_eager", options=options)(torch.randint(0, 16, (2, 5)))
+    err = capsys.readouterr().err
+    assert [m.group(1) for m in re.finditer(r"\]\s+(\w+)\s+\d+ B ", err)] == ["embed", "body", "lm_head"], err
 
 
 def test_swapped_components_passed_as_inputs_are_logged_and_counted(offloaded, fx_offload_logs, capsys):
