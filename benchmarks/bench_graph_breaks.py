@@ -41,6 +41,11 @@ Columns (per forward; medians over the rounds):
   measured as the allocation its set-up added) plus the most its forward allocated beyond that;
 * ``max |diff|``: the largest difference of the outputs to the ``resident`` row's.
 
+Under each offloaded row, one forward's calls with heads by where their heads' copy was issued
+(``fx_offload.sequence.Origin``: by the graph's own previous call, by another graph's prefetch,
+between forwards, or not before the call) and how many such prefetches there were. With few
+``--rounds`` on a shared CPU a row can read faster than ``resident``: noise, not a gain.
+
 On a CPU the script sets one thread (``torch.set_num_threads(1)``): the ratio to resident is then
 the per-call overhead ratio without thread noise. ``--profile`` runs each offloaded row under
 cProfile for ``--profile-calls`` forwards and prints, per forward, the time spent in each
