@@ -401,7 +401,7 @@ class GraphRuntime:
         # is for a head, so its calls are not put on the thread's stack of running graphs
         self.passes = False
         self.token: int | None = None  # names the graph in its device's call sequence
-        self.name = ""  # how ``last_forward`` names it: Dynamo's compile id (or its token)
+        self.name = ""  # how ``last_forward`` names it: Dynamo's trace id (or its token)
 
     def declare_head(
         self, example_inputs: list, positions: list[int], region: str = "", passed: bool = False
@@ -424,8 +424,8 @@ class GraphRuntime:
             self.device.graphs.add(self)
             self.token = self.device.sequence.graph(self)
             self.device.by_token[self.token] = self
-            # Dynamo's id of the compile, as the logs show it ([18/0]), where there is one
-            trace_id = torch._guards.CompileContext.current_trace_id()  # ([18/0_1]: its attempt)
+            # Dynamo's id of the compile and its attempt, as the logs show it ([18/0_1])
+            trace_id = torch._guards.CompileContext.current_trace_id()
             self.name = f"[{trace_id}]" if trace_id is not None else str(self.token)
 
     def heads(self) -> list[_Head]:
