@@ -118,15 +118,23 @@ class BreakingBlock(Block):
         return x + self.fc2(h)
 
 
-class BreakingStack(nn.Module):
+class _BlockStack(nn.Module):
+    """``n`` blocks of class ``block`` (of width ``dim``), run in turn."""
+
+    block: type[nn.Module]
+
     def __init__(self, n: int = 4, dim: int = 8) -> None:
         super().__init__()
-        self.layers = nn.ModuleList([BreakingBlock(dim) for _ in range(n)])
+        self.layers = nn.ModuleList([self.block(dim) for _ in range(n)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
             x = layer(x)
         return x
+
+
+class BreakingStack(_BlockStack):
+    block = BreakingBlock
 
 
 class HalvesBlock(nn.Module):
@@ -143,15 +151,8 @@ class HalvesBlock(nn.Module):
         return x + self.d(torch.relu(self.c(h)))
 
 
-class HalvesStack(nn.Module):
-    def __init__(self, n: int = 4, dim: int = 8) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList([HalvesBlock(dim) for _ in range(n)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = layer(x)
-        return x
+class HalvesStack(_BlockStack):
+    block = HalvesBlock
 
 
 class TwoStage(nn.Module):

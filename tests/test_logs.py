@@ -100,13 +100,18 @@ def fx_offload_logs():
     torch._logging.set_logs()
 
 
-def test_set_logs_info_level_logs_regions_but_not_graphs(offloaded, fx_offload_logs, capsys):
+def _info_log(capsys, offloaded, model, patterns, x, options=None, **offload_kwargs) -> str:
+    """What ``TORCH_LOGS="fx_offload"`` writes while ``model``, offloaded by ``patterns``, is compiled
+    (``offload_eager``, ``options``) and called on ``x``."""
     torch._logging.set_logs(modules={"fx_offload": logging.INFO})
-    model = seeded(Stack, n=2)
-    offloaded(model, ["layers.*"])
+    offloaded(model, patterns, **offload_kwargs)
     with torch.no_grad():
-        torch.compile(model, backend="offload_eager")(torch.randn(2, 8))
-    err = capsys.readouterr().err
+        torch.compile(model, backend="offload_eager", options=options)(x)
+    return capsys.readouterr().err
+
+
+def test_set_logs_info_level_logs_regions_but_not_graphs(offloaded, fx_offload_logs, capsys):
+    err = _info_log(capsys, offloaded, seeded(Stack, n=2), ["layers.*"], torch.randn(2, 8))
     assert "rewrote a graph: 2 regions, 2240 B offloaded" in err
     assert "graph before the offload pass" not in err and "graph after" not in err  # those are +fx_offload
 
@@ -114,33 +119,21 @@ def test_set_logs_info_level_logs_regions_but_not_graphs(offloaded, fx_offload_l
 def test_regions_are_logged_by_their_modules_names_in_the_model(offloaded, fx_offload_logs, capsys):
     """After a graph break Dynamo compiles a block's own forward, whose module names are relative
     to the block (``a``, ``b`` ...): the log names each region as the model does."""
-    torch._logging.set_logs(modules={"fx_offload": logging.INFO})
-    model = seeded(HalvesStack, n=3)
-    offloaded(model, ["layers.*"])
-    with torch.no_grad():
-        torch.compile(model, backend="offload_eager")(torch.randn(2, 8))
-    err = capsys.readouterr().err
+    err = _info_log(capsys, offloaded, seeded(HalvesStack, n=3), ["layers.*"], torch.randn(2, 8))
     for name in ("a", "b", "c", "d"):
         assert re.search(rf"\]\s+layers\.0\.{name}\s+\d+ B", err), (name, err)
     # a tied weight is named as the module of the region that reads it
-    tied = seeded(Tied)
-    offloaded(tied, ["*"])
     options = {"prefetch_head": 1, "heads_as_inputs": False}
-    with torch.no_grad():
-        torch.compile(tied, backend="offload_eager", options=options)(torch.randint(0, 16, (2, 5)))
-    err = capsys.readouterr().err
+    err = _info_log(capsys, offloaded, seeded(Tied), ["*"], torch.randint(0, 16, (2, 5)), options)
     assert [m.group(1) for m in re.finditer(r"\]\s+(\w+)\s+\d+ B ", err)] == ["embed", "body", "lm_head"], err
 
 
 def test_swapped_components_passed_as_inputs_are_logged_and_counted(offloaded, fx_offload_logs, capsys):
     """A graph that only reads its swapped components has no swap op, yet the log names them."""
     counters.clear()
-    torch._logging.set_logs(modules={"fx_offload": logging.INFO})
-    model = seeded(Stack, n=3)
-    offloaded(model, {"layers.0": "swap", "layers.1": "swap", "layers.2": "stream"}, device_budget=1 << 20)
-    with torch.no_grad():
-        torch.compile(model, backend="offload_eager")(torch.randn(2, 8))
-    err = capsys.readouterr().err
+    policies = {"layers.0": "swap", "layers.1": "swap", "layers.2": "stream"}
+    model, x = seeded(Stack, n=3), torch.randn(2, 8)
+    err = _info_log(capsys, offloaded, model, policies, x, device_budget=1 << 20)
     assert "1 regions, 1120 B offloaded" in err and "; 2 swapped components" in err, err
     assert "swapped component layers.0: 4 parameters, passed as inputs" in err, err
     assert counters["fx_offload"]["swapped"] == 2
