@@ -18,11 +18,13 @@ State lives in three kinds of objects:
   after the call before it (``GraphRuntime.leave``, ``last_forward()``). The host tensors and
   arena views the ``fetch`` and ``swapped`` ops read are cached there per set of weights.
 * ``GraphRuntime``, one per compiled graph: made by the backend at compile time and owned by the
-  compiled function's wrapper, it lives as long as the graph. It holds the graph's head buffers
-  (``_Head``: persistent buffers for its first regions), what they hold and the refill state. A
-  graph that several threads call keeps one set of head buffers per calling thread, so that two
-  models that share a graph (Dynamo reuses one for two instances of a class) never read each
-  other's weights; in one thread a set serves every model and block that the graph runs.
+  compiled function's wrapper, it lives as long as the graph. It holds the graph's heads
+  (``_Head``: its first regions) and their refill state. A head's persistent buffers and what
+  they hold are a ``_Store``, shared by the heads of every graph that reads the same weights first
+  (generate()'s prompt and one-token graphs), so those weights take device memory once. A graph
+  that several threads call keeps one set of heads per calling thread, with stores of their own,
+  so that two models that share a graph (Dynamo reuses one for two instances of a class) never
+  read each other's weights; in one thread a set serves every model and block the graph runs.
 * the call stack of each thread (``GraphRuntime.enter`` / ``leave``): which graph's heads the
   ``head``, ``refill`` and ``wait`` ops of the call in progress serve (a graph whose heads are
   passed as inputs has no such op and is not put on it).
@@ -100,6 +102,8 @@ class DeviceRuntime:
     by_token: weakref.WeakValueDictionary = field(default_factory=weakref.WeakValueDictionary)
     # a fetch's weights (their data_ptrs) -> (placement generation, records, bytes)
     hosts: dict[tuple[int, ...], tuple] = field(default_factory=dict)
+    # a head's weights (data_ptr, shape, dtype) -> the buffers that graphs serving them first share
+    stores: weakref.WeakValueDictionary = field(default_factory=weakref.WeakValueDictionary)
     # a swapped op's weights (their data_ptrs) -> (generation, weak components, arena views)
     views: dict[tuple[int, ...], tuple] = field(default_factory=dict)
     _stream: torch.cuda.Stream | None = None
@@ -319,25 +323,56 @@ def release(fetched: list[torch.Tensor]) -> torch.Tensor:
 
 
 @dataclass(eq=False)
-class _Head:
-    """The persistent device buffers of one of a compiled graph's first regions (its head), for
-    the calls of one thread.
+class _Store:
+    """The persistent device buffers of a head and what they hold: shared by the heads of every
+    graph that serves the same weights first (a generate()'s prompt and one-token graphs, a graph
+    Dynamo compiled again for other shapes), so that those weights take device memory once.
 
-    One set per graph, head region and calling thread, whatever weights a call passes: a graph
+    A store serves one thread: the first that calls a graph with it (``thread``); a graph first
+    called by another thread gets buffers of its own."""
+
+    buffers: list[torch.Tensor]
+    holds: tuple = ()  # (data_ptrs, versions) of the values in the buffers
+    by: int | None = None  # the token of the graph whose call issued the copy of those values
+    # on a GPU, an external event: when the last copy into them issued after a call is done
+    refilled: torch.cuda.Event | None = None
+    thread: weakref.ref | None = None  # to the thread its heads serve (None: none yet)
+    # data_ptrs -> weak references to their records (a dropped model leaves dead ones)
+    known: dict[tuple[int, ...], list[weakref.ref]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.nbytes = sum(buffer.nbytes for buffer in self.buffers)
+        if self.buffers and self.buffers[0].device.type == "cuda":
+            self.refilled = torch.cuda.Event(external=True)
+            copy = device_runtime(self.buffers[0].device).copy_stream()
+            for buffer in self.buffers:  # the copy stream writes them: freed, wait for it before reuse
+                buffer.record_stream(copy)
+
+
+def _serves_another(store: _Store, thread: threading.Thread) -> bool:
+    """Whether ``store`` serves a live thread other than ``thread``."""
+    other = store.thread() if store.thread is not None else None
+    return other is not None and other is not thread and other.is_alive()
+
+
+@dataclass(eq=False)
+class _Head:
+    """One of a compiled graph's first regions (its head), for the calls of one thread: the
+    persistent device buffers that serve it (its ``store``) and the graph's state of them.
+
+    One per graph, head region and calling thread, whatever weights a call passes: a graph
     that Dynamo reuses for every block of a stack (a graph break inside the block) keeps one set,
     not one per block. The wrapper refills it after each call for the next one (after all the
     call queued), and copies it again before a call, on the compute stream, only when the call
-    passes other weights or their values changed in place.
+    passes other weights or their values changed in place (what the buffers hold is the store's:
+    another graph's call may have filled them).
     """
 
-    buffers: list[torch.Tensor]
+    store: _Store
     positions: list[int]  # where the region's weights are among the graph's inputs
     region: str = ""  # its name in the graph: two head regions may read the same weights
+    token: int | None = None  # its graph's in the device's call sequence
     current: tuple[int, ...] = ()  # data_ptrs of the weights of the call running
-    holds: tuple = ()  # (data_ptrs, versions) of the values in the buffers
-    prefetched: bool = False  # they were copied by another graph's call (``prefetch``), not this one's
-    # on a GPU, an external event: when the wrapper's refill after the last call is done
-    refilled: torch.cuda.Event | None = None
     deferred: bool = False  # the graph's refill left the copies to the wrapper
     in_graph: int = 0  # of them, the first bytes the graph copied itself (its refill's in_graph)
     in_graph_versions: tuple[int, ...] = ()  # the weights' versions when the graph copied them
@@ -345,16 +380,35 @@ class _Head:
     # a graph reused for several blocks: the weights each call passed -> those of the call after
     # it last time, so that the refill after a call loads the block that comes next
     successor: dict[tuple[int, ...], tuple[int, ...]] = field(default_factory=dict)
-    # data_ptrs -> weak references to their records (a dropped model leaves dead ones)
-    known: dict[tuple[int, ...], list[weakref.ref]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.nbytes = sum(buffer.nbytes for buffer in self.buffers)
+        self.buffers = self.store.buffers
+        self.known = self.store.known
+        self.nbytes = self.store.nbytes
         # the buffers' device's runtime, found once: the calls' paths read it every call
         self.runtime = device_runtime(self.buffers[0].device) if self.buffers else None
         take = operator.itemgetter(*self.positions) if self.positions else (lambda args: ())
         # the region's weights among a call's inputs, as a tuple (C-level)
         self.take = take if len(self.positions) != 1 else (lambda args: (take(args),))
+
+    @property
+    def holds(self) -> tuple:
+        return self.store.holds
+
+    @property
+    def refilled(self) -> torch.cuda.Event | None:
+        return self.store.refilled
+
+    @property
+    def prefetched(self) -> bool:
+        """Whether another graph's call issued the copy of what the buffers hold."""
+        return self.store.by != self.token
+
+    def filled(self, holds: tuple, by: int | None = None) -> None:
+        """The buffers hold ``holds``, copied by a call of the graph whose token is ``by`` (default:
+        this head's)."""
+        self.store.holds = holds
+        self.store.by = self.token if by is None else by
 
     @property
     def records(self) -> list[placement.HostParameter]:
@@ -366,19 +420,9 @@ class _Head:
         return records if all(records) else []
 
     def _like(self) -> _Head:
-        """A set of buffers shaped like these, for another thread."""
-        buffers = [torch.empty_like(buffer) for buffer in self.buffers]
-        return _made(buffers, self.positions, self.region)
-
-
-def _made(buffers: list[torch.Tensor], positions: list[int], region: str) -> _Head:
-    found = _Head(buffers, list(positions), region)
-    if buffers and buffers[0].device.type == "cuda":
-        found.refilled = torch.cuda.Event(external=True)
-        copy = found.runtime.copy_stream()
-        for buffer in buffers:  # the copy stream writes them: freed, wait for it before reuse
-            buffer.record_stream(copy)
-    return found
+        """A head like this one with buffers of its own, for another thread."""
+        store = _Store([torch.empty_like(buffer) for buffer in self.buffers])
+        return _Head(store, self.positions, self.region, self.token)
 
 
 class GraphRuntime:
@@ -413,20 +457,33 @@ class GraphRuntime:
         (no CUDA graph holds their addresses), so after ``drop_heads`` the next call makes them
         again."""
         weights = [example_inputs[p] for p in positions]
-        buffers = [torch.empty(w.shape, dtype=w.dtype, device=w.device) for w in weights]
-        self._first.append(_made(buffers, positions, region))
-        if passed:
-            self.passes = True
-            specs = [(w.shape, {"dtype": w.dtype, "device": w.device}) for w in weights]  # torch.empty's
-            self._remade.append((specs, list(positions), region))
-        if self.device is None and buffers:
-            self.device = device_runtime(buffers[0].device)
+        if self.device is None and weights:
+            self.device = device_runtime(weights[0].device)
             self.device.graphs.add(self)
             self.token = self.device.sequence.graph(self)
             self.device.by_token[self.token] = self
             # Dynamo's id of the compile and its attempt, as the logs show it ([18/0_1])
             trace_id = torch._guards.CompileContext.current_trace_id()
             self.name = f"[{trace_id}]" if trace_id is not None else str(self.token)
+        self._first.append(_Head(self._store(weights), list(positions), region, self.token))
+        if passed:
+            self.passes = True
+            specs = [(w.shape, {"dtype": w.dtype, "device": w.device}) for w in weights]  # torch.empty's
+            self._remade.append((specs, list(positions), region))
+
+    def _store(self, weights: list[torch.Tensor]) -> _Store:
+        """The buffers of a head of ``weights``: those of another graph's head of the same weights
+        (the device's ``stores``), else new ones. Not another head's of this graph: a module
+        called twice makes two head regions of its weights, and one's refill must not overwrite
+        what the other still reads."""
+        key = tuple((w.data_ptr(), w.shape, w.dtype) for w in weights)
+        stores = self.device.stores if self.device is not None else {}
+        found = stores.get(key)
+        if found is None or any(h.store is found for h in self._first):
+            found = _Store([torch.empty(w.shape, dtype=w.dtype, device=w.device) for w in weights])
+            if weights:
+                stores[key] = found
+        return found
 
     def heads(self) -> list[_Head]:
         """Every head of the graph, of every thread that called it."""
@@ -457,7 +514,7 @@ class GraphRuntime:
             with self._lock:
                 if self._dropped:
                     self._first = [
-                        _made([torch.empty(shape, **kind) for shape, kind in specs], p, r)
+                        _Head(_Store([torch.empty(shape, **kind) for shape, kind in specs]), p, r, self.token)
                         for specs, p, r in self._remade
                     ]
                     self._dropped = False
@@ -472,7 +529,10 @@ class GraphRuntime:
             heads = self._sets.get(thread)
             if heads is None:  # the compile-time set, or, if a live thread has it, a new one
                 taken = any(held is self._first for held in self._sets.values())
+                taken = taken or any(_serves_another(found.store, thread) for found in self._first)
                 heads = [found._like() for found in self._first] if taken else self._first
+                for found in heads:
+                    found.store.thread = weakref.ref(thread)
                 self._sets[thread] = heads  # made here, in the wrapper: outside any capture
             self._last = (ident, heads)
         return heads
@@ -542,22 +602,21 @@ class GraphRuntime:
             if found.deferred:
                 _refill_after(found)
             else:
-                found.holds = (found.current, _versions(found.records))
-                found.prefetched = False
+                found.filled((found.current, _versions(found.records)))
             found.weights = ()
         if heads:
             following = self.device.sequence.next
             if following is not None and following.graph != self.token and following.weights:
                 graph = self.device.by_token.get(following.graph)
                 if graph is not None:
-                    graph.prefetch(following.weights)
+                    graph.prefetch(following.weights, self.token)
 
-    def prefetch(self, key: tuple) -> None:
+    def prefetch(self, key: tuple, by: int | None) -> None:
         """Copy into this graph's heads (of the calling thread) the weights of a call guessed to
         come next (``key`` as ``enter`` gave it to the sequence), where they hold other values.
         A wrong guess costs the copy: ``enter`` checks what the heads hold before the call.
         Heads dropped by ``restore`` are made again by the graph's own next call, not here: the
-        model may stay restored."""
+        model may stay restored. ``by``: the token of the graph whose call issues the copy."""
         if self._dropped:
             return
         heads = self._thread_heads()
@@ -570,8 +629,7 @@ class GraphRuntime:
             records = found._records(pointers)
             if not records:
                 continue
-            found.holds = (pointers, _versions(records))
-            found.prefetched = True
+            found.filled((pointers, _versions(records)), by)
             _copy_head(found, records, 0)
             counters["fx_offload"]["cross_graph_prefetches"] += 1
 
@@ -601,7 +659,7 @@ def _refill_after(found: _Head) -> None:
     if following == found.current and found.in_graph >= found.nbytes and found.weights:
         versions = tuple(map(_VERSION, found.weights))
         if versions == found.in_graph_versions:  # the graph copied it all, nothing written since
-            found.holds, found.prefetched = (following, versions), False
+            found.filled((following, versions))
             return
     records = found._records(following)
     if not records:  # the block that followed is gone: refill with the current one
@@ -610,7 +668,7 @@ def _refill_after(found: _Head) -> None:
     copied = found.in_graph if following == found.current else 0  # by the graph, in the call
     if copied and versions != found.in_graph_versions:
         copied = 0  # written in place after the graph's own refill (offload_eager stores late)
-    found.holds, found.prefetched = (following, versions), False
+    found.filled((following, versions))
     _copy_head(found, records, copied)
 
 
@@ -643,7 +701,7 @@ def _fill(found: _Head, weights: list[torch.Tensor], pointers: tuple[int, ...]) 
         records = [_streamed_record_of(w) for w in weights]
         _forget_dead(found)
         found.known[pointers] = [weakref.ref(record) for record in records]
-        found.holds = ()
+        found.filled(())
     state = (pointers, _versions(records))
     if found.holds == state:
         return  # the previous call refilled it with these values
@@ -652,7 +710,7 @@ def _fill(found: _Head, weights: list[torch.Tensor], pointers: tuple[int, ...]) 
         device.compute_stream().wait_event(found.refilled)
     copy_all(found.buffers, [record.host for record in records])  # on the compute stream, before the call
     device.count(records)
-    found.holds, found.prefetched = state, False
+    found.filled(state)
 
 
 def _forget_dead(found: _Head) -> None:
@@ -854,10 +912,12 @@ def live_heads() -> list[_Head]:
 
 def persistent_bytes() -> int:
     """Device bytes held between calls by head buffers (of every live compiled graph)."""
-    buffers = [b for found in live_heads() for b in found.buffers]
+    stores = {id(found.store): found.store for found in live_heads()}  # (graphs share some)
+    total = sum(store.nbytes for store in stores.values())
     for device in list(_registry.devices.values()):
-        buffers += [loose.buffer for loose in device.loose_heads.values() if loose.record() is not None]
-    return sum(b.nbytes for b in buffers)
+        loose = [found.buffer for found in device.loose_heads.values() if found.record() is not None]
+        total += sum(buffer.nbytes for buffer in loose)
+    return total
 
 
 def forget_heads(records: list[placement.HostParameter]) -> None:

@@ -2,6 +2,7 @@
 next call (by the graph's wrapper when the call returns, after all the call queued), and
 filled again by the wrapper when a call passes other weights or their values changed in place."""
 
+import threading
 from unittest import mock
 
 import pytest
@@ -316,6 +317,72 @@ def test_a_reused_graph_refills_its_head_with_the_block_that_comes_next(backend,
     reused = [found for found in runtime.live_heads() if found.successor]
     assert reused and all(found.in_graph == 0 for found in reused)
     assert copied[2:] == [plan.offloaded_bytes] * 2, (copied, plan.offloaded_bytes)
+
+
+@pytest.mark.parametrize("backend", ["offload_eager", "offload_inductor"])
+@pytest.mark.parametrize("cls", [Stack, BreakingStack])
+def test_graphs_compiled_for_two_shapes_share_the_head_buffers_of_their_weights(backend, cls, offloaded):
+    """generate() compiles a graph for the prompt and another for the tokens after it, and both
+    read the same weights first: their heads share one set of buffers, so those weights take
+    device memory once. The buffers hold what the last call left there, and every call still
+    reads its own weights' current values, written in place between calls or not. BreakingStack's
+    graphs also serve every block in turn, so the shared buffers change blocks between calls."""
+    model, plain = seeded(cls, n=4), seeded(cls, n=4)
+    offloaded(model, ["layers.*"])
+    compiled = torch.compile(model, backend=backend, dynamic=False)
+    with torch.no_grad():
+        for step, x in enumerate([torch.randn(3, 8), torch.randn(5, 8)] * 3):
+            if step == 3:
+                for layer in [*model.layers, *plain.layers]:
+                    layer.fc1.weight.mul_(0.5)
+            torch.testing.assert_close(compiled(x), plain(x), rtol=1e-5, atol=1e-6)
+    heads = runtime.live_heads()
+    stores = {id(found.store): found.nbytes for found in heads}
+    assert heads and len(stores) * 2 == len(heads), (len(stores), len(heads))
+    assert runtime.persistent_bytes() == sum(stores.values()) == sum(h.nbytes for h in heads) // 2
+
+
+@pytest.mark.parametrize("backend", ["offload_eager", "offload_inductor"])
+def test_a_graph_reads_what_another_graph_left_in_the_shared_head_buffers(backend, offloaded):
+    """Two models of one class share Dynamo's graphs: the graph for x serves both, and its head
+    buffers are shared with the graph for y, which serves the first model alone. After the second
+    model's call, the shared buffers hold its weights, and the graph for y sees that it must
+    fill them again with the first model's (what the buffers hold is theirs, not a graph's)."""
+    models = [seeded(Stack, n=4, seed=seed) for seed in (0, 1)]
+    plains = [seeded(Stack, n=4, seed=seed) for seed in (0, 1)]
+    compiled = []
+    for model in models:
+        offloaded(model, ["layers.*"])
+        compiled.append(torch.compile(model, backend=backend, dynamic=False))
+    x, y = torch.randn(3, 8), torch.randn(5, 8)
+    with torch.no_grad():
+        for which, inputs in [(0, x), (0, y), (1, x), (0, y), (1, y), (0, x)]:
+            got = compiled[which](inputs)
+            torch.testing.assert_close(got, plains[which](inputs), rtol=1e-5, atol=1e-6)
+
+
+def test_a_thread_gets_head_buffers_of_its_own_where_another_thread_uses_the_shared_ones(offloaded):
+    """The heads of two graphs share buffers, but a thread calling one graph while another thread
+    calls the other must not read what that one copies there (another block, other weights)."""
+    model, plain = seeded(Stack, n=4), seeded(Stack, n=4)
+    offloaded(model, ["layers.*"])
+    compiled = torch.compile(model, backend="offload_eager", dynamic=False)
+    x, y = torch.randn(3, 8), torch.randn(5, 8)
+
+    def call(inputs, into):
+        with torch.no_grad():
+            into.append(compiled(inputs))
+
+    outs: list = []
+    call(x, outs)  # this thread's graph for x takes the shared buffers
+    worker = threading.Thread(target=call, args=(y, outs))
+    worker.start()
+    worker.join()
+    with torch.no_grad():
+        for out, inputs in zip(outs, [x, y]):
+            torch.testing.assert_close(out, plain(inputs), rtol=1e-5, atol=1e-6)
+    heads = runtime.live_heads()  # x's graph's, y's graph's (sharing x's) and the worker's own
+    assert len(heads) % 3 == 0 and len({id(found.store) for found in heads}) == 2 * len(heads) // 3
 
 
 def test_restore_frees_the_heads_of_graphs_that_held_the_models_weights(offloaded):
