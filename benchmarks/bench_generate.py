@@ -36,6 +36,8 @@ within the rounding tolerance of the reference's (compiled and eager bf16 kernel
 of one model, round differently, and a near tie then picks another token); ``WRONG`` otherwise. The
 tolerance is the larger of the compiled resident row's distance from the eager model and four bf16
 epsilons of the largest logit.
+A compiled row run without the resident row is ``unchecked``: four epsilons alone are tighter than
+a compile's own rounding (the compiled resident model read 0.22–0.29 from eager at 3B size).
 
     python benchmarks/bench_generate.py                               # batch 1 and 8, every row (GPU)
     python benchmarks/bench_generate.py --batch 1 --rows resident fx_offload
@@ -226,7 +228,10 @@ def check(rows: list[dict], logits: dict, references: dict, dtype: torch.dtype) 
         if r["row"] not in logits:
             continue
         tokens, values = logits[r["row"]]
-        reference = compiled if r["row"] in COMPILED and compiled is not None else eager
+        if r["row"] in COMPILED and r["row"] != "resident" and compiled is None:
+            r["check"] = "unchecked (no resident row)"  # eager's tolerance is too tight for a compile
+            continue
+        reference = compiled if r["row"] in COMPILED else eager
         if r["row"] == "resident":
             reference = eager
         r["reference"] = "compiled resident" if reference is compiled else "eager resident"
