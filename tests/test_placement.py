@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch import nn
 
 import fx_offload
 from fx_offload import placement
@@ -181,3 +182,71 @@ def test_a_pin_memory_that_is_no_bool_raises_naming_it(bad):
     with pytest.raises(TypeError, match=rf"pin_memory must be True, False or None .* got {bad!r}"):
         fx_offload.offload(model, ["layers.0"], device="cpu", pin_memory=bad)
     assert all(placement.lookup(p) is None for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        [],
+        [4096],
+        [100, 0, 3, 1 << 20],
+        [45088768, 8388608, 1048576, 1048576, 8388608, 45088768, 45088768, 4096] * 9,  # 9 Qwen2-3B layers
+        [(7 * k * k) % 5003 + 1 for k in range(300)],
+        [3 << 30, 5, 2 << 30],  # tensors above the largest slab
+        [1 << 20, 100 << 20],  # a small one before one that does not fit with it
+        [23 << 20] * 8,
+    ],
+)
+def test_slab_layout_packs_tensors_in_order_into_power_of_two_slabs(sizes):
+    slabs, places = placement.slab_layout(sizes)
+    assert len(places) == len(sizes)
+    assert all(size & (size - 1) == 0 for size in slabs)  # what the pinned allocator gives exactly
+    assert [slab for slab, _ in places] == sorted(slab for slab, _ in places)  # in order
+    ends: dict[int, int] = {}
+    for size, (slab, offset) in zip(sizes, places):
+        assert offset % 512 == 0 and offset >= ends.get(slab, 0)  # aligned, after the one before
+        ends[slab] = offset + size
+        assert ends[slab] <= slabs[slab]
+    # each slab wastes less than the tensor that came next, or is the one tensor it holds, rounded
+    for index, size in enumerate(slabs):
+        held = [n for n, (slab, _) in zip(sizes, places) if slab == index]
+        following = [n for n, (slab, _) in zip(sizes, places) if slab == index + 1][:1]
+        waste = size - sum(-(-n // 512) * 512 for n in held)
+        assert waste < max(following + [sum(held) + 1024]), (index, size, held)
+    alone = sum(1 << max(-(-n // 512) * 512 - 1, 0).bit_length() for n in sizes)  # one allocation each
+    assert sum(slabs) <= alone
+    if len(sizes) == 72:  # the Qwen2 layers: within 1.1x their bytes, not the 1.43x of one slab each
+        assert sum(slabs) <= 1.1 * sum(sizes) and alone > 1.4 * sum(sizes), sum(slabs) / sum(sizes)
+
+
+def test_pinned_parameters_are_views_of_slabs_that_keep_their_values(monkeypatch):
+    """On a GPU every offloaded parameter's pinned host copy is its place in a slab; here the
+    slabs are plain memory (no GPU to pin for), and the device one that would ask for them."""
+    made = []
+
+    def allocate(size):
+        made.append(torch.full((size,), 255, dtype=torch.uint8))
+        return made[-1]
+
+    monkeypatch.setattr(placement, "_allocate_slab", allocate)
+    params = [nn.Parameter(torch.randn(shape)) for shape in [(3, 5), (0,), (7,), (2, 2)]]
+    params.append(nn.Parameter(torch.arange(6, dtype=torch.int64).view(2, 3), requires_grad=False))
+    with torch.no_grad():
+        params[0].data = params[0].data.t()  # not contiguous: the host copy is
+    hosts = placement._pinned_hosts(params, torch.device("cuda"), None)
+    assert id(params[1]) not in hosts  # an empty tensor's address would be the next one's
+    assert len(made) >= 1 and len(hosts) == 4
+    pointers = set()
+    for param in params:
+        host = hosts.get(id(param))
+        if host is None:
+            continue
+        assert host.shape == param.shape and host.dtype == param.dtype and host.is_contiguous()
+        assert any(host.untyped_storage().data_ptr() == slab.data_ptr() for slab in made)
+        host.copy_(param.data)
+        pointers.add(host.data_ptr())
+    assert len(pointers) == 4
+    for param in params:  # no copy overwrote another's bytes
+        if id(param) in hosts:
+            torch.testing.assert_close(hosts[id(param)], param.data, rtol=0, atol=0)
+    assert placement._pinned_hosts(params, torch.device("cuda"), False) == {}
