@@ -24,10 +24,12 @@ runs after warm-up (compiles excluded). The floor of a row with offloaded weight
 time, offloaded bytes / pinned bandwidth)`` for prefill and for each decode step. ``before fw`` is
 the part of prefill generate() spends before it calls the forward (host time in which only copies
 issued before the call can run). ``--prefetch-head N`` sets the fx_offload row's ``prefetch_head``
-(how many layers are copied in between calls). ``prefill x`` and ``decode x`` are each figure over
-its floor (a CUDA device: none elsewhere), ``peak GB`` the device memory the row held at its peak
-(after its set-up), ``warmup s`` its first two generate() calls (compiles and CUDA graph
-recordings), ``check`` how its tokens compare (below).
+(how many layers are copied in between calls); several values make a row for each, in one
+process (``--prefetch-head auto 3``: ``fx_offload`` and ``fx_offload, prefetch_head=3``).
+``prefill x`` and ``decode x`` are each figure over its floor (a CUDA device: none elsewhere),
+``peak GB`` the device memory the row held at its peak (after its set-up), ``warmup s`` its first
+two generate() calls (compiles and CUDA graph recordings), ``check`` how its tokens compare
+(below).
 
 Every row is checked against the resident model (the compiled rows against the compiled resident
 row, the eager rows against the eager resident model): ``equal`` where it generates the same tokens;
@@ -228,10 +230,11 @@ def check(rows: list[dict], logits: dict, references: dict, dtype: torch.dtype) 
         if r["row"] not in logits:
             continue
         tokens, values = logits[r["row"]]
-        if r["row"] in COMPILED and r["row"] != "resident" and compiled is None:
+        kind = r["row"].split(",")[0]  # (the fx_offload row with a prefetch_head of its own)
+        if kind in COMPILED and kind != "resident" and compiled is None:
             r["check"] = "unchecked (no resident row)"  # eager's tolerance is too tight for a compile
             continue
-        reference = compiled if r["row"] in COMPILED else eager
+        reference = compiled if kind in COMPILED else eager
         if r["row"] == "resident":
             reference = eager
         r["reference"] = "compiled resident" if reference is compiled else "eager resident"
@@ -281,20 +284,21 @@ def before_forward(model, ids, kwargs: dict, device: torch.device, runs: int) ->
     return statistics.median(times)
 
 
-def measure(row: str, cfg, state, device, dtype, ids, args, logits: dict) -> dict:
-    """One row's timings, peak and tokens; its tokens and logits go into ``logits``."""
+def measure(row: str, cfg, state, device, dtype, ids, args, logits: dict, head: str = "auto") -> dict:
+    """One row's timings, peak and tokens; its tokens and logits go into ``logits``. ``head``: the
+    fx_offload row's ``prefetch_head`` (a row of its own where it is not ``auto``)."""
     torch._dynamo.reset()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    result: dict = {"row": row}
+    result: dict = {"row": row if head == "auto" else f"{row}, prefetch_head={head}"}
     if device.type != "cuda" and row in CUDA_ONLY:
         return {**result, "skipped": f"needs CUDA ({CUDA_ONLY[row]})"}
     model = build(cfg, state, device, dtype)
     layers = offloaded_layers(cfg.num_hidden_layers)
     try:
-        kwargs = prepare(row, model, device, layers, args.prefetch_head)
+        kwargs = prepare(row, model, device, layers, head)
         if device.type == "cuda":  # the model was built on the device: its peak is the whole model's
             torch.cuda.reset_peak_memory_stats(device)
         kwargs["past_key_values"] = static_cache(
@@ -312,7 +316,7 @@ def measure(row: str, cfg, state, device, dtype, ids, args, logits: dict) -> dic
         result["prefill_before_forward_ms"] = before_forward(model, ids, kwargs, device, args.runs) * 1e3
         result["decode_ms_per_token"] = (whole - prefill) / (args.new_tokens - 1) * 1e3
         result["tokens"] = tokens.tolist()
-        logits[row] = result["tokens"], values
+        logits[result["row"]] = result["tokens"], values
         if device.type == "cuda":
             result["peak_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
     except Exception as error:  # a peer that fails is reported, not dropped
@@ -402,8 +406,9 @@ def run(batch: int, args, device: torch.device, dtype: torch.dtype) -> dict:
     del eager
     rows, logits = [], {}
     for row in args.rows:
-        rows.append(measure(row, cfg, state, device, dtype, ids, args, logits))
-        print(line(rows[-1], None), flush=True)
+        for head in args.prefetch_head if row == "fx_offload" else ["auto"]:
+            rows.append(measure(row, cfg, state, device, dtype, ids, args, logits, head))
+            print(line(rows[-1], None), flush=True)
     check(rows, logits, references, dtype)
     gbps = bandwidth(device)
     resident = next((r for r in rows if r["row"] == "resident" and "prefill_ms" in r), None)
@@ -434,14 +439,14 @@ def run(batch: int, args, device: torch.device, dtype: torch.dtype) -> dict:
 
 def line(r: dict, floor: dict | None) -> str:
     if "skipped" in r:
-        return f"{r['row']:24} skipped: {r['skipped']}"
+        return f"{r['row']:28} skipped: {r['skipped']}"
     if "error" in r:
-        return f"{r['row']:24} failed: {r['error'][:140]}"
+        return f"{r['row']:28} failed: {r['error'][:140]}"
     mark = r.get("check", "")
     if mark in ("rounding", "WRONG"):
         mark += f" (logits {r['logits_max_diff']:.3g} from the {r['reference']}"
         mark += f", tolerance {r['tolerance']:.3g})"
-    text = f"{r['row']:24} {r['prefill_ms']:10.2f} {r['prefill_idle_ms']:9.2f}"
+    text = f"{r['row']:28} {r['prefill_ms']:10.2f} {r['prefill_idle_ms']:9.2f}"
     text += f" {r['prefill_before_forward_ms']:9.2f}"
     text += f" {r['decode_ms_per_token']:10.2f}"
     if "prefill_x_floor" in r:
@@ -465,7 +470,7 @@ def table(result: dict) -> str:
             f"transfer {floor['transfer_ms']:.2f} ms; "
             f"floor prefill {floor['prefill_ms']:.2f} ms, decode {floor['decode_ms_per_token']:.2f} ms/token"
         )
-    columns = f"{'row':24} {'prefill ms':>10} {'+ copies':>9} {'before fw':>9} {'ms/token':>10}"
+    columns = f"{'row':28} {'prefill ms':>10} {'+ copies':>9} {'before fw':>9} {'ms/token':>10}"
     columns += f" {'prefill x':>9} {'decode x':>9}"
     columns += f" {'peak GB':>7} {'warmup s':>8}  check"
     return "\n".join([head, columns] + [line(r, floor) for r in result["rows"]])
@@ -485,7 +490,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--forward", type=int, default=None, help="time one forward of this many tokens")
     parser.add_argument(
-        "--prefetch-head", default="auto", help="the fx_offload row's prefetch_head option (auto, or regions)"
+        "--prefetch-head",
+        nargs="+",
+        default=["auto"],
+        help="the fx_offload row's prefetch_head option (auto, or regions); several: a row for each",
     )
     parser.add_argument("--json", default="bench_generate.json", help="where to write the results")
     args = parser.parse_args()
