@@ -320,10 +320,10 @@ def _pinned_hosts(params: list[nn.Parameter], device: torch.device, pin_memory: 
     """id(param) -> its place in a pinned slab (``slab_layout``), for each of ``params`` that is
     pinned (on a CUDA device) and not empty: an empty tensor's address would be the next one's."""
     pin = device.type != "cpu" if pin_memory is None else pin_memory
-    chosen = [param.data for param in params if pin and param.numel()]
+    chosen = [param for param in params if param.numel()] if pin else []
     if not chosen or device.type != "cuda":
         return {}  # (pin_memory=True with device cpu: _host_copy names the fault)
-    slabs, places = slab_layout([data.nbytes for data in chosen])
+    slabs, places = slab_layout([param.data.nbytes for param in chosen])
     try:
         memory = [_allocate_slab(size) for size in slabs]
     except RuntimeError as error:
@@ -332,7 +332,8 @@ def _pinned_hosts(params: list[nn.Parameter], device: torch.device, pin_memory: 
             "free host memory or raise the locked-memory limit (ulimit -l)"
         ) from None
     hosts = {}
-    for param, data, (slab, offset) in zip([p for p in params if p.numel()], chosen, places):
+    for param, (slab, offset) in zip(chosen, places):
+        data = param.data
         hosts[id(param)] = memory[slab][offset : offset + data.nbytes].view(data.dtype).view(data.shape)
     return hosts
 
