@@ -30,7 +30,8 @@ State lives in three kinds of objects:
   passed as inputs has no such op and is not put on it).
 
 Parameters are known through their records (``placement.HostParameter``), which these objects
-hold weakly: a model dropped without ``restore`` leaves nothing behind but the graph's buffers.
+hold weakly: a model dropped without ``restore`` leaves nothing behind but the graph's buffers,
+whose values no later model is served (what a store holds names ``placement.generation()``).
 
 A graph's first region (its first ``prefetch_head`` regions) is served by ``head``: persistent
 buffers refilled for the next call, so that copy runs between calls and into the CPU time before
@@ -102,7 +103,8 @@ class DeviceRuntime:
     by_token: weakref.WeakValueDictionary = field(default_factory=weakref.WeakValueDictionary)
     # a fetch's weights (their data_ptrs) -> (placement generation, records, bytes)
     hosts: dict[tuple[int, ...], tuple] = field(default_factory=dict)
-    # a head's weights (data_ptr, shape, dtype) -> the buffers that graphs serving them first share
+    # (a head's weights as (data_ptr, shape, dtype)s, which of the graph's heads of them) -> the
+    # buffers that the graphs serving them first share
     stores: weakref.WeakValueDictionary = field(default_factory=weakref.WeakValueDictionary)
     # a swapped op's weights (their data_ptrs) -> (generation, weak components, arena views)
     views: dict[tuple[int, ...], tuple] = field(default_factory=dict)
@@ -200,6 +202,7 @@ class _Registry:
         self.devices: dict[torch.device, DeviceRuntime] = {}
         self.local = threading.local()
         self.poison_released = False  # see ``poison_released_buffers``
+        self.lock = threading.Lock()  # the graphs' slow paths: a thread new to a graph, heads made again
 
     def stack(self) -> list[list[_Head]]:
         stack = getattr(self.local, "stack", None)
@@ -328,17 +331,26 @@ class _Store:
     graph that serves the same weights first (a generate()'s prompt and one-token graphs, a graph
     Dynamo compiled again for other shapes), so that those weights take device memory once.
 
-    A store serves one thread: the first that calls a graph with it (``thread``); a graph first
-    called by another thread gets buffers of its own."""
+    A store serves one thread: the first that takes a graph's heads with it (``owner``); a graph
+    whose heads another thread takes while that one lives gives that thread buffers of its own."""
 
     buffers: list[torch.Tensor]
-    holds: tuple = ()  # (data_ptrs, versions) of the values in the buffers
-    by: int | None = None  # the token of the graph whose call issued the copy of those values
+    # (data_ptrs, versions, placement generation) of the values in the buffers: the generation
+    # moves when any parameter is placed or given back, so a store never takes the values of a
+    # dropped model's weights for those of a model offloaded since at the same addresses
+    holds: tuple = ()
+    prefetched: bool = False  # they were copied by another graph's call (``prefetch``)
     # on a GPU, an external event: when the last copy into them issued after a call is done
     refilled: torch.cuda.Event | None = None
-    thread: weakref.ref | None = None  # to the thread its heads serve (None: none yet)
+    owner: weakref.ref | None = None  # to the thread its heads serve (None: none yet)
+    key: tuple = ()  # its key in the device's ``stores`` (none: a thread's or a remade head's own)
     # data_ptrs -> weak references to their records (a dropped model leaves dead ones)
     known: dict[tuple[int, ...], list[weakref.ref]] = field(default_factory=dict)
+
+    @classmethod
+    def empty(cls, specs: list[tuple]) -> _Store:
+        """A store of new buffers, one per (shape, dtype, device) of ``specs``."""
+        return cls([torch.empty(shape, dtype=dtype, device=device) for shape, dtype, device in specs])
 
     def __post_init__(self) -> None:
         self.nbytes = sum(buffer.nbytes for buffer in self.buffers)
@@ -351,8 +363,8 @@ class _Store:
 
 def _serves_another(store: _Store, thread: threading.Thread) -> bool:
     """Whether ``store`` serves a live thread other than ``thread``."""
-    other = store.thread() if store.thread is not None else None
-    return other is not None and other is not thread and other.is_alive()
+    owner = store.owner() if store.owner is not None else None
+    return owner is not None and owner is not thread and owner.is_alive()
 
 
 @dataclass(eq=False)
@@ -401,14 +413,14 @@ class _Head:
 
     @property
     def prefetched(self) -> bool:
-        """Whether another graph's call issued the copy of what the buffers hold."""
-        return self.store.by != self.token
+        """Whether another graph's prefetch issued the copy of what the buffers hold."""
+        return self.store.prefetched
 
-    def filled(self, holds: tuple, by: int | None = None) -> None:
-        """The buffers hold ``holds``, copied by a call of the graph whose token is ``by`` (default:
-        this head's)."""
-        self.store.holds = holds
-        self.store.by = self.token if by is None else by
+    def filled(self, pointers: tuple = (), versions: tuple = (), prefetched: bool = False) -> None:
+        """The buffers hold the values ``versions`` of the weights at ``pointers`` (none: unknown),
+        copied by a prefetch of another graph's or not."""
+        self.store.holds = (pointers, versions, placement.generation()) if pointers else ()
+        self.store.prefetched = prefetched
 
     @property
     def records(self) -> list[placement.HostParameter]:
@@ -421,8 +433,8 @@ class _Head:
 
     def _like(self) -> _Head:
         """A head like this one with buffers of its own, for another thread."""
-        store = _Store([torch.empty_like(buffer) for buffer in self.buffers])
-        return _Head(store, self.positions, self.region, self.token)
+        store = _Store.empty([(b.shape, b.dtype, b.device) for b in self.buffers])
+        return _Head(store, list(self.positions), self.region, self.token)
 
 
 class GraphRuntime:
@@ -436,10 +448,9 @@ class GraphRuntime:
         self._first: list[_Head] = []  # made at compile time, for the first thread that calls
         # passed heads' torch.empty arguments, positions and region: made again after a drop
         self._remade: list[tuple[list[tuple], list[int], str]] = []
-        self._lock = threading.Lock()  # for the sets' slow paths: a thread new to the graph, a remake
         self._sets: weakref.WeakKeyDictionary[threading.Thread, list[_Head]] = weakref.WeakKeyDictionary()
         self._dropped = False
-        self._last: tuple[int | None, list[_Head]] = (None, [])  # (thread id, its heads)
+        self._last: tuple[weakref.ref | None, list[_Head]] = (None, [])  # (the thread, its heads)
         self.device: DeviceRuntime | None = None
         # its heads are passed as inputs: the graph has no head or refill op and none of its waits
         # is for a head, so its calls are not put on the thread's stack of running graphs
@@ -450,10 +461,10 @@ class GraphRuntime:
     def declare_head(
         self, example_inputs: list, positions: list[int], region: str = "", passed: bool = False
     ) -> None:
-        """At compile time: make the buffers of one head region of the graph (the next of its
-        first regions), given the positions of its weights among the graph's inputs. Made at the
-        first run instead, they would land in the memory pool of a CUDA graph tree that is
-        warming up, which refuses them. ``passed``: the wrapper passes them as the graph's inputs
+        """At compile time: make (or share, ``_store``) the buffers of one head region of the graph
+        (the next of its first regions), given the positions of its weights among the graph's
+        inputs. Made at the first run instead, they would land in the memory pool of a CUDA graph
+        tree that is warming up, which refuses them. ``passed``: the wrapper passes them as the graph's inputs
         (no CUDA graph holds their addresses), so after ``drop_heads`` the next call makes them
         again."""
         weights = [example_inputs[p] for p in positions]
@@ -468,21 +479,22 @@ class GraphRuntime:
         self._first.append(_Head(self._store(weights), list(positions), region, self.token))
         if passed:
             self.passes = True
-            specs = [(w.shape, {"dtype": w.dtype, "device": w.device}) for w in weights]  # torch.empty's
-            self._remade.append((specs, list(positions), region))
+            self._remade.append(([(w.shape, w.dtype, w.device) for w in weights], list(positions), region))
 
     def _store(self, weights: list[torch.Tensor]) -> _Store:
         """The buffers of a head of ``weights``: those of another graph's head of the same weights
-        (the device's ``stores``), else new ones. Not another head's of this graph: a module
+        (the device's ``stores``), else new ones. Never another head's of this graph: a module
         called twice makes two head regions of its weights, and one's refill must not overwrite
-        what the other still reads."""
-        key = tuple((w.data_ptr(), w.shape, w.dtype) for w in weights)
-        stores = self.device.stores if self.device is not None else {}
-        found = stores.get(key)
-        if found is None or any(h.store is found for h in self._first):
-            found = _Store([torch.empty(w.shape, dtype=w.dtype, device=w.device) for w in weights])
-            if weights:
-                stores[key] = found
+        what the other still reads; the second shares with another graph's second."""
+        if not weights:
+            return _Store([])
+        weights_key = tuple((w.data_ptr(), w.shape, w.dtype) for w in weights)
+        # the how-manieth head of these weights in this graph: each shares with the same one elsewhere
+        key = (weights_key, sum(h.store.key[0] == weights_key for h in self._first if h.store.key))
+        found = self.device.stores.get(key)
+        if found is None:
+            found = self.device.stores[key] = _Store.empty([(w.shape, w.dtype, w.device) for w in weights])
+            found.key = key
         return found
 
     def heads(self) -> list[_Head]:
@@ -502,7 +514,8 @@ class GraphRuntime:
         self._last = (None, [])
 
     def holds_any(self, records: set[int]) -> bool:
-        """Whether a head of the graph knows one of the records whose ids are ``records``."""
+        """Whether a head of the graph knows one of the records whose ids are ``records`` (a head
+        knows what its store knows: the records of any graph's call that shared it)."""
         for found in self.heads():
             for refs in found.known.values():
                 if any(id(ref()) in records for ref in refs if ref() is not None):
@@ -511,30 +524,27 @@ class GraphRuntime:
 
     def _thread_heads(self) -> list[_Head]:
         if self._dropped and self._remade:  # (restored, and offloaded again): made anew, empty
-            with self._lock:
+            with _registry.lock:
                 if self._dropped:
-                    self._first = [
-                        _Head(_Store([torch.empty(shape, **kind) for shape, kind in specs]), p, r, self.token)
-                        for specs, p, r in self._remade
-                    ]
+                    remade = self._remade
+                    self._first = [_Head(_Store.empty(specs), p, r, self.token) for specs, p, r in remade]
                     self._dropped = False
         if self._dropped or not self._first:
             return []
-        ident, last = threading.get_ident(), self._last  # read once: another thread may replace it
-        if ident == last[0]:
-            return last[1]  # the thread that called last (an id reused after a thread
-            # ended takes over its heads: the ended thread reads them no more)
-        thread = threading.current_thread()
-        with self._lock:  # two threads new to the graph must not both take the compile-time set
+        thread, last = threading.current_thread(), self._last  # read once: another thread may replace it
+        if last[0] is not None and last[0]() is thread:
+            return last[1]  # the thread that called last
+        # one lock for every graph: two threads new to graphs that share stores must not both take them
+        with _registry.lock:
             heads = self._sets.get(thread)
-            if heads is None:  # the compile-time set, or, if a live thread has it, a new one
+            if heads is None:  # the compile-time set, or, if a live thread has it or its stores, a new one
                 taken = any(held is self._first for held in self._sets.values())
                 taken = taken or any(_serves_another(found.store, thread) for found in self._first)
                 heads = [found._like() for found in self._first] if taken else self._first
                 for found in heads:
-                    found.store.thread = weakref.ref(thread)
+                    found.store.owner = weakref.ref(thread)
                 self._sets[thread] = heads  # made here, in the wrapper: outside any capture
-            self._last = (ident, heads)
+            self._last = (weakref.ref(thread), heads)
         return heads
 
     @property
@@ -549,10 +559,11 @@ class GraphRuntime:
 
         Runs in Python on every call, CUDA-graph replays included, outside the captured graph.
         A call whose heads already hold its weights, unchanged, costs a C-level read of their
-        addresses and version counters per head, compared with what the head holds.
+        addresses and version counters per head, compared with what the head's store holds.
         """
         heads = self._thread_heads()
         held, own = True, True
+        generation = placement.generation()  # (what a head holds is stale once it moved)
         for found in heads:
             weights = found.take(args)
             pointers = tuple(map(_PTR, weights))
@@ -561,8 +572,7 @@ class GraphRuntime:
                     found.successor[found.current] = pointers
                 found.current = pointers
             found.weights = weights
-            holds = found.holds
-            if not holds or holds[0] != pointers or holds[1] != tuple(map(_VERSION, weights)):
+            if found.holds != (pointers, tuple(map(_VERSION, weights)), generation):
                 held = False
                 _fill(found, list(weights), pointers)
             elif found.prefetched:
@@ -602,21 +612,21 @@ class GraphRuntime:
             if found.deferred:
                 _refill_after(found)
             else:
-                found.filled((found.current, _versions(found.records)))
+                found.filled(found.current, _versions(found.records))
             found.weights = ()
         if heads:
             following = self.device.sequence.next
             if following is not None and following.graph != self.token and following.weights:
                 graph = self.device.by_token.get(following.graph)
                 if graph is not None:
-                    graph.prefetch(following.weights, self.token)
+                    graph.prefetch(following.weights)
 
-    def prefetch(self, key: tuple, by: int | None) -> None:
+    def prefetch(self, key: tuple) -> None:
         """Copy into this graph's heads (of the calling thread) the weights of a call guessed to
         come next (``key`` as ``enter`` gave it to the sequence), where they hold other values.
         A wrong guess costs the copy: ``enter`` checks what the heads hold before the call.
         Heads dropped by ``restore`` are made again by the graph's own next call, not here: the
-        model may stay restored. ``by``: the token of the graph whose call issues the copy."""
+        model may stay restored."""
         if self._dropped:
             return
         heads = self._thread_heads()
@@ -629,7 +639,7 @@ class GraphRuntime:
             records = found._records(pointers)
             if not records:
                 continue
-            found.filled((pointers, _versions(records)), by)
+            found.filled(pointers, _versions(records), prefetched=True)
             _copy_head(found, records, 0)
             counters["fx_offload"]["cross_graph_prefetches"] += 1
 
@@ -659,7 +669,7 @@ def _refill_after(found: _Head) -> None:
     if following == found.current and found.in_graph >= found.nbytes and found.weights:
         versions = tuple(map(_VERSION, found.weights))
         if versions == found.in_graph_versions:  # the graph copied it all, nothing written since
-            found.filled((following, versions))
+            found.filled(following, versions)
             return
     records = found._records(following)
     if not records:  # the block that followed is gone: refill with the current one
@@ -668,7 +678,7 @@ def _refill_after(found: _Head) -> None:
     copied = found.in_graph if following == found.current else 0  # by the graph, in the call
     if copied and versions != found.in_graph_versions:
         copied = 0  # written in place after the graph's own refill (offload_eager stores late)
-    found.filled((following, versions))
+    found.filled(following, versions)
     _copy_head(found, records, copied)
 
 
@@ -701,16 +711,16 @@ def _fill(found: _Head, weights: list[torch.Tensor], pointers: tuple[int, ...]) 
         records = [_streamed_record_of(w) for w in weights]
         _forget_dead(found)
         found.known[pointers] = [weakref.ref(record) for record in records]
-        found.filled(())
-    state = (pointers, _versions(records))
-    if found.holds == state:
+        found.filled()
+    versions = _versions(records)
+    if found.holds == (pointers, versions, placement.generation()):
         return  # the previous call refilled it with these values
     device = found.runtime
     if found.refilled is not None:  # after the previous call's refill, which writes them too
         device.compute_stream().wait_event(found.refilled)
     copy_all(found.buffers, [record.host for record in records])  # on the compute stream, before the call
     device.count(records)
-    found.filled(state)
+    found.filled(pointers, versions)
 
 
 def _forget_dead(found: _Head) -> None:

@@ -2,6 +2,7 @@
 next call (by the graph's wrapper when the call returns, after all the call queued), and
 filled again by the wrapper when a call passes other weights or their values changed in place."""
 
+import gc
 import threading
 from unittest import mock
 
@@ -383,6 +384,67 @@ def test_a_thread_gets_head_buffers_of_its_own_where_another_thread_uses_the_sha
             torch.testing.assert_close(out, plain(inputs), rtol=1e-5, atol=1e-6)
     heads = runtime.live_heads()  # x's graph's, y's graph's (sharing x's) and the worker's own
     assert len(heads) % 3 == 0 and len({id(found.store) for found in heads}) == 2 * len(heads) // 3
+
+
+@pytest.mark.parametrize("backend", ["offload_eager", "offload_inductor"])
+@pytest.mark.parametrize("shape", [(3, 8), (5, 8)])
+def test_a_model_offloaded_where_a_dropped_one_was_reads_its_own_weights(backend, shape, offloaded):
+    """A model dropped without ``restore`` leaves its graphs' head buffers holding its values. A
+    model offloaded since at the same addresses, with the same version counters, is not served
+    them: by the graph compiled for the first (the same shape) nor by one sharing its buffers."""
+    first = seeded(Stack, n=4, seed=0)
+    memory = [p.data for p in first.parameters()]  # the next model's weights go where these were
+    fx_offload.offload(first, ["layers.*"], device="cpu")  # (not the fixture's: it would keep it)
+    with torch.no_grad():
+        torch.compile(first, backend=backend, dynamic=False)(torch.randn(3, 8))
+    del first
+    gc.collect()
+    model, plain = seeded(Stack, n=4, seed=1), seeded(Stack, n=4, seed=1)
+    with torch.no_grad():
+        for param, place in zip(model.parameters(), memory):
+            place.copy_(param)
+            param.data = place
+    offloaded(model, ["layers.*"])
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, backend=backend, dynamic=False)(x), plain(x))
+
+
+def test_threads_new_to_graphs_that_share_buffers_never_take_the_same_ones(offloaded):
+    """Graphs compiled in a thread that has ended; two new threads then call two models' graphs,
+    which share head buffers, side by side: neither reads the other's weights (an ident taken
+    over from the ended thread, or two threads claiming a store at once, would let them)."""
+    models = [seeded(Stack, n=4, seed=seed) for seed in (0, 1)]
+    plains = [seeded(Stack, n=4, seed=seed) for seed in (0, 1)]
+    compiled = []
+    for model in models:
+        offloaded(model, ["layers.*"])
+        compiled.append(torch.compile(model, backend="offload_eager", dynamic=False))
+    inputs = [torch.randn(3, 8), torch.randn(5, 8)]
+
+    def warm():
+        with torch.no_grad():
+            for x in inputs:
+                compiled[0](x)
+
+    thread = threading.Thread(target=warm)
+    thread.start()
+    thread.join()
+    wrong = []
+
+    def work(which):
+        with torch.no_grad():
+            for _ in range(200):
+                out = compiled[which](inputs[which])
+                if not torch.allclose(out, plains[which](inputs[which]), rtol=1e-5, atol=1e-6):
+                    wrong.append(which)
+
+    threads = [threading.Thread(target=work, args=(which,)) for which in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert wrong == []
 
 
 def test_restore_frees_the_heads_of_graphs_that_held_the_models_weights(offloaded):
