@@ -180,6 +180,9 @@ def unplace(record: HostParameter) -> None:
             del _records[key]
     if param is not None:
         _placed.pop(param, None)
+    # the host copy goes now (on a GPU, its share of a pinned slab), not when the parameter does:
+    # the finalizer and any plan still hold the record
+    record.host = record.host.new_empty(0)
 
 
 def replaced(tensor: torch.Tensor) -> HostParameter | None:
@@ -286,8 +289,8 @@ def slab_layout(sizes: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
     order given, (slab, offset). Each slab's size is a power of two, as torch's pinned-memory
     allocator rounds every allocation up to one (one pinned tensor per weight put a Qwen2 layer's
     43 MiB MLP weights in 64 MiB each: 1.43x its bytes). A slab takes the tensors in order while
-    they fit (a region's weights stay together), within the largest power of two below the bytes
-    left (at most ``MAX_SLAB``, at least the first tensor's), and is then cut to the power of two
+    they fit (a region's weights stay together), within the largest power of two at or below the
+    bytes left (at most ``MAX_SLAB``, at least the first tensor's), and is then cut to the power of two
     above what it holds. Never more bytes than one allocation per tensor."""
     aligned = [-(-size // _ALIGN) * _ALIGN for size in sizes]
     slabs: list[int] = []

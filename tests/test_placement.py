@@ -250,3 +250,15 @@ def test_pinned_parameters_are_views_of_slabs_that_keep_their_values(monkeypatch
         if id(param) in hosts:
             torch.testing.assert_close(hosts[id(param)], param.data, rtol=0, atol=0)
     assert placement._pinned_hosts(params, torch.device("cuda"), False) == {}
+
+
+def test_restore_lets_go_of_the_host_copies_the_plan_still_names():
+    """On a GPU a host copy is a share of a pinned slab: a plan kept after ``restore`` (or the
+    parameter's own finalizer) must not keep the slab alive."""
+    model = seeded(Stack)
+    plan = fx_offload.offload(model, ["layers"], device="cpu", pin_memory=False)
+    values = {name: p.detach().clone() for name, p in model.named_parameters()}
+    fx_offload.restore(model)
+    assert plan.records and all(record.host.numel() == 0 for record in plan.records)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), values[name], rtol=0, atol=0)

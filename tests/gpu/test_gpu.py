@@ -409,7 +409,7 @@ def test_pinned_host_memory_is_the_slabs_the_layout_chose():
     weight took 1.43x the bytes of a Qwen2-3B layer (its 43 MiB MLP weights in 64 MiB each). The
     weights are placed in power-of-two slabs (``placement.slab_layout``): the pinned bytes are
     the slabs' and fewer than one allocation per weight would take; values, outputs and restore
-    are unchanged."""
+    are unchanged, and ``restore`` gives the slabs back."""
     torch.manual_seed(0)
     shapes = [(2048, 11008), (11008, 2048), (2048, 2048)] * 2  # two layers' weights, Qwen2-3B sizes
     model = torch.nn.Sequential(*[torch.nn.Linear(i, o) for i, o in shapes]).to("cuda", torch.bfloat16)
@@ -420,10 +420,13 @@ def test_pinned_host_memory_is_the_slabs_the_layout_chose():
     sizes = [p.nbytes for p in model.parameters()]
     slabs, _ = placement.slab_layout(sizes)
     alone = sum(placement.slab_layout([size])[0][0] for size in sizes)
-    before = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0)
+    def active():  # pinned bytes in use (cached blocks that an allocation reuses count when reused)
+        return torch.cuda.host_memory_stats().get("active_bytes.current", 0)
+
+    before = active()
     plan = fx_offload.offload(model, ["*"])
     try:
-        pinned = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0) - before
+        pinned = active() - before
         assert pinned == sum(slabs) < alone and plan.offloaded_bytes == sum(sizes), (pinned, slabs, alone)
         for name, p in model.named_parameters():
             torch.testing.assert_close(p.detach().cpu(), values[name].cpu(), rtol=0, atol=0)
@@ -432,6 +435,9 @@ def test_pinned_host_memory_is_the_slabs_the_layout_chose():
             torch.testing.assert_close(compiled(x), expected, **TOLERANCE[torch.bfloat16])
     finally:
         fx_offload.restore(model)
+    del compiled
+    torch._dynamo.reset()
+    assert active() == before, (active(), before)  # restore gives the slabs back, the plan kept or not
     for name, p in model.named_parameters():
         assert p.device.type == "cuda"
         torch.testing.assert_close(p.detach(), values[name], rtol=0, atol=0)
