@@ -386,8 +386,9 @@ def forward_case(batch: int, args, device: torch.device, dtype: torch.dtype) -> 
     else:
         transfer_ms = None
     return {"batch": batch, "forward_tokens": args.forward, "layers": cfg.num_hidden_layers,
-            "offloaded_layers": layers, "offloaded_bytes": moved, "pinned_bytes_per_s": gbps,
-            "transfer_ms": transfer_ms, "rows": rows}  # fmt: skip
+            "offloaded_layers": layers, "offloaded_bytes": moved,
+            "pinned_bytes_per_s": gbps if gbps == gbps else None, "transfer_ms": transfer_ms,
+            "rows": rows}  # fmt: skip
 
 
 def run(batch: int, args, device: torch.device, dtype: torch.dtype) -> dict:
@@ -431,7 +432,7 @@ def run(batch: int, args, device: torch.device, dtype: torch.dtype) -> dict:
         "layers": cfg.num_hidden_layers,
         "offloaded_layers": offloaded_layers(cfg.num_hidden_layers),
         "offloaded_bytes": moved,
-        "pinned_bytes_per_s": gbps,
+        "pinned_bytes_per_s": gbps if gbps == gbps else None,  # (NaN off CUDA: not JSON)
         "floor": floor,
         "rows": rows,
     }

@@ -4,6 +4,8 @@ Runs on a GPU (weights in pinned host memory, fetched over the bus) and on a CPU
 (``device="cpu"``: host and device are the same memory, the graph is rewritten all the same).
 """
 
+import argparse
+
 import torch
 from torch import nn
 
@@ -69,4 +71,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__).parse_args()  # no options: --help says what it does
     main()

@@ -274,8 +274,9 @@ def restore(model: nn.Module) -> None:
     }
     if plan is None and not records:
         raise ValueError(
-            "model has no offloaded parameters: nothing to restore (offload it with "
-            "fx_offload.offload(model, patterns) or the backend option 'offload')"
+            "model has no offloaded parameters: nothing to restore (restored already, or never "
+            "offloaded: offload it with fx_offload.offload(model, patterns) or the backend option "
+            "'offload'; fx_offload.plan_of(model) is None when there is nothing to restore)"
         )
     runtime.forget_heads(list(records.values()) + (list(plan.records) if plan is not None else []))
     if plan is not None and plan.components and plan.components[0].arena is not None:
