@@ -450,7 +450,7 @@ class GraphRuntime:
         self._remade: list[tuple[list[tuple], list[int], str]] = []
         self._sets: weakref.WeakKeyDictionary[threading.Thread, list[_Head]] = weakref.WeakKeyDictionary()
         self._dropped = False
-        self._last: tuple[weakref.ref | None, list[_Head]] = (None, [])  # (the thread, its heads)
+        self._local = threading.local()  # ``heads``: the calling thread's set, once it has one
         self.device: DeviceRuntime | None = None
         # its heads are passed as inputs: the graph has no head or refill op and none of its waits
         # is for a head, so its calls are not put on the thread's stack of running graphs
@@ -511,7 +511,7 @@ class GraphRuntime:
         the heads are passed as inputs, from new buffers made at the next call."""
         self._dropped = True
         self._first, self._sets = [], weakref.WeakKeyDictionary()
-        self._last = (None, [])
+        self._local = threading.local()
 
     def holds_any(self, records: set[int]) -> bool:
         """Whether a head of the graph knows one of the records whose ids are ``records`` (a head
@@ -531,9 +531,11 @@ class GraphRuntime:
                     self._dropped = False
         if self._dropped or not self._first:
             return []
-        thread, last = threading.current_thread(), self._last  # read once: another thread may replace it
-        if last[0] is not None and last[0]() is thread:
-            return last[1]  # the thread that called last
+        local = self._local  # read once: drop_heads may replace it
+        heads = getattr(local, "heads", None)
+        if heads is not None:
+            return heads  # (a thread's own: a new thread that takes an ended one's ident has none)
+        thread = threading.current_thread()
         # one lock for every graph: two threads new to graphs that share stores must not both take them
         with _registry.lock:
             heads = self._sets.get(thread)
@@ -544,7 +546,7 @@ class GraphRuntime:
                 for found in heads:
                     found.store.owner = weakref.ref(thread)
                 self._sets[thread] = heads  # made here, in the wrapper: outside any capture
-            self._last = (weakref.ref(thread), heads)
+            local.heads = heads
         return heads
 
     @property
