@@ -291,7 +291,8 @@ def slab_layout(sizes: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
     43 MiB MLP weights in 64 MiB each: 1.43x its bytes). A slab takes the tensors in order while
     they fit (a region's weights stay together), within the largest power of two at or below the
     bytes left (at most ``MAX_SLAB``, at least the first tensor's), and is then cut to the power of two
-    above what it holds. Never more bytes than one allocation per tensor."""
+    above what it holds, or split into one per tensor where those take fewer bytes: never more
+    bytes than one allocation per tensor."""
     aligned = [-(-size // _ALIGN) * _ALIGN for size in sizes]
     slabs: list[int] = []
     places: list[tuple[int, int]] = []
@@ -299,15 +300,18 @@ def slab_layout(sizes: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
     while index < len(aligned):
         left = sum(aligned[index:])
         size = max(_power_of_two_above(aligned[index]), min(_power_of_two_below(left), MAX_SLAB))
-        used = 0
+        held, used = [], 0
         while index < len(aligned) and used + aligned[index] <= size:
-            places.append((len(slabs), used))
+            held.append(used)
             used += aligned[index]
             index += 1
-        slabs.append(_power_of_two_above(used))
-    alone = [_power_of_two_above(size) for size in aligned]
-    if sum(slabs) > sum(alone):
-        return alone, [(index, 0) for index in range(len(sizes))]
+        alone = [_power_of_two_above(n) for n in aligned[index - len(held) : index]]
+        if _power_of_two_above(used) <= sum(alone):
+            places += [(len(slabs), offset) for offset in held]
+            slabs.append(_power_of_two_above(used))
+        else:  # these tensors take fewer bytes one allocation each
+            places += [(len(slabs) + i, 0) for i in range(len(held))]
+            slabs += alone
     return slabs, places
 
 
