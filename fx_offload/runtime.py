@@ -202,7 +202,7 @@ class _Registry:
         self.devices: dict[torch.device, DeviceRuntime] = {}
         self.local = threading.local()
         self.poison_released = False  # see ``poison_released_buffers``
-        self.lock = threading.Lock()  # the graphs' slow paths: a thread new to a graph, heads made again
+        self.lock = threading.RLock()  # the graphs' slow paths: a thread new to a graph, remakes, drops
 
     def stack(self) -> list[list[_Head]]:
         stack = getattr(self.local, "stack", None)
@@ -392,6 +392,7 @@ class _Head:
     # a graph reused for several blocks: the weights each call passed -> those of the call after
     # it last time, so that the refill after a call loads the block that comes next
     successor: dict[tuple[int, ...], tuple[int, ...]] = field(default_factory=dict)
+    ran: set = field(default_factory=set)  # the data_ptrs of the weights this graph's calls passed
 
     def __post_init__(self) -> None:
         self.buffers = self.store.buffers
@@ -446,8 +447,8 @@ class GraphRuntime:
 
     def __init__(self) -> None:
         self._first: list[_Head] = []  # made at compile time, for the first thread that calls
-        # passed heads' torch.empty arguments, positions and region: made again after a drop
-        self._remade: list[tuple[list[tuple], list[int], str]] = []
+        # passed heads' (shape, dtype, device)s, positions, region and store key: made after a drop
+        self._remade: list[tuple[list[tuple], list[int], str, tuple]] = []
         self._sets: weakref.WeakKeyDictionary[threading.Thread, list[_Head]] = weakref.WeakKeyDictionary()
         self._dropped = False
         self._local = threading.local()  # ``heads``: the calling thread's set, once it has one
@@ -479,7 +480,8 @@ class GraphRuntime:
         self._first.append(_Head(self._store(weights), list(positions), region, self.token))
         if passed:
             self.passes = True
-            self._remade.append(([(w.shape, w.dtype, w.device) for w in weights], list(positions), region))
+            specs = [(w.shape, w.dtype, w.device) for w in weights]
+            self._remade.append((specs, list(positions), region, self._first[-1].store.key))
 
     def _store(self, weights: list[torch.Tensor]) -> _Store:
         """The buffers of a head of ``weights``: those of another graph's head of the same weights
@@ -491,11 +493,21 @@ class GraphRuntime:
         weights_key = tuple((w.data_ptr(), w.shape, w.dtype) for w in weights)
         # the how-manieth head of these weights in this graph: each shares with the same one elsewhere
         key = (weights_key, sum(h.store.key[0] == weights_key for h in self._first if h.store.key))
-        found = self.device.stores.get(key)
-        if found is None:
-            found = self.device.stores[key] = _Store.empty([(w.shape, w.dtype, w.device) for w in weights])
-            found.key = key
-        return found
+        return self._shared(key, [(w.shape, w.dtype, w.device) for w in weights], self._first)
+
+    def _shared(self, key: tuple, specs: list[tuple], first: list[_Head]) -> _Store:
+        """The device's store under ``key`` unless one of ``first`` (this graph's heads) has it;
+        else a new one of ``specs``, under ``key`` where that is free. (What a store holds names
+        the placement generation: sharing one kept since a restore serves no stale values.)"""
+        stores = self.device.stores
+        found = stores.get(key) if key else None
+        if found is not None and not any(h.store is found for h in first):
+            return found
+        made = _Store.empty(specs)
+        if key and found is None:
+            stores[key] = made
+            made.key = key
+        return made
 
     def heads(self) -> list[_Head]:
         """Every head of the graph, of every thread that called it."""
@@ -508,16 +520,20 @@ class GraphRuntime:
 
     def drop_heads(self) -> None:
         """Free the head buffers; later calls serve their head regions from loose heads, or, where
-        the heads are passed as inputs, from new buffers made at the next call."""
-        self._dropped = True
-        self._first, self._sets = [], weakref.WeakKeyDictionary()
-        self._local = threading.local()
+        the heads are passed as inputs, from new buffers made at the next call (sharing again
+        where other graphs' heads of the same weights live)."""
+        with _registry.lock:  # not while a thread new to the graph takes its set
+            self._dropped = True
+            self._first, self._sets = [], weakref.WeakKeyDictionary()
+            self._local = threading.local()
 
     def holds_any(self, records: set[int]) -> bool:
-        """Whether a head of the graph knows one of the records whose ids are ``records`` (a head
-        knows what its store knows: the records of any graph's call that shared it)."""
+        """Whether a call of the graph passed a head weights whose records' ids are in ``records``
+        (not another graph's call that shares the head's buffers: restoring a model that ran
+        through that graph alone leaves this graph its heads)."""
         for found in self.heads():
-            for refs in found.known.values():
+            for pointers in found.ran:
+                refs = found.known.get(pointers, ())
                 if any(id(ref()) in records for ref in refs if ref() is not None):
                     return True
         return False
@@ -526,9 +542,10 @@ class GraphRuntime:
         if self._dropped and self._remade:  # (restored, and offloaded again): made anew, empty
             with _registry.lock:
                 if self._dropped:
-                    remade = self._remade
-                    self._first = [_Head(_Store.empty(specs), p, r, self.token) for specs, p, r in remade]
-                    self._dropped = False
+                    first: list[_Head] = []
+                    for specs, positions, region, key in self._remade:
+                        first.append(_Head(self._shared(key, specs, first), positions, region, self.token))
+                    self._first, self._dropped = first, False
         if self._dropped or not self._first:
             return []
         local = self._local  # read once: drop_heads may replace it
@@ -538,6 +555,8 @@ class GraphRuntime:
         thread = threading.current_thread()
         # one lock for every graph: two threads new to graphs that share stores must not both take them
         with _registry.lock:
+            if self._dropped or not self._first:
+                return []  # (dropped meanwhile: nothing to cache)
             heads = self._sets.get(thread)
             if heads is None:  # the compile-time set, or, if a live thread has it or its stores, a new one
                 taken = any(held is self._first for held in self._sets.values())
@@ -573,6 +592,7 @@ class GraphRuntime:
                 if found.current:
                     found.successor[found.current] = pointers
                 found.current = pointers
+                found.ran.add(pointers)
             found.weights = weights
             if found.holds != (pointers, tuple(map(_VERSION, weights)), generation):
                 held = False
@@ -627,12 +647,12 @@ class GraphRuntime:
         """Copy into this graph's heads (of the calling thread) the weights of a call guessed to
         come next (``key`` as ``enter`` gave it to the sequence), where they hold other values.
         A wrong guess costs the copy: ``enter`` checks what the heads hold before the call.
-        Heads dropped by ``restore`` are made again by the graph's own next call, not here: the
-        model may stay restored."""
-        if self._dropped:
-            return
-        heads = self._thread_heads()
-        if not heads:
+        Only into a set the calling thread has (it called this graph): a thread never takes a
+        graph's heads by guessing that another thread's call comes next (the device's sequence is
+        one for every thread). Heads dropped by ``restore`` are made again by the graph's own next
+        call, not here: the model may stay restored."""
+        heads = getattr(self._local, "heads", None)
+        if self._dropped or not heads:
             return
         keys = (key,) if len(heads) == 1 else key
         for found, pointers in zip(heads, keys):
@@ -731,6 +751,7 @@ def _forget_dead(found: _Head) -> None:
     for pointers in dead:
         del found.known[pointers]
         found.successor.pop(pointers, None)
+        found.ran.discard(pointers)
     for pointers, following in list(found.successor.items()):
         if following in dead:
             del found.successor[pointers]

@@ -447,6 +447,76 @@ def test_threads_new_to_graphs_that_share_buffers_never_take_the_same_ones(offlo
     assert wrong == []
 
 
+@pytest.mark.parametrize("passed", [True, False])
+def test_restoring_a_model_keeps_the_heads_of_graphs_it_never_ran(passed, offloaded):
+    """Dynamo's graph for y serves two models, its graph for x only the first, and both graphs'
+    heads share buffers. Restoring the second model drops the heads of the graph it ran through,
+    not of the one it never ran (whose shared buffers once held its weights); heads passed as
+    inputs are made again at the next call, sharing the other graph's buffers again."""
+    models = [seeded(Stack, n=4, seed=seed) for seed in (0, 1)]
+    plain = seeded(Stack, n=4, seed=0)
+    device = runtime.device_runtime(torch.device("cpu"))
+    earlier = set(device.graphs)  # (graphs an earlier test compiled may outlive dynamo.reset)
+    compiled = []
+    for model in models:
+        offloaded(model, ["layers.*"])
+        options = {"heads_as_inputs": passed}
+        compiled.append(torch.compile(model, backend="offload_eager", dynamic=False, options=options))
+    x, y = torch.randn(3, 8), torch.randn(5, 8)
+    with torch.no_grad():
+        compiled[0](x), compiled[0](y), compiled[1](y)
+        fx_offload.restore(models[1])
+        graphs = sorted(set(device.graphs) - earlier, key=lambda g: g.name)
+        assert [g.has_heads for g in graphs] == [True, False]  # x's graph, y's graph
+        for inputs in (x, y, x):
+            torch.testing.assert_close(compiled[0](inputs), plain(inputs), rtol=1e-5, atol=1e-6)
+    if passed:  # y's graph made its heads again, sharing x's graph's buffers
+        assert graphs[1].has_heads and graphs[0]._first[0].store is graphs[1]._first[0].store
+
+
+def test_a_thread_takes_no_heads_of_a_graph_only_another_thread_calls(offloaded):
+    """The device's call sequence is one for every thread: two threads calling two models in turn
+    make each guess that the other's graph comes next. The prefetch that guess starts goes only
+    into heads the guessing thread holds: it takes no set of the other's graph (device memory
+    held as long as the thread lives), and the other's call still gets the graph's own set."""
+    models = [seeded(Stack, n=4, seed=0), seeded(Stack, n=4, dim=16, seed=1)]
+    plains = [seeded(Stack, n=4, seed=0), seeded(Stack, n=4, dim=16, seed=1)]
+    compiled = []
+    for model in models:
+        offloaded(model, ["layers.*"])
+        compiled.append(torch.compile(model, backend="offload_eager", dynamic=False))
+    inputs = [torch.randn(3, 8), torch.randn(2, 16)]
+
+    def warm():  # compiled in a thread that has ended: neither caller holds a set yet
+        with torch.no_grad():
+            for model, x in zip(compiled, inputs):
+                model(x)
+
+    thread = threading.Thread(target=warm)
+    thread.start()
+    thread.join()
+    del thread
+    gc.collect()
+    before = runtime.persistent_bytes()
+    turns, wrong = [threading.Semaphore(1), threading.Semaphore(0)], []
+
+    def work(which):
+        with torch.no_grad():
+            for _ in range(10):
+                turns[which].acquire()
+                x = inputs[which]
+                if not torch.allclose(compiled[which](x), plains[which](x), atol=1e-5):
+                    wrong.append(which)
+                turns[1 - which].release()
+
+    threads = [threading.Thread(target=work, args=(which,)) for which in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert wrong == [] and runtime.persistent_bytes() == before, (wrong, runtime.persistent_bytes(), before)
+
+
 def test_restore_frees_the_heads_of_graphs_that_held_the_models_weights(offloaded):
     model, other = seeded(BreakingStack, n=4), seeded(Stack, n=2)
     offloaded(model, ["layers.*"])
