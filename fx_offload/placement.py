@@ -256,7 +256,7 @@ def _forget(key: int, record: HostParameter) -> None:
 def _host_copy(
     data: torch.Tensor, device: torch.device, pin_memory: bool | None, name: str
 ) -> tuple[torch.Tensor, bool]:
-    pin = device.type != "cpu" if pin_memory is None else pin_memory
+    pin = _pins(device, pin_memory)
     if device.type == "cpu" and not pin and data.device.type == "cpu" and data.is_contiguous():
         return data, False  # host and device are the same memory: no second copy
     if pin and device.type == "cpu":
@@ -326,8 +326,7 @@ def _power_of_two_below(n: int) -> int:
 def _pinned_hosts(params: list[nn.Parameter], device: torch.device, pin_memory: bool | None) -> dict:
     """id(param) -> its place in a pinned slab (``slab_layout``), for each of ``params`` that is
     pinned (on a CUDA device) and not empty: an empty tensor's address would be the next one's."""
-    pin = device.type != "cpu" if pin_memory is None else pin_memory
-    chosen = [param for param in params if param.numel()] if pin else []
+    chosen = [param for param in params if param.numel()] if _pins(device, pin_memory) else []
     if not chosen or device.type != "cuda":
         return {}  # (pin_memory=True with device cpu: _host_copy names the fault)
     slabs, places = slab_layout([param.data.nbytes for param in chosen])
@@ -343,6 +342,11 @@ def _pinned_hosts(params: list[nn.Parameter], device: torch.device, pin_memory: 
         data = param.data
         hosts[id(param)] = memory[slab][offset : offset + data.nbytes].view(data.dtype).view(data.shape)
     return hosts
+
+
+def _pins(device: torch.device, pin_memory: bool | None) -> bool:
+    """Whether host copies for ``device`` are pinned: ``pin_memory``, or where the device needs it."""
+    return device.type != "cpu" if pin_memory is None else pin_memory
 
 
 def _allocate_slab(size: int) -> torch.Tensor:
