@@ -57,6 +57,9 @@ class HostParameter:
     original_class: type = field(default=torch.Tensor, repr=False)
     component: object = field(default=None, repr=False)  # its fx_offload.swap.Component, if swapped
     fetched: bool = field(default=False, repr=False)  # a compiled graph has copied it in
+    # host addresses of a run of weights that starts with this one -> its bytes as one tensor
+    # (``run_views``; False: they do not lie as a run)
+    runs: dict = field(default_factory=dict, repr=False)
 
     @property
     def policy(self) -> str:
@@ -183,6 +186,7 @@ def unplace(record: HostParameter) -> None:
     # the host copy goes now (on a GPU, its share of a pinned slab), not when the parameter does:
     # the finalizer and any plan still hold the record
     record.host = record.host.new_empty(0)
+    record.runs = {}
 
 
 def replaced(tensor: torch.Tensor) -> HostParameter | None:
@@ -251,6 +255,7 @@ def _forget(key: int, record: HostParameter) -> None:
     # a finalizer may run in the middle of a trace: make a real tensor, not the trace's fake one
     with unset_fake_temporarily():
         record.host = record.host.new_empty(0)
+    record.runs = {}
 
 
 def _host_copy(
@@ -315,6 +320,72 @@ def slab_layout(sizes: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
     return slabs, places
 
 
+def runs(hosts: list[torch.Tensor]) -> tuple[tuple[int, int, tuple[int, ...], int], ...]:
+    """``hosts`` (in the order given) as runs that lie one after another in one allocation (a
+    pinned slab), each tensor contiguous and at most ``_ALIGN`` bytes after the one before, at an
+    offset from the run's start that keeps a ``_ALIGN``-aligned tensor aligned: per run, (index of
+    its first tensor, how many, their byte offsets from its start, its bytes). A run is copied
+    as one piece (``run_views``); tensors in separate allocations are runs of one."""
+    found: list[list] = []
+    for index, host in enumerate(hosts):
+        if found and _follows(hosts[index - 1], host):
+            first = hosts[found[-1][0]]
+            offset = host.data_ptr() - first.data_ptr()
+            if offset % _ALIGN == 0:
+                found[-1][1] += 1
+                found[-1][2] += (offset,)
+                continue
+        found.append([index, 1, (0,)])
+    return tuple(
+        (first, count, offsets, offsets[-1] + hosts[first + count - 1].nbytes)
+        for first, count, offsets in found
+    )
+
+
+def _follows(before: torch.Tensor, host: torch.Tensor) -> bool:
+    """Whether ``host`` starts in the same allocation as ``before``, within ``_ALIGN`` bytes after it."""
+    gap = host.data_ptr() - (before.data_ptr() + before.nbytes)
+    return (
+        0 <= gap < _ALIGN
+        and before.is_contiguous()
+        and host.is_contiguous()
+        and host.untyped_storage().data_ptr() == before.untyped_storage().data_ptr()
+    )
+
+
+def run_views(layout: tuple, records: list[HostParameter]) -> list[torch.Tensor] | None:
+    """Per run of ``layout`` (``runs`` of other tensors of the same shapes), the host bytes of
+    ``records`` in it as one tensor (a run of one: the host tensor itself), or None where their
+    host copies lie otherwise. A run's tensor is kept by the record of its first weight, keyed by
+    the host addresses it covers: it goes with the record's host copy (``unplace``)."""
+    hosts = [record.host for record in records]
+    views = []
+    for first, count, offsets, nbytes in layout:
+        if count == 1:
+            views.append(hosts[first])
+            continue
+        run = hosts[first : first + count]
+        key = tuple(map(torch.Tensor.data_ptr, run))
+        view = records[first].runs.get(key)
+        if view is None:
+            start, storage = run[0], run[0].untyped_storage()
+            lies = run[-1].nbytes == nbytes - offsets[-1] and all(
+                address - key[0] == offset
+                and host.is_contiguous()
+                and host.untyped_storage().data_ptr() == storage.data_ptr()
+                for host, address, offset in zip(run, key, offsets)
+            )
+            view = False
+            if lies:
+                view = torch.empty(0, dtype=torch.uint8, device=start.device)
+                view.set_(storage, key[0] - storage.data_ptr(), (nbytes,))
+            records[first].runs[key] = view
+        if view is False:
+            return None
+        views.append(view)
+    return views
+
+
 def _power_of_two_above(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
@@ -329,16 +400,23 @@ def _pinned_hosts(params: list[nn.Parameter], device: torch.device, pin_memory: 
     chosen = [param for param in params if param.numel()] if _pins(device, pin_memory) else []
     if not chosen or device.type != "cuda":
         return {}  # (pin_memory=True with device cpu: _host_copy names the fault)
-    slabs, places = slab_layout([param.data.nbytes for param in chosen])
     try:
-        memory = [_allocate_slab(size) for size in slabs]
+        return slab_hosts(chosen, _allocate_slab)
     except RuntimeError as error:
+        nbytes = sum(slab_layout([param.data.nbytes for param in chosen])[0])
         raise RuntimeError(
-            f"could not pin {sum(slabs)} bytes of host memory for {len(chosen)} parameters ({error}); "
+            f"could not pin {nbytes} bytes of host memory for {len(chosen)} parameters ({error}); "
             "free host memory or raise the locked-memory limit (ulimit -l)"
         ) from None
+
+
+def slab_hosts(params: list[nn.Parameter], allocate) -> dict:
+    """id(param) -> its place (unfilled) in the slabs of ``slab_layout``, each slab made by
+    ``allocate(nbytes)`` as a uint8 tensor."""
+    slabs, places = slab_layout([param.data.nbytes for param in params])
+    memory = [allocate(size) for size in slabs]
     hosts = {}
-    for param, (slab, offset) in zip(chosen, places):
+    for param, (slab, offset) in zip(params, places):
         data = param.data
         hosts[id(param)] = memory[slab][offset : offset + data.nbytes].view(data.dtype).view(data.shape)
     return hosts

@@ -61,6 +61,7 @@ both ends of each copy; the head's refill crosses calls only through one externa
 
 from __future__ import annotations
 
+import math
 import operator
 import threading
 import weakref
@@ -346,19 +347,47 @@ class _Store:
     key: tuple = ()  # its key in the device's ``stores`` (none: a thread's or a remade head's own)
     # data_ptrs -> weak references to their records (a dropped model leaves dead ones)
     known: dict[tuple[int, ...], list[weakref.ref]] = field(default_factory=dict)
+    # the buffers' runs (``placement.runs`` of the host copies of the weights it was made for: those
+    # in a pinned slab lie one after another), and per run the device tensor that one copy fills:
+    # a run's buffers are views of it at the host copies' offsets. A run of one is its buffer.
+    layout: tuple = ()
+    targets: list[torch.Tensor] = field(default_factory=list)
 
     @classmethod
-    def empty(cls, specs: list[tuple]) -> _Store:
-        """A store of new buffers, one per (shape, dtype, device) of ``specs``."""
-        return cls([torch.empty(shape, dtype=dtype, device=device) for shape, dtype, device in specs])
+    def empty(cls, specs: list[tuple], layout: tuple = ()) -> _Store:
+        """A store of new buffers, one per (shape, dtype, device) of ``specs``, laid out in the runs
+        of ``layout`` (none: a run per buffer)."""
+        layout = layout or tuple((i, 1, (0,), 0) for i in range(len(specs)))
+        buffers, targets = [], []
+        for first, count, offsets, nbytes in layout:
+            if count == 1:
+                shape, dtype, device = specs[first]
+                targets.append(torch.empty(shape, dtype=dtype, device=device))
+                buffers.append(targets[-1])
+                continue
+            targets.append(torch.empty(nbytes, dtype=torch.uint8, device=specs[first][2]))
+            for (shape, dtype, _), offset in zip(specs[first : first + count], offsets):
+                size = math.prod(shape) * dtype.itemsize
+                buffers.append(targets[-1][offset : offset + size].view(dtype).view(shape))
+        return cls(buffers, layout=layout if len(targets) < len(buffers) else (), targets=targets)
 
     def __post_init__(self) -> None:
         self.nbytes = sum(buffer.nbytes for buffer in self.buffers)
+        self.targets = self.targets or self.buffers
         if self.buffers and self.buffers[0].device.type == "cuda":
             self.refilled = torch.cuda.Event(external=True)
             copy = device_runtime(self.buffers[0].device).copy_stream()
-            for buffer in self.buffers:  # the copy stream writes them: freed, wait for it before reuse
-                buffer.record_stream(copy)
+            for target in self.targets:  # the copy stream writes them: freed, wait for it before reuse
+                target.record_stream(copy)
+
+    def copies(self, records: list[placement.HostParameter]) -> tuple[list, list]:
+        """The device and host tensors of one copy of ``records``' host values into the buffers:
+        a copy per run where their host copies lie as the runs of the layout, else per buffer."""
+        if self.layout:
+            views = placement.run_views(self.layout, records)
+            if views is not None:
+                return self.targets, views
+        return self.buffers, list(map(_HOST, records))
 
 
 def _serves_another(store: _Store, thread: threading.Thread) -> bool:
@@ -434,7 +463,7 @@ class _Head:
 
     def _like(self) -> _Head:
         """A head like this one with buffers of its own, for another thread."""
-        store = _Store.empty([(b.shape, b.dtype, b.device) for b in self.buffers])
+        store = _Store.empty([(b.shape, b.dtype, b.device) for b in self.buffers], self.store.layout)
         return _Head(store, list(self.positions), self.region, self.token)
 
 
@@ -448,7 +477,7 @@ class GraphRuntime:
     def __init__(self) -> None:
         self._first: list[_Head] = []  # made at compile time, for the first thread that calls
         # passed heads' (shape, dtype, device)s, positions, region and store key: made after a drop
-        self._remade: list[tuple[list[tuple], list[int], str, tuple]] = []
+        self._remade: list[tuple[list[tuple], list[int], str, tuple, tuple]] = []
         self._sets: weakref.WeakKeyDictionary[threading.Thread, list[_Head]] = weakref.WeakKeyDictionary()
         self._dropped = False
         self._local = threading.local()  # ``heads``: the calling thread's set, once it has one
@@ -477,25 +506,33 @@ class GraphRuntime:
             # Dynamo's id of the compile and its attempt, as the logs show it ([18/0_1])
             trace_id = torch._guards.CompileContext.current_trace_id()
             self.name = f"[{trace_id}]" if trace_id is not None else str(self.token)
-        self._first.append(_Head(self._store(weights), list(positions), region, self.token))
+        self._first.append(_Head(self._store(weights, passed), list(positions), region, self.token))
         if passed:
             self.passes = True
             specs = [(w.shape, w.dtype, w.device) for w in weights]
-            self._remade.append((specs, list(positions), region, self._first[-1].store.key))
+            store = self._first[-1].store
+            self._remade.append((specs, list(positions), region, store.key, store.layout))
 
-    def _store(self, weights: list[torch.Tensor]) -> _Store:
+    def _store(self, weights: list[torch.Tensor], passed: bool) -> _Store:
         """The buffers of a head of ``weights``: those of another graph's head of the same weights
         (the device's ``stores``), else new ones. Never another head's of this graph: a module
         called twice makes two head regions of its weights, and one's refill must not overwrite
-        what the other still reads; the second shares with another graph's second."""
+        what the other still reads; the second shares with another graph's second.
+
+        Buffers ``passed`` as the graph's inputs are laid out in the runs of their host copies
+        (``_Store.empty``); those a ``head`` op returns are not: an op's outputs must not alias
+        each other. So the two kinds share with their own kind only."""
         if not weights:
             return _Store([])
         weights_key = tuple((w.data_ptr(), w.shape, w.dtype) for w in weights)
         # the how-manieth head of these weights in this graph: each shares with the same one elsewhere
-        key = (weights_key, sum(h.store.key[0] == weights_key for h in self._first if h.store.key))
-        return self._shared(key, [(w.shape, w.dtype, w.device) for w in weights], self._first)
+        count = sum(h.store.key[0] == weights_key for h in self._first if h.store.key)
+        records = [placement.lookup(w) for w in weights] if passed else []
+        layout = placement.runs([r.host for r in records]) if passed and all(records) else ()
+        specs = [(w.shape, w.dtype, w.device) for w in weights]
+        return self._shared((weights_key, count, passed), specs, self._first, layout)
 
-    def _shared(self, key: tuple, specs: list[tuple], first: list[_Head]) -> _Store:
+    def _shared(self, key: tuple, specs: list[tuple], first: list[_Head], layout: tuple = ()) -> _Store:
         """The device's store under ``key`` unless one of ``first`` (this graph's heads) has it;
         else a new one of ``specs``, under ``key`` where that is free. (What a store holds names
         the placement generation: sharing one kept since a restore serves no stale values.)"""
@@ -503,7 +540,7 @@ class GraphRuntime:
         found = stores.get(key) if key else None
         if found is not None and not any(h.store is found for h in first):
             return found
-        made = _Store.empty(specs)
+        made = _Store.empty(specs, layout)
         if key and found is None:
             stores[key] = made
             made.key = key
@@ -543,8 +580,9 @@ class GraphRuntime:
             with _registry.lock:
                 if self._dropped:
                     first: list[_Head] = []
-                    for specs, positions, region, key in self._remade:
-                        first.append(_Head(self._shared(key, specs, first), positions, region, self.token))
+                    for specs, positions, region, key, layout in self._remade:
+                        store = self._shared(key, specs, first, layout)
+                        first.append(_Head(store, positions, region, self.token))
                     self._first, self._dropped = first, False
         if self._dropped or not self._first:
             return []
@@ -707,14 +745,13 @@ def _refill_after(found: _Head) -> None:
 def _copy_head(found: _Head, records: list[placement.HostParameter], copied: int) -> None:
     """Copy ``records``' host values but their first ``copied`` bytes into ``found``'s buffers: on
     a GPU on the copy stream, after all the compute stream queued, ending with ``refilled``."""
-    hosts = list(map(_HOST, records))
     device = found.runtime
-    buffers = found.buffers
     if copied:
-        _, pairs = _split(buffers, hosts, copied)
+        _, pairs = _split(found.buffers, list(map(_HOST, records)), copied)
         buffers, hosts = [buffer for buffer, _ in pairs], [host for _, host in pairs]
         device.count(records, sum(buffer.nbytes for buffer in buffers))
     else:  # the whole head: no cut, and its records were marked fetched when it was first filled
+        buffers, hosts = found.store.copies(records)
         device.copied_bytes += found.nbytes
         if not records[0].fetched:
             device.count(records, 0)
@@ -740,7 +777,7 @@ def _fill(found: _Head, weights: list[torch.Tensor], pointers: tuple[int, ...]) 
     device = found.runtime
     if found.refilled is not None:  # after the previous call's refill, which writes them too
         device.compute_stream().wait_event(found.refilled)
-    copy_all(found.buffers, [record.host for record in records])  # on the compute stream, before the call
+    copy_all(*found.store.copies(records))  # on the compute stream, before the call
     device.count(records)
     found.filled(pointers, versions)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fx_offload
-from fx_offload import runtime
+from fx_offload import placement, runtime
 from tests.models import (
     BreakingStack,
     CalledTwice,
@@ -773,3 +773,50 @@ def test_a_wrapped_graph_switches_dynamos_frame_evaluation_as_often_as_a_residen
     offloaded(model, ["layers.*"])
     assert switches(model, "offload_inductor", heads_as_inputs=heads_as_inputs) == resident
     assert runtime.live_heads()
+
+
+def _plain_slabs(params, device, pin_memory):
+    """``placement._pinned_hosts`` with plain memory for slabs: host copies laid out as on a GPU."""
+    return placement.slab_hosts([p for p in params if p.numel()], lambda n: torch.empty(n, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize(("model_cls", "patterns", "options", "runs"), [
+    (HalvesStack, HALVES, {}, True),  # one block's half: its regions are heads, passed as inputs
+    (BreakingStack, ["layers.*"], {}, True),
+    # heads read by ``head`` ops, whose outputs must not alias each other: a buffer per weight
+    (Stack, ["layers.*"], {"prefetch_head": 2, "heads_as_inputs": False}, False),
+])  # fmt: skip
+@pytest.mark.parametrize("backend", ["offload_eager", "offload_inductor"])
+def test_a_heads_weights_that_lie_in_one_slab_are_copied_as_one_run(
+    model_cls, patterns, options, runs, backend, offloaded, monkeypatch
+):
+    """On a GPU host copies lie in pinned slabs, a region's weights one after another: a store of
+    heads passed as inputs lays its buffers out as they lie (views of one device tensor), so a
+    refill copies each run in one piece, not one copy per weight. (Here the slabs are plain
+    memory.) Every block's values are read, and writes between calls."""
+    monkeypatch.setattr(placement, "_pinned_hosts", _plain_slabs)
+    # a parameter's data aliases its share of a slab with a storage of its own, as a CUDA alias does
+    monkeypatch.setattr(placement, "_device_alias", lambda host, device: torch.from_numpy(host.numpy()))
+    model = seeded(model_cls, n=4)
+    offloaded(model, patterns)
+    assert placement.runs([placement.lookup(p).host for p in model.layers[0].parameters()])[0][1] > 1
+    compiled = _compiled(model, backend, **options)
+    x = torch.randn(3, 8)
+    copied = []
+    copy_all = runtime.copy_all
+
+    def spy(buffers, hosts):
+        copied.append([b.dtype for b in buffers])
+        copy_all(buffers, hosts)
+
+    with torch.no_grad(), mock.patch.object(runtime, "copy_all", spy):
+        for _ in range(3):
+            out = compiled(x)
+        torch.testing.assert_close(out, _restored_output(model, x), rtol=1e-5, atol=1e-6)
+        for layer in model.layers:
+            next(layer.parameters()).mul_(0.5)
+        out = compiled(x)
+    torch.testing.assert_close(out, _restored_output(model, x), rtol=1e-5, atol=1e-6)
+    stores = {id(found.store): found.store for found in runtime.live_heads()}.values()
+    assert stores and all((len(store.targets) < len(store.buffers)) == runs for store in stores)
+    assert ([torch.uint8] in copied) == runs  # a head's run of a weight and its bias, in one copy

@@ -473,3 +473,36 @@ def test_graphs_of_two_shapes_share_head_buffers_and_replay_fresh_values(mode, c
         assert heads and len({id(found.store) for found in heads}) * 2 == len(heads)
     finally:
         fx_offload.restore(model)
+
+
+def test_passed_heads_are_copied_in_runs_as_their_weights_lie_in_a_slab():
+    """A graph reused for every block passes its heads as inputs: their weights lie one after
+    another in a pinned slab, and the heads' buffers are views of one device tensor at the same
+    offsets, so a refill is one copy per run, not one per weight. Every block's values are read,
+    and writes between calls."""
+    model = _on_gpu(seeded(BreakingStack, n=6, dim=1024), torch.float32)
+    plain = _on_gpu(seeded(BreakingStack, n=6, dim=1024), torch.float32)
+    x = torch.randn(16, 1024, device="cuda")
+    fx_offload.offload(model, ["layers.*"])
+    copied = []
+    copy_all = runtime.copy_all
+
+    def spy(buffers, hosts):
+        copied.append([b.dtype for b in buffers])
+        copy_all(buffers, hosts)
+
+    try:
+        compiled = torch.compile(model, backend="offload_inductor")
+        with torch.no_grad(), mock.patch.object(runtime, "copy_all", spy):
+            for step in range(6):
+                if step == 3:
+                    for m in (model, plain):
+                        for layer in m.layers:
+                            layer.fc1.weight.mul_(0.9)
+                torch.testing.assert_close(compiled(x), plain(x), **TOLERANCE[torch.float32])
+        ours = {p.data_ptr() for p in model.parameters()}
+        stores = {id(h.store): h.store for h in runtime.live_heads() if h.holds and set(h.holds[0]) <= ours}
+        assert stores and all(len(store.targets) < len(store.buffers) for store in stores.values())
+        assert [torch.uint8] in copied
+    finally:
+        fx_offload.restore(model)
