@@ -57,8 +57,8 @@ class HostParameter:
     original_class: type = field(default=torch.Tensor, repr=False)
     component: object = field(default=None, repr=False)  # its fx_offload.swap.Component, if swapped
     fetched: bool = field(default=False, repr=False)  # a compiled graph has copied it in
-    # host addresses of a run of weights that starts with this one -> its bytes as one tensor
-    # (``run_views``; False: they do not lie as a run)
+    # host addresses of weights read together that start with this one -> their runs, each with
+    # the one host tensor a copy reads (``host_runs``)
     runs: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -320,70 +320,64 @@ def slab_layout(sizes: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
     return slabs, places
 
 
-def runs(hosts: list[torch.Tensor]) -> tuple[tuple[int, int, tuple[int, ...], int], ...]:
+def runs(hosts: list[torch.Tensor]) -> list[tuple[int, int, int]]:
     """``hosts`` (in the order given) as runs that lie one after another in one allocation (a
-    pinned slab), each tensor contiguous and at most ``_ALIGN`` bytes after the one before, at an
-    offset from the run's start that keeps a ``_ALIGN``-aligned tensor aligned: per run, (index of
-    its first tensor, how many, their byte offsets from its start, its bytes). A run is copied
-    as one piece (``run_views``); tensors in separate allocations are runs of one."""
-    found: list[list] = []
+    pinned slab), each tensor contiguous and at the first ``_ALIGN``-byte boundary (from the run's
+    start) at or after the end of the one before, as ``slab_layout`` puts them: per run, (index of
+    its first tensor, how many, its bytes). A run is copied as one piece (``host_runs``) into
+    device buffers laid out the same way (``packed_offsets``); tensors in separate allocations, or
+    out of order, are runs of one."""
+    found: list[list[int]] = []
     for index, host in enumerate(hosts):
-        if found and _follows(hosts[index - 1], host):
-            first = hosts[found[-1][0]]
-            offset = host.data_ptr() - first.data_ptr()
-            if offset % _ALIGN == 0:
-                found[-1][1] += 1
-                found[-1][2] += (offset,)
-                continue
-        found.append([index, 1, (0,)])
-    return tuple(
-        (first, count, offsets, offsets[-1] + hosts[first + count - 1].nbytes)
-        for first, count, offsets in found
-    )
+        if found and _follows(hosts[found[-1][0]], hosts[index - 1], host):
+            found[-1][1] += 1
+        else:
+            found.append([index, 1])
+    ends = [host.data_ptr() + host.nbytes for host in hosts]
+    return [(first, count, ends[first + count - 1] - hosts[first].data_ptr()) for first, count in found]
 
 
-def _follows(before: torch.Tensor, host: torch.Tensor) -> bool:
-    """Whether ``host`` starts in the same allocation as ``before``, within ``_ALIGN`` bytes after it."""
-    gap = host.data_ptr() - (before.data_ptr() + before.nbytes)
+def _follows(first: torch.Tensor, before: torch.Tensor, host: torch.Tensor) -> bool:
+    """Whether ``host`` starts in the allocation of ``before`` at the first ``_ALIGN`` boundary
+    (counted from ``first``, its run's start) at or after ``before``'s end."""
+    end = before.data_ptr() + before.nbytes - first.data_ptr()
     return (
-        0 <= gap < _ALIGN
+        host.data_ptr() - first.data_ptr() == -(-end // _ALIGN) * _ALIGN
         and before.is_contiguous()
         and host.is_contiguous()
         and host.untyped_storage().data_ptr() == before.untyped_storage().data_ptr()
     )
 
 
-def run_views(layout: tuple, records: list[HostParameter]) -> list[torch.Tensor] | None:
-    """Per run of ``layout`` (``runs`` of other tensors of the same shapes), the host bytes of
-    ``records`` in it as one tensor (a run of one: the host tensor itself), or None where their
-    host copies lie otherwise. A run's tensor is kept by the record of its first weight, keyed by
-    the host addresses it covers: it goes with the record's host copy (``unplace``)."""
+def packed_offsets(nbytes: list[int]) -> tuple[list[int], int]:
+    """Where tensors of ``nbytes`` bytes lie in one device tensor laid out as a slab holds them one
+    after another (each at the next ``_ALIGN`` boundary): their offsets and its bytes. Any run of
+    their host copies (``runs``) then lies as its buffers do, whichever slab it is in."""
+    offsets, end = [], 0
+    for size in nbytes:
+        offsets.append(-(-end // _ALIGN) * _ALIGN)
+        end = offsets[-1] + size
+    return offsets, end
+
+
+def host_runs(records: list[HostParameter]) -> list[tuple[int, int, torch.Tensor]]:
+    """``records``' host copies as ``runs``, each with the host tensor that one copy reads: a run of
+    one's host copy, a longer run's bytes as a uint8 view of its allocation. Kept by the first
+    record, keyed by the host addresses: it goes with the record's host copy (``unplace``)."""
     hosts = [record.host for record in records]
-    views = []
-    for first, count, offsets, nbytes in layout:
-        if count == 1:
-            views.append(hosts[first])
-            continue
-        run = hosts[first : first + count]
-        key = tuple(map(torch.Tensor.data_ptr, run))
-        view = records[first].runs.get(key)
-        if view is None:
-            start, storage = run[0], run[0].untyped_storage()
-            lies = run[-1].nbytes == nbytes - offsets[-1] and all(
-                address - key[0] == offset
-                and host.is_contiguous()
-                and host.untyped_storage().data_ptr() == storage.data_ptr()
-                for host, address, offset in zip(run, key, offsets)
-            )
-            view = False
-            if lies:
-                view = torch.empty(0, dtype=torch.uint8, device=start.device)
-                view.set_(storage, key[0] - storage.data_ptr(), (nbytes,))
-            records[first].runs[key] = view
-        if view is False:
-            return None
-        views.append(view)
-    return views
+    key = tuple(map(torch.Tensor.data_ptr, hosts))
+    found = records[0].runs.get(key)
+    if found is None:
+        found = []
+        for first, count, nbytes in runs(hosts):
+            host = hosts[first]
+            if count > 1:
+                storage = host.untyped_storage()
+                view = torch.empty(0, dtype=torch.uint8, device=host.device)
+                host = view.set_(storage, host.data_ptr() - storage.data_ptr(), (nbytes,))
+            found.append((first, count, host))
+        records[0].runs[key] = found
+    return found
 
 
 def _power_of_two_above(n: int) -> int:

@@ -347,47 +347,49 @@ class _Store:
     key: tuple = ()  # its key in the device's ``stores`` (none: a thread's or a remade head's own)
     # data_ptrs -> weak references to their records (a dropped model leaves dead ones)
     known: dict[tuple[int, ...], list[weakref.ref]] = field(default_factory=dict)
-    # the buffers' runs (``placement.runs`` of the host copies of the weights it was made for: those
-    # in a pinned slab lie one after another), and per run the device tensor that one copy fills:
-    # a run's buffers are views of it at the host copies' offsets. A run of one is its buffer.
-    layout: tuple = ()
-    targets: list[torch.Tensor] = field(default_factory=list)
+    # packed: the buffers are views of this one device tensor, laid out as a pinned slab holds
+    # host copies (``placement.packed_offsets``), so each run of the host copies of the weights
+    # that fill them (``placement.runs``, whichever block of a stack) is one copy
+    whole: torch.Tensor | None = None
+    offsets: list[int] = field(default_factory=list)
 
     @classmethod
-    def empty(cls, specs: list[tuple], layout: tuple = ()) -> _Store:
-        """A store of new buffers, one per (shape, dtype, device) of ``specs``, laid out in the runs
-        of ``layout`` (none: a run per buffer)."""
-        layout = layout or tuple((i, 1, (0,), 0) for i in range(len(specs)))
-        buffers, targets = [], []
-        for first, count, offsets, nbytes in layout:
-            if count == 1:
-                shape, dtype, device = specs[first]
-                targets.append(torch.empty(shape, dtype=dtype, device=device))
-                buffers.append(targets[-1])
-                continue
-            targets.append(torch.empty(nbytes, dtype=torch.uint8, device=specs[first][2]))
-            for (shape, dtype, _), offset in zip(specs[first : first + count], offsets):
-                size = math.prod(shape) * dtype.itemsize
-                buffers.append(targets[-1][offset : offset + size].view(dtype).view(shape))
-        return cls(buffers, layout=layout if len(targets) < len(buffers) else (), targets=targets)
+    def empty(cls, specs: list[tuple], packed: bool = False) -> _Store:
+        """A store of new buffers, one per (shape, dtype, device) of ``specs``, ``packed`` in one
+        device tensor or each its own."""
+        if not packed or len(specs) < 2:
+            return cls([torch.empty(shape, dtype=dtype, device=device) for shape, dtype, device in specs])
+        sizes = [math.prod(shape) * dtype.itemsize for shape, dtype, _ in specs]
+        offsets, nbytes = placement.packed_offsets(sizes)
+        whole = torch.empty(nbytes, dtype=torch.uint8, device=specs[0][2])
+        buffers = [
+            whole[offset : offset + size].view(dtype).view(shape)
+            for (shape, dtype, _), offset, size in zip(specs, offsets, sizes)
+        ]
+        return cls(buffers, whole=whole, offsets=offsets)
 
     def __post_init__(self) -> None:
         self.nbytes = sum(buffer.nbytes for buffer in self.buffers)
-        self.targets = self.targets or self.buffers
         if self.buffers and self.buffers[0].device.type == "cuda":
             self.refilled = torch.cuda.Event(external=True)
             copy = device_runtime(self.buffers[0].device).copy_stream()
-            for target in self.targets:  # the copy stream writes them: freed, wait for it before reuse
+            # the copy stream writes them: freed, wait for it before reuse
+            for target in [self.whole] if self.whole is not None else self.buffers:
                 target.record_stream(copy)
 
     def copies(self, records: list[placement.HostParameter]) -> tuple[list, list]:
         """The device and host tensors of one copy of ``records``' host values into the buffers:
-        a copy per run where their host copies lie as the runs of the layout, else per buffer."""
-        if self.layout:
-            views = placement.run_views(self.layout, records)
-            if views is not None:
-                return self.targets, views
-        return self.buffers, list(map(_HOST, records))
+        packed, one per run of their host copies, else one per buffer."""
+        if self.whole is None:
+            return self.buffers, list(map(_HOST, records))
+        targets, hosts = [], []
+        for first, count, host in placement.host_runs(records):
+            if count == 1:
+                targets.append(self.buffers[first])
+            else:
+                targets.append(self.whole[self.offsets[first] : self.offsets[first] + host.nbytes])
+            hosts.append(host)
+        return targets, hosts
 
 
 def _serves_another(store: _Store, thread: threading.Thread) -> bool:
@@ -463,7 +465,8 @@ class _Head:
 
     def _like(self) -> _Head:
         """A head like this one with buffers of its own, for another thread."""
-        store = _Store.empty([(b.shape, b.dtype, b.device) for b in self.buffers], self.store.layout)
+        specs = [(b.shape, b.dtype, b.device) for b in self.buffers]
+        store = _Store.empty(specs, packed=self.store.whole is not None)
         return _Head(store, list(self.positions), self.region, self.token)
 
 
@@ -511,7 +514,7 @@ class GraphRuntime:
             self.passes = True
             specs = [(w.shape, w.dtype, w.device) for w in weights]
             store = self._first[-1].store
-            self._remade.append((specs, list(positions), region, store.key, store.layout))
+            self._remade.append((specs, list(positions), region, store.key, store.whole is not None))
 
     def _store(self, weights: list[torch.Tensor], passed: bool) -> _Store:
         """The buffers of a head of ``weights``: those of another graph's head of the same weights
@@ -519,20 +522,18 @@ class GraphRuntime:
         called twice makes two head regions of its weights, and one's refill must not overwrite
         what the other still reads; the second shares with another graph's second.
 
-        Buffers ``passed`` as the graph's inputs are laid out in the runs of their host copies
-        (``_Store.empty``); those a ``head`` op returns are not: an op's outputs must not alias
-        each other. So the two kinds share with their own kind only."""
+        Buffers ``passed`` as the graph's inputs are packed in one device tensor (``_Store``);
+        those a ``head`` op returns are not: an op's outputs must not alias each other. So the two
+        kinds share with their own kind only."""
         if not weights:
             return _Store([])
         weights_key = tuple((w.data_ptr(), w.shape, w.dtype) for w in weights)
         # the how-manieth head of these weights in this graph: each shares with the same one elsewhere
         count = sum(h.store.key[0] == weights_key for h in self._first if h.store.key)
-        records = [placement.lookup(w) for w in weights] if passed else []
-        layout = placement.runs([r.host for r in records]) if passed and all(records) else ()
         specs = [(w.shape, w.dtype, w.device) for w in weights]
-        return self._shared((weights_key, count, passed), specs, self._first, layout)
+        return self._shared((weights_key, count, passed), specs, self._first, passed)
 
-    def _shared(self, key: tuple, specs: list[tuple], first: list[_Head], layout: tuple = ()) -> _Store:
+    def _shared(self, key: tuple, specs: list[tuple], first: list[_Head], packed: bool = False) -> _Store:
         """The device's store under ``key`` unless one of ``first`` (this graph's heads) has it;
         else a new one of ``specs``, under ``key`` where that is free. (What a store holds names
         the placement generation: sharing one kept since a restore serves no stale values.)"""
@@ -540,7 +541,7 @@ class GraphRuntime:
         found = stores.get(key) if key else None
         if found is not None and not any(h.store is found for h in first):
             return found
-        made = _Store.empty(specs, layout)
+        made = _Store.empty(specs, packed)
         if key and found is None:
             stores[key] = made
             made.key = key
@@ -580,8 +581,8 @@ class GraphRuntime:
             with _registry.lock:
                 if self._dropped:
                     first: list[_Head] = []
-                    for specs, positions, region, key, layout in self._remade:
-                        store = self._shared(key, specs, first, layout)
+                    for specs, positions, region, key, packed in self._remade:
+                        store = self._shared(key, specs, first, packed)
                         first.append(_Head(store, positions, region, self.token))
                     self._first, self._dropped = first, False
         if self._dropped or not self._first:

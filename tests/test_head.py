@@ -3,6 +3,7 @@ next call (by the graph's wrapper when the call returns, after all the call queu
 filled again by the wrapper when a call passes other weights or their values changed in place."""
 
 import gc
+import math
 import threading
 from unittest import mock
 
@@ -818,5 +819,38 @@ def test_a_heads_weights_that_lie_in_one_slab_are_copied_as_one_run(
         out = compiled(x)
     torch.testing.assert_close(out, _restored_output(model, x), rtol=1e-5, atol=1e-6)
     stores = {id(found.store): found.store for found in runtime.live_heads()}.values()
-    assert stores and all((len(store.targets) < len(store.buffers)) == runs for store in stores)
+    assert stores and all((store.whole is not None) == runs for store in stores)
     assert ([torch.uint8] in copied) == runs  # a head's run of a weight and its bias, in one copy
+
+
+def test_a_packed_store_copies_each_run_of_any_block_even_one_that_straddles_two_slabs():
+    """A packed store's buffers lie as a slab holds host copies, so every block's runs copy as
+    they lie: block 0 in one slab (one copy), block 1 split between two slabs (two copies: the
+    straddle does not change where its weights go), block 2 not in a slab (a copy per weight)."""
+    specs = [((64,), torch.float32, torch.device("cpu")), ((8,), torch.float32, torch.device("cpu"))]
+    specs.append(((4, 16), torch.bfloat16, torch.device("cpu")))
+    store = runtime._Store.empty(specs, packed=True)
+    assert {b.untyped_storage().data_ptr() for b in store.buffers} == {store.whole.data_ptr()}
+    one, two, three = (torch.zeros(4096, dtype=torch.uint8) for _ in range(3))
+
+    def block(*hosts):
+        torch.manual_seed(len(hosts[0]))
+        for host in hosts:
+            host.copy_(torch.randn(host.shape))
+        return [placement.HostParameter(("w",), h, torch.device("cpu"), True, lambda: None) for h in hosts]
+
+    def lying(*places):  # tensors of the specs' shapes at these (memory, byte offset)
+        return [
+            memory[at : at + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+            for (memory, at), (shape, dtype, _) in zip(places, specs)
+        ]
+
+    alike = block(*lying((one, 0), (one, 512), (one, 1024)))
+    straddling = block(*lying((two, 3840), (three, 0), (three, 512)))
+    apart = block(torch.randn(64), torch.randn(8), torch.randn(4, 16).bfloat16())
+    for records, pieces in [(alike, 1), (straddling, 2), (apart, 3)]:
+        buffers, hosts = store.copies(records)
+        assert len(buffers) == len(hosts) == pieces
+        runtime.copy_all(buffers, hosts)
+        for buffer, record in zip(store.buffers, records):
+            torch.testing.assert_close(buffer, record.host, rtol=0, atol=0)

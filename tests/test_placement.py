@@ -268,28 +268,33 @@ def test_restore_lets_go_of_the_host_copies_the_plan_still_names():
         torch.testing.assert_close(p.detach(), values[name], rtol=0, atol=0)
 
 
-def test_runs_are_tensors_one_after_another_in_one_allocation_and_views_check_each_set_of_hosts():
-    """``placement.runs`` groups host copies that lie in order in one slab (up to its alignment
-    gaps), ``run_views`` gives each run's bytes as one tensor for hosts that lie as the layout
-    says, and None for hosts that lie otherwise (a refill then copies per weight)."""
+def test_runs_are_tensors_one_after_another_in_one_allocation_as_a_slab_and_a_packed_store_lay_them():
+    """``placement.runs`` groups host copies that lie in order in one slab, each at the next
+    alignment boundary, as ``slab_layout`` puts them and ``packed_offsets`` lays out a device
+    store; ``host_runs`` gives each run's bytes as one tensor, kept per set of host addresses."""
     slab = torch.arange(4096, dtype=torch.uint8)
     a, b, c = slab[0:256].view(torch.float32), slab[512:544].view(torch.float32), slab[1024:1280]
     apart = torch.zeros(16)  # another allocation
-    layout = placement.runs([a, b, apart, c])
-    assert layout == ((0, 2, (0, 512), 544), (2, 1, (0,), 64), (3, 1, (0,), 256))
-    assert placement.runs([b, a]) == ((0, 1, (0,), 32), (1, 1, (0,), 256))  # out of order: apart
+    assert placement.runs([a, b, apart, c]) == [(0, 2, 544), (2, 1, 64), (3, 1, 256)]
+    assert placement.runs([b, a]) == [(0, 1, 32), (1, 1, 256)]  # out of order: apart
     assert placement.runs([slab[0:256], slab[1024:1280]])[0][1] == 1  # a gap of a whole alignment
+    assert placement.runs([slab[0:256], slab[300:400]])[0][1] == 1  # not at the boundary
+    # a block that straddles two slabs is two runs, each laid out as the packed store lays them
+    other = torch.arange(4096, dtype=torch.uint8)
+    straddling = [a, other[0:32].view(torch.float32), other[512:768]]
+    assert placement.runs(straddling) == [(0, 1, 256), (1, 2, 768)]
+    offsets, nbytes = placement.packed_offsets([256, 32, 256])
+    assert offsets == [0, 512, 1024] and nbytes == 1280  # b and c after a, as in the slab
 
     def records(*hosts):
         return [placement.HostParameter(("w",), h, torch.device("cpu"), True, lambda: None) for h in hosts]
 
-    views = placement.run_views(layout, records(a, b, apart, c))
-    assert views[0].dtype == torch.uint8 and views[0].data_ptr() == a.data_ptr() and views[0].numel() == 544
-    torch.testing.assert_close(views[0], slab[:544], rtol=0, atol=0)
-    assert views[1] is apart and views[2] is c
-    other = torch.arange(4096, dtype=torch.uint8)[2048:]  # the same shapes, laid out the same
-    same = records(other[:256], other[512:544], apart, c)
-    assert placement.run_views(layout, same)[0].data_ptr() == other.data_ptr()
-    moved = records(other[:256].view(torch.float32), other[1024:1056].view(torch.float32), apart, c)
-    assert placement.run_views(layout, moved) is None
-    assert placement.run_views(layout, records(a, torch.zeros(8), apart, c)) is None
+    found = placement.host_runs(records(a, b, apart, c))
+    assert [(first, count) for first, count, _ in found] == [(0, 2), (2, 1), (3, 1)]
+    whole = found[0][2]
+    assert whole.dtype == torch.uint8 and whole.data_ptr() == a.data_ptr() and whole.numel() == 544
+    torch.testing.assert_close(whole, slab[:544], rtol=0, atol=0)
+    assert found[1][2] is apart and found[2][2] is c
+    kept = records(a, b)
+    assert placement.host_runs(kept) is placement.host_runs(kept)  # worked out once per set of hosts
+    assert kept[0].runs and placement.host_runs(records(a, torch.zeros(8)))[1][1] == 1
