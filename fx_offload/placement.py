@@ -298,7 +298,7 @@ def slab_layout(sizes: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
     bytes left (at most ``MAX_SLAB``, at least the first tensor's), and is then cut to the power of two
     above what it holds, or split into one per tensor where those take fewer bytes: never more
     bytes than one allocation per tensor."""
-    aligned = [-(-size // _ALIGN) * _ALIGN for size in sizes]
+    aligned = list(map(_aligned, sizes))
     slabs: list[int] = []
     places: list[tuple[int, int]] = []
     index = 0
@@ -342,7 +342,7 @@ def _follows(first: torch.Tensor, before: torch.Tensor, host: torch.Tensor) -> b
     (counted from ``first``, its run's start) at or after ``before``'s end."""
     end = before.data_ptr() + before.nbytes - first.data_ptr()
     return (
-        host.data_ptr() - first.data_ptr() == -(-end // _ALIGN) * _ALIGN
+        host.data_ptr() - first.data_ptr() == _aligned(end)
         and before.is_contiguous()
         and host.is_contiguous()
         and host.untyped_storage().data_ptr() == before.untyped_storage().data_ptr()
@@ -355,7 +355,7 @@ def packed_offsets(nbytes: list[int]) -> tuple[list[int], int]:
     their host copies (``runs``) then lies as its buffers do, whichever slab it is in."""
     offsets, end = [], 0
     for size in nbytes:
-        offsets.append(-(-end // _ALIGN) * _ALIGN)
+        offsets.append(_aligned(end))
         end = offsets[-1] + size
     return offsets, end
 
@@ -378,6 +378,12 @@ def host_runs(records: list[HostParameter]) -> list[tuple[int, int, torch.Tensor
             found.append((first, count, host))
         records[0].runs[key] = found
     return found
+
+
+def _aligned(n: int) -> int:
+    """``n`` bytes rounded up to the next ``_ALIGN`` boundary: where a slab puts the tensor after
+    ``n`` bytes (``slab_layout``), so also where ``runs`` looks for it and ``packed_offsets`` puts it."""
+    return -(-n // _ALIGN) * _ALIGN
 
 
 def _power_of_two_above(n: int) -> int:

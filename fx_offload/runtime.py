@@ -480,7 +480,7 @@ class GraphRuntime:
     def __init__(self) -> None:
         self._first: list[_Head] = []  # made at compile time, for the first thread that calls
         # passed heads' (shape, dtype, device)s, positions, region and store key: made after a drop
-        self._remade: list[tuple[list[tuple], list[int], str, tuple, tuple]] = []
+        self._remade: list[tuple[list[tuple], list[int], str, tuple]] = []
         self._sets: weakref.WeakKeyDictionary[threading.Thread, list[_Head]] = weakref.WeakKeyDictionary()
         self._dropped = False
         self._local = threading.local()  # ``heads``: the calling thread's set, once it has one
@@ -514,7 +514,7 @@ class GraphRuntime:
             self.passes = True
             specs = [(w.shape, w.dtype, w.device) for w in weights]
             store = self._first[-1].store
-            self._remade.append((specs, list(positions), region, store.key, store.whole is not None))
+            self._remade.append((specs, list(positions), region, store.key))
 
     def _store(self, weights: list[torch.Tensor], passed: bool) -> _Store:
         """The buffers of a head of ``weights``: those of another graph's head of the same weights
@@ -581,8 +581,8 @@ class GraphRuntime:
             with _registry.lock:
                 if self._dropped:
                     first: list[_Head] = []
-                    for specs, positions, region, key, packed in self._remade:
-                        store = self._shared(key, specs, first, packed)
+                    for specs, positions, region, key in self._remade:
+                        store = self._shared(key, specs, first, packed=True)  # passed: packed
                         first.append(_Head(store, positions, region, self.token))
                     self._first, self._dropped = first, False
         if self._dropped or not self._first:
