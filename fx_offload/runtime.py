@@ -352,6 +352,8 @@ class _Store:
     # that fill them (``placement.runs``, whichever block of a stack) is one copy
     whole: torch.Tensor | None = None
     offsets: list[int] = field(default_factory=list)
+    # a run's (first buffer, how many) -> the bytes of ``whole`` it spans (``_target``)
+    spans: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def empty(cls, specs: list[tuple], packed: bool = False) -> _Store:
@@ -384,12 +386,21 @@ class _Store:
             return self.buffers, list(map(_HOST, records))
         targets, hosts = [], []
         for first, count, host in placement.host_runs(records):
-            if count == 1:
-                targets.append(self.buffers[first])
-            else:
-                targets.append(self.whole[self.offsets[first] : self.offsets[first] + host.nbytes])
+            targets.append(self._target(first, count))
             hosts.append(host)
         return targets, hosts
+
+    def _target(self, first: int, count: int) -> torch.Tensor:
+        """The device tensor that one copy of the run of ``count`` buffers from ``first`` fills: the
+        buffer itself for one, else the bytes of ``whole`` they span (made once: refills run per call)."""
+        if count == 1:
+            return self.buffers[first]
+        target = self.spans.get((first, count))
+        if target is None:
+            last = first + count - 1
+            target = self.whole[self.offsets[first] : self.offsets[last] + self.buffers[last].nbytes]
+            self.spans[(first, count)] = target
+        return target
 
 
 def _serves_another(store: _Store, thread: threading.Thread) -> bool:
