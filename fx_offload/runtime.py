@@ -320,6 +320,9 @@ def wait(fetched: list[torch.Tensor]) -> None:
 def release(fetched: list[torch.Tensor]) -> torch.Tensor:
     """End the life of ``fetched``; return a token that later fetches order themselves after."""
     if _registry.poison_released:
+        found = _serving(fetched)
+        if found is not None:  # a head's: poisoned, they hold nothing its next refill could skip
+            found.filled()
         for buffer in fetched:
             buffer.fill_(float("nan") if buffer.is_floating_point() else torch.iinfo(buffer.dtype).max)
     device = fetched[0].device if fetched else torch.device("cpu")
@@ -747,6 +750,8 @@ def _refill_after(found: _Head) -> None:
     if not records:  # the block that followed is gone: refill with the current one
         following, records = found.current, found.records
     versions = _versions(records)
+    if found.holds == (following, versions, placement.generation()):
+        return  # they hold these values already: the same weights again, unchanged (a graph's own)
     copied = found.in_graph if following == found.current else 0  # by the graph, in the call
     if copied and versions != found.in_graph_versions:
         copied = 0  # written in place after the graph's own refill (offload_eager stores late)
