@@ -357,6 +357,9 @@ class _Store:
     offsets: list[int] = field(default_factory=list)
     # a run's (first buffer, how many) -> the bytes of ``whole`` it spans (``_target``)
     spans: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    # data_ptrs of weights -> (placement generation, their parameters and the host tensors each
+    # copy reads, weakly, the device tensors it fills): ``copies`` as made for them (``copies_of``)
+    made: dict[tuple[int, ...], tuple] = field(default_factory=dict)
 
     @classmethod
     def empty(cls, specs: list[tuple], packed: bool = False) -> _Store:
@@ -382,16 +385,36 @@ class _Store:
             for target in [self.whole] if self.whole is not None else self.buffers:
                 target.record_stream(copy)
 
-    def copies(self, records: list[placement.HostParameter]) -> tuple[list, list]:
+    def copies(self, records: list[placement.HostParameter], pointers: tuple = ()) -> tuple[list, list]:
         """The device and host tensors of one copy of ``records``' host values into the buffers:
-        packed, one per run of their host copies, else one per buffer."""
+        packed, one per run of their host copies, else one per buffer. Kept for ``copies_of`` under
+        ``pointers``, the weights' data_ptrs, where given."""
         if self.whole is None:
-            return self.buffers, list(map(_HOST, records))
-        targets, hosts = [], []
-        for first, count, host in placement.host_runs(records):
-            targets.append(self._target(first, count))
-            hosts.append(host)
+            targets, hosts = self.buffers, list(map(_HOST, records))
+        else:
+            targets, hosts = [], []
+            for first, count, host in placement.host_runs(records):
+                targets.append(self._target(first, count))
+                hosts.append(host)
+        if pointers:
+            if len(self.made) > _CACHED:
+                self.made.clear()
+            params = tuple(map(_PARAM, records))
+            self.made[pointers] = (placement.generation(), params, targets, tuple(map(weakref.ref, hosts)))
         return targets, hosts
+
+    def copies_of(self, pointers: tuple[int, ...]) -> tuple | None:
+        """``(versions, device tensors, host tensors)`` of the weights at ``pointers``, as ``copies``
+        made them for them in this placement generation, without a record in sight (a refill after
+        every call of a stack's piece); None where it made none or a parameter is gone."""
+        found = self.made.get(pointers)
+        if found is None or found[0] != placement.generation():
+            return None
+        try:
+            versions = tuple(map(_VERSION, map(_DEREF, found[1])))
+        except AttributeError:  # a parameter is gone
+            return None
+        return versions, found[2], list(map(_DEREF, found[3]))
 
     def _target(self, first: int, count: int) -> torch.Tensor:
         """The device tensor that one copy of the run of ``count`` buffers from ``first`` fills: the
@@ -715,7 +738,7 @@ class GraphRuntime:
             if not records:
                 continue
             found.filled(pointers, _versions(records), prefetched=True)
-            _copy_head(found, records, 0)
+            _copy_head(found, records, 0, pointers)
             counters["fx_offload"]["cross_graph_prefetches"] += 1
 
 
@@ -746,6 +769,14 @@ def _refill_after(found: _Head) -> None:
         if versions == found.in_graph_versions:  # the graph copied it all, nothing written since
             found.filled(following, versions)
             return
+    made = found.store.copies_of(following) if not found.in_graph else None
+    if made is not None:  # the whole head, as copied before: no records, runs or views to find
+        versions, buffers, hosts = made
+        if found.holds != (following, versions, placement.generation()):
+            found.filled(following, versions)
+            found.runtime.copied_bytes += found.nbytes
+            _issue(found, buffers, hosts)
+        return
     records = found._records(following)
     if not records:  # the block that followed is gone: refill with the current one
         following, records = found.current, found.records
@@ -756,26 +787,35 @@ def _refill_after(found: _Head) -> None:
     if copied and versions != found.in_graph_versions:
         copied = 0  # written in place after the graph's own refill (offload_eager stores late)
     found.filled(following, versions)
-    _copy_head(found, records, copied)
+    _copy_head(found, records, copied, following)
 
 
-def _copy_head(found: _Head, records: list[placement.HostParameter], copied: int) -> None:
-    """Copy ``records``' host values but their first ``copied`` bytes into ``found``'s buffers: on
-    a GPU on the copy stream, after all the compute stream queued, ending with ``refilled``."""
+def _copy_head(
+    found: _Head, records: list[placement.HostParameter], copied: int, pointers: tuple[int, ...]
+) -> None:
+    """Copy ``records``' host values (of the weights at ``pointers``) but their first ``copied``
+    bytes into ``found``'s buffers: on a GPU on the copy stream, after all the compute stream
+    queued, ending with ``refilled``."""
     device = found.runtime
     if copied:
         _, pairs = _split(found.buffers, list(map(_HOST, records)), copied)
         buffers, hosts = [buffer for buffer, _ in pairs], [host for _, host in pairs]
         device.count(records, sum(buffer.nbytes for buffer in buffers))
     else:  # the whole head: no cut, and its records were marked fetched when it was first filled
-        buffers, hosts = found.store.copies(records)
+        buffers, hosts = found.store.copies(records, pointers)
         device.copied_bytes += found.nbytes
         if not records[0].fetched:
             device.count(records, 0)
+    _issue(found, buffers, hosts)
+
+
+def _issue(found: _Head, buffers: list[torch.Tensor], hosts: list[torch.Tensor]) -> None:
+    """Copy ``hosts`` into ``buffers``, ``found``'s: on a GPU on the copy stream after all the
+    compute stream queued, ending with ``refilled``; elsewhere now."""
     if found.refilled is None:
         copy_all(buffers, hosts)
         return
-    device.copy(buffers, hosts, found.refilled)
+    found.runtime.copy(buffers, hosts, found.refilled)
 
 
 def _fill(found: _Head, weights: list[torch.Tensor], pointers: tuple[int, ...]) -> None:

@@ -342,6 +342,36 @@ def test_a_reused_graph_refills_its_head_with_the_block_that_comes_next(backend,
     assert copied[2:] == [plan.offloaded_bytes] * 2, (copied, plan.offloaded_bytes)
 
 
+def test_a_store_copies_a_blocks_weights_as_it_did_before_until_they_are_placed_again(offloaded):
+    """The refill after each call of a graph reused for every block copies as it did the last time
+    it loaded that block, without looking up records, runs or views again; the weights' versions
+    are read fresh each time (a write in place is copied), and a parameter placed or given back
+    anywhere (``placement.generation``) makes the store find them again."""
+    model = seeded(BreakingStack, n=4)
+    offloaded(model, ["layers.*"])
+    compiled = _compiled(model, "offload_eager", heads_as_inputs=True)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        for _ in range(3):
+            compiled(x)
+        reused = [found for found in runtime.live_heads() if found.successor]
+        assert reused
+        store = reused[0].store
+        assert len(store.made) == 4, store.made  # one per block
+        pointers = next(iter(store.made))
+        versions, buffers, hosts = store.copies_of(pointers)
+        assert [b.nbytes for b in buffers] == [h.nbytes for h in hosts]
+        assert sum(b.nbytes for b in buffers) <= store.nbytes
+        weight = placement.at(pointers[0]).param()
+        weight.mul_(2)
+        assert store.copies_of(pointers)[0] != versions
+        for _ in range(2):
+            out = compiled(x)
+        torch.testing.assert_close(out, _restored_output(model, x), rtol=1e-5, atol=1e-6)
+    fx_offload.restore(model)
+    assert store.copies_of(pointers) is None
+
+
 @pytest.mark.parametrize("backend", ["offload_eager", "offload_inductor"])
 @pytest.mark.parametrize("cls", [Stack, BreakingStack])
 def test_graphs_compiled_for_two_shapes_share_the_head_buffers_of_their_weights(backend, cls, offloaded):
