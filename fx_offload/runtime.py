@@ -138,7 +138,7 @@ class DeviceRuntime:
     def join(self, event: torch.cuda.Event, stream: torch.cuda.Stream) -> None:
         """Make ``stream`` wait for ``event``'s last record; the event is then free to record
         again, unless a CUDA graph is being captured (the capture keeps what it recorded)."""
-        stream.wait_event(event)
+        _WAIT(event, stream)
         if not torch._C._cuda_isCurrentStreamCapturing() and len(self._events) < _FREE_EVENTS:
             self._events.append(event)
 
@@ -153,7 +153,7 @@ class DeviceRuntime:
         compute = self.compute_stream()
         copy = self.copy_stream()
         ready = self.event()
-        ready.record(compute)
+        _RECORD(ready, compute)
         self.join(ready, copy)
         done = done if done is not None else self.event()
         if torch._C._cuda_getDevice() != self.device.index:
@@ -177,7 +177,7 @@ class DeviceRuntime:
 def _copy_then_record(buffers, hosts, done: torch.cuda.Event, stream: torch.cuda.Stream) -> None:
     """On the current stream (``stream``): the copies, then ``done``."""
     copy_all(buffers, hosts)
-    done.record(stream)
+    _RECORD(done, stream)
 
 
 def copy_all(buffers, hosts) -> None:
@@ -694,7 +694,7 @@ class GraphRuntime:
         positions, values = [], []
         for found in heads:
             if found.refilled is not None:
-                found.runtime.compute_stream().wait_event(found.refilled)
+                _WAIT(found.refilled, found.runtime.compute_stream())
             found.deferred = True
             positions += found.positions
             values += found.buffers
@@ -851,6 +851,11 @@ def _forget_dead(found: _Head) -> None:
             del found.successor[pointers]
 
 
+# an event's record and wait on a given stream, as torch's own C methods: torch.cuda.Event's and
+# Stream.wait_event's Python wrappers add frames to calls made several times per graph call
+# (a CPU build of torch has no such methods, nor any CUDA event to call them on)
+_RECORD = getattr(torch.cuda.Event.__mro__[1], "record", torch.cuda.Event.record)
+_WAIT = getattr(torch.cuda.Event.__mro__[1], "wait", torch.cuda.Event.wait)
 _PTR = torch.Tensor.data_ptr
 _VERSION = operator.attrgetter("_version")
 _DEREF = weakref.ref.__call__  # a weak reference's referent, for map()
