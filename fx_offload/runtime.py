@@ -181,11 +181,16 @@ def _copy_then_record(buffers, hosts, done: torch.cuda.Event, stream: torch.cuda
 
 
 def copy_all(buffers, hosts) -> None:
-    """Copy each of ``hosts`` into its buffer, on the current stream, in one call (not one per
-    tensor: this runs on every graph call with heads)."""
+    """Copy each of ``hosts`` into its buffer, on the current stream: one ``copy_`` per tensor for
+    one or two (a packed head's runs), else one ``_foreach_copy_`` (this runs on every graph call
+    with heads; on the H200, torch 2.11, a host-to-device ``copy_`` took 3.7 us to issue,
+    ``_foreach_copy_`` 5.2 us for one tensor and 7.9 for two)."""
     buffers = list(buffers)
-    if buffers:
+    if len(buffers) > 2:
         torch._foreach_copy_(buffers, list(hosts), non_blocking=True)
+        return
+    for buffer, host in zip(buffers, hosts):
+        buffer.copy_(host, non_blocking=True)
 
 
 def _make_current(stream: torch.cuda.Stream) -> None:
@@ -344,7 +349,8 @@ class _Store:
     # dropped model's weights for those of a model offloaded since at the same addresses
     holds: tuple = ()
     prefetched: bool = False  # they were copied by another graph's call (``prefetch``)
-    # on a GPU, an external event: when the last copy into them issued after a call is done
+    # on a GPU, an external event: when the last copy into them issued after a call is done (None
+    # for a small passed store, which the wrapper refills on the compute stream: ``inline``)
     refilled: torch.cuda.Event | None = None
     owner: weakref.ref | None = None  # to the thread its heads serve (None: none yet)
     key: tuple = ()  # its key in the device's ``stores`` (none: a thread's or a remade head's own)
@@ -360,13 +366,15 @@ class _Store:
     # data_ptrs of weights -> (placement generation, their parameters and the host tensors each
     # copy reads, weakly, the device tensors it fills): ``copies`` as made for them (``copies_of``)
     made: dict[tuple[int, ...], tuple] = field(default_factory=dict)
+    passed: bool = False  # the wrapper passes the buffers as a graph's inputs (no CUDA graph reads them)
 
     @classmethod
-    def empty(cls, specs: list[tuple], packed: bool = False) -> _Store:
-        """A store of new buffers, one per (shape, dtype, device) of ``specs``, ``packed`` in one
-        device tensor or each its own."""
-        if not packed or len(specs) < 2:
-            return cls([torch.empty(shape, dtype=dtype, device=device) for shape, dtype, device in specs])
+    def empty(cls, specs: list[tuple], passed: bool = False) -> _Store:
+        """A store of new buffers, one per (shape, dtype, device) of ``specs``: ``passed`` ones packed
+        in one device tensor, others each its own (an op's outputs must not alias)."""
+        if not passed or len(specs) < 2:
+            buffers = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype, device in specs]
+            return cls(buffers, passed=passed)
         sizes = [math.prod(shape) * dtype.itemsize for shape, dtype, _ in specs]
         offsets, nbytes = placement.packed_offsets(sizes)
         whole = torch.empty(nbytes, dtype=torch.uint8, device=specs[0][2])
@@ -374,11 +382,18 @@ class _Store:
             whole[offset : offset + size].view(dtype).view(shape)
             for (shape, dtype, _), offset, size in zip(specs, offsets, sizes)
         ]
-        return cls(buffers, whole=whole, offsets=offsets)
+        return cls(buffers, whole=whole, offsets=offsets, passed=passed)
+
+    @property
+    def inline(self) -> bool:
+        """Whether the wrapper refills the buffers on the compute stream, in line with the calls,
+        not on the copy stream: passed ones of at most ``INLINE_BYTES`` (a norm's weights), whose
+        copy takes less time than the events and stream switches that would order it."""
+        return self.passed and self.nbytes <= INLINE_BYTES
 
     def __post_init__(self) -> None:
         self.nbytes = sum(buffer.nbytes for buffer in self.buffers)
-        if self.buffers and self.buffers[0].device.type == "cuda":
+        if self.buffers and self.buffers[0].device.type == "cuda" and not self.inline:
             self.refilled = torch.cuda.Event(external=True)
             copy = device_runtime(self.buffers[0].device).copy_stream()
             # the copy stream writes them: freed, wait for it before reuse
@@ -503,7 +518,7 @@ class _Head:
     def _like(self) -> _Head:
         """A head like this one with buffers of its own, for another thread."""
         specs = [(b.shape, b.dtype, b.device) for b in self.buffers]
-        store = _Store.empty(specs, packed=self.store.whole is not None)
+        store = _Store.empty(specs, passed=self.store.passed)
         return _Head(store, list(self.positions), self.region, self.token)
 
 
@@ -570,7 +585,7 @@ class GraphRuntime:
         specs = [(w.shape, w.dtype, w.device) for w in weights]
         return self._shared((weights_key, count, passed), specs, self._first, passed)
 
-    def _shared(self, key: tuple, specs: list[tuple], first: list[_Head], packed: bool = False) -> _Store:
+    def _shared(self, key: tuple, specs: list[tuple], first: list[_Head], passed: bool = False) -> _Store:
         """The device's store under ``key`` unless one of ``first`` (this graph's heads) has it;
         else a new one of ``specs``, under ``key`` where that is free. (What a store holds names
         the placement generation: sharing one kept since a restore serves no stale values.)"""
@@ -578,7 +593,7 @@ class GraphRuntime:
         found = stores.get(key) if key else None
         if found is not None and not any(h.store is found for h in first):
             return found
-        made = _Store.empty(specs, packed)
+        made = _Store.empty(specs, passed)
         if key and found is None:
             stores[key] = made
             made.key = key
@@ -619,7 +634,7 @@ class GraphRuntime:
                 if self._dropped:
                     first: list[_Head] = []
                     for specs, positions, region, key in self._remade:
-                        store = self._shared(key, specs, first, packed=True)  # passed: packed
+                        store = self._shared(key, specs, first, passed=True)
                         first.append(_Head(store, positions, region, self.token))
                     self._first, self._dropped = first, False
         if self._dropped or not self._first:
@@ -863,6 +878,10 @@ _PARAM = operator.attrgetter("param")
 _HOST = operator.attrgetter("host")
 _CACHED = 1 << 12  # sets of weights whose host tensors or views are kept (then all are dropped)
 _FREE_EVENTS = 64  # events kept free for reuse per device
+# a passed head's store of at most this many bytes is refilled on the compute stream (``_Store.inline``):
+# a copy of 64 KiB takes about 1 us at 55 GB/s, less than the Python and CUDA calls (events, stream
+# switches, about 30 us per call measured on the towers' pieces) that would let it overlap a call
+INLINE_BYTES = 64 << 10
 # the counters (``counters["fx_offload"]``) of calls with heads, by where their copy was issued
 _COUNTED = {origin: "head_copy_" + origin.value.replace(" ", "_") for origin in Origin}
 

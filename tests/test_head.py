@@ -879,13 +879,25 @@ def test_a_heads_weights_that_lie_in_one_slab_are_copied_as_one_run(
     assert ([torch.uint8] in copied) == runs  # a head's run of a weight and its bias, in one copy
 
 
+def test_only_small_passed_stores_are_refilled_in_line():
+    """A store the wrapper passes as a graph's inputs, of at most ``INLINE_BYTES``, is refilled on
+    the compute stream (``inline``: no event orders it); a larger one, or one a graph's ops read
+    (a CUDA graph waits for its event), keeps the copy stream."""
+    cpu = torch.device("cpu")
+    small = [((128,), torch.float32, cpu), ((128,), torch.float32, cpu)]  # 1 KiB
+    large = [((runtime.INLINE_BYTES // 4 + 1,), torch.float32, cpu)]
+    assert runtime._Store.empty(small, passed=True).inline
+    assert not runtime._Store.empty(small, passed=False).inline
+    assert not runtime._Store.empty(large, passed=True).inline
+
+
 def test_a_packed_store_copies_each_run_of_any_block_even_one_that_straddles_two_slabs():
     """A packed store's buffers lie as a slab holds host copies, so every block's runs copy as
     they lie: block 0 in one slab (one copy), block 1 split between two slabs (two copies: the
     straddle does not change where its weights go), block 2 not in a slab (a copy per weight)."""
     specs = [((64,), torch.float32, torch.device("cpu")), ((8,), torch.float32, torch.device("cpu"))]
     specs.append(((4, 16), torch.bfloat16, torch.device("cpu")))
-    store = runtime._Store.empty(specs, packed=True)
+    store = runtime._Store.empty(specs, passed=True)
     assert {b.untyped_storage().data_ptr() for b in store.buffers} == {store.whole.data_ptr()}
     one, two, three = (torch.zeros(4096, dtype=torch.uint8) for _ in range(3))
 

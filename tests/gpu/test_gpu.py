@@ -302,6 +302,7 @@ def test_the_next_call_waits_for_the_refill_of_its_head(mode, passed, head):
         compute = torch.cuda.current_stream()
         for buffer in found.buffers:  # after this call's kernels, which read them
             buffer.fill_(float("nan"))
+        found.filled()  # (they hold nothing now: refilled even for the same weights)
         copy = runtime.device_runtime(found.buffers[0].device).copy_stream()
         copy.wait_stream(compute)
         with torch.cuda.stream(copy):
@@ -345,6 +346,7 @@ def test_the_pieces_of_a_graph_broken_stack_are_all_heads_and_read_the_right_blo
         compute = torch.cuda.current_stream()
         for buffer in found.buffers:
             buffer.fill_(float("nan"))
+        found.filled()  # (they hold nothing now: refilled even for the same weights)
         copy = runtime.device_runtime(found.buffers[0].device).copy_stream()
         copy.wait_stream(compute)
         with torch.cuda.stream(copy):
@@ -375,6 +377,38 @@ def test_the_pieces_of_a_graph_broken_stack_are_all_heads_and_read_the_right_blo
         backend.listeners.pop()
         if fx_offload.plan_of(model) is not None:
             fx_offload.restore(model)
+
+
+def test_small_passed_heads_are_refilled_in_line_on_the_compute_stream():
+    """A passed head of at most ``INLINE_BYTES`` (each 33 KB half of these blocks, as a norm's
+    weights would be) has no copy stream event: the wrapper refills it on the compute stream after
+    the call, in order with the calls that read it. Every call reads its block's current values,
+    written in place between forwards, with no sync; a larger head keeps the copy stream."""
+    for dim, inline in ((64, True), (256, False)):
+        model = _on_gpu(seeded(HalvesStack, n=4, dim=dim), torch.float32)
+        plain = _on_gpu(seeded(HalvesStack, n=4, dim=dim), torch.float32)
+        x = torch.randn(32, dim, device="cuda")
+        fx_offload.offload(model, ["layers.*.a", "layers.*.b", "layers.*.c", "layers.*.d"])
+        try:
+            compiled = torch.compile(model, backend="offload_inductor")
+            outs, refs = [], []
+            with torch.no_grad():
+                for step in range(5):
+                    if step % 2:
+                        for m in (model, plain):
+                            for layer in m.layers:
+                                layer.c.weight.mul_(0.9)
+                    outs.append(compiled(x))
+                    refs.append(plain(x))
+            for out, ref in zip(outs, refs):
+                torch.testing.assert_close(out, ref, **TOLERANCE[torch.float32])
+            ours = {p.data_ptr() for p in model.parameters()}
+            stores = [h.store for h in runtime.live_heads() if h.holds and set(h.holds[0]) <= ours]
+            assert stores and all(store.inline == inline for store in stores), dim
+            assert all((store.refilled is None) == inline for store in stores), dim
+        finally:
+            fx_offload.restore(model)
+            torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("model_cls", [Stack, BreakingStack])
