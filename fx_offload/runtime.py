@@ -326,8 +326,8 @@ def release(fetched: list[torch.Tensor]) -> torch.Tensor:
     """End the life of ``fetched``; return a token that later fetches order themselves after."""
     if _registry.poison_released:
         found = _serving(fetched)
-        if found is not None:  # a head's: poisoned, they hold nothing its next refill could skip
-            found.filled()
+        if found is not None:  # a head's: poisoned at every call (a CUDA graph replays the fill)
+            found.store.poisoned = True
         for buffer in fetched:
             buffer.fill_(float("nan") if buffer.is_floating_point() else torch.iinfo(buffer.dtype).max)
     device = fetched[0].device if fetched else torch.device("cpu")
@@ -367,6 +367,9 @@ class _Store:
     # copy reads, weakly, the device tensors it fills): ``copies`` as made for them (``copies_of``)
     made: dict[tuple[int, ...], tuple] = field(default_factory=dict)
     passed: bool = False  # the wrapper passes the buffers as a graph's inputs (no CUDA graph reads them)
+    # a graph's release poisons them (``poison_released_buffers``): refilled after every call, even
+    # with the values they held before it
+    poisoned: bool = False
 
     @classmethod
     def empty(cls, specs: list[tuple], passed: bool = False) -> _Store:
@@ -787,7 +790,7 @@ def _refill_after(found: _Head) -> None:
     made = found.store.copies_of(following) if not found.in_graph else None
     if made is not None:  # the whole head, as copied before: no records, runs or views to find
         versions, buffers, hosts = made
-        if found.holds != (following, versions, placement.generation()):
+        if found.store.poisoned or found.holds != (following, versions, placement.generation()):
             found.filled(following, versions)
             found.runtime.copied_bytes += found.nbytes
             _issue(found, buffers, hosts)
@@ -796,7 +799,7 @@ def _refill_after(found: _Head) -> None:
     if not records:  # the block that followed is gone: refill with the current one
         following, records = found.current, found.records
     versions = _versions(records)
-    if found.holds == (following, versions, placement.generation()):
+    if found.holds == (following, versions, placement.generation()) and not found.store.poisoned:
         return  # they hold these values already: the same weights again, unchanged (a graph's own)
     copied = found.in_graph if following == found.current else 0  # by the graph, in the call
     if copied and versions != found.in_graph_versions:
