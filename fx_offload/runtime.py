@@ -40,7 +40,9 @@ the next replay instead of stalling the start of the next call. Under fx_offload
 ``refill`` only notes that the wrapper will copy; the wrapper issues the copies when the call
 returns, on the copy stream after everything the call queued on its stream, and the next call's
 graph waits for them (an external event) before it reads the head. So a call ends when its
-outputs are ready, not when the next call's head has landed. But the refill's first ``in_graph``
+outputs are ready, not when the next call's head has landed. Nothing is copied where the head
+already holds the next call's weights, unchanged (a graph called again with the same weights);
+a small head passed as an input (``INLINE_BYTES``) is refilled on the compute stream, in line. But the refill's first ``in_graph``
 bytes (the option ``refill_in_graph``; by default as many as the compute after the last fetch
 hides, ``estimate``) are copied by the graph itself, after its last fetch, during its last
 compute; the graph's closing ``wait`` joins them (left after the call, they would delay the next
