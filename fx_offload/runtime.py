@@ -792,8 +792,9 @@ def _refill_after(found: _Head) -> None:
     made = found.store.copies_of(following) if not found.in_graph else None
     if made is not None:  # the whole head, as copied before: no records, runs or views to find
         versions, buffers, hosts = made
-        if found.store.poisoned or found.holds != (following, versions, placement.generation()):
-            found.filled(following, versions)
+        held = found.holds == (following, versions, placement.generation()) and not found.store.poisoned
+        found.filled(following, versions)  # (held: since the call before, as a refill would leave it)
+        if not held:
             found.runtime.copied_bytes += found.nbytes
             _issue(found, buffers, hosts)
         return
@@ -802,6 +803,7 @@ def _refill_after(found: _Head) -> None:
         following, records = found.current, found.records
     versions = _versions(records)
     if found.holds == (following, versions, placement.generation()) and not found.store.poisoned:
+        found.filled(following, versions)  # (held since the call before, as a refill would leave it)
         return  # they hold these values already: the same weights again, unchanged (a graph's own)
     copied = found.in_graph if following == found.current else 0  # by the graph, in the call
     if copied and versions != found.in_graph_versions:
