@@ -4,6 +4,7 @@
     python benchmarks/bench_graph_breaks.py --size full           # 3B/7B sizes: a GPU
     python benchmarks/bench_graph_breaks.py --profile             # also cProfile fx_offload per call
     python benchmarks/bench_graph_breaks.py --version-costs       # only: ways to see in-place writes
+    python benchmarks/bench_graph_breaks.py --parts               # only: where each row's host time goes
 
 Models (random weights, built from configs, no download):
 
@@ -50,8 +51,15 @@ On a CPU the script sets one thread (``torch.set_num_threads(1)``): the ratio to
 the per-call overhead ratio without thread noise. ``--profile`` runs each offloaded row under
 cProfile for ``--profile-calls`` forwards and prints, per forward, the time spent in each
 fx_offload function and in the torch frames that fx_offload calls, in microseconds (profiling
-inflates Python-heavy frames; compare rows, not absolute times). The JSON (``--json``) holds the
-device, torch version, date, commit, command line and every sample.
+inflates Python-heavy frames; compare rows, not absolute times). ``--parts`` (instead of the
+table) compiles the rows with a timer around each part of a graph call and prints, per forward,
+the host time spent in the compiled graphs' calls, in the wrapper before them (the heads' check
+and the call sequence, ``GraphRuntime.enter``; swapped components put in place), passing the
+head buffers (``passed``) and after them (the refills and prefetches, ``leave``), and between the
+graphs (the model's eager code, Dynamo's frames and guards, the wrappers' own frames): medians of
+``--rounds`` x ``--calls`` forwards, each timed to a device sync. Each timer adds a Python frame
+and two clock reads per call. The JSON (``--json``) holds the device, torch version, date,
+commit, command line and every sample.
 """
 
 from __future__ import annotations
@@ -186,8 +194,90 @@ def _tensors(out) -> tuple:
     return tuple(t for item in out for t in _tensors(item)) if isinstance(out, (tuple, list)) else ()
 
 
-def set_up(work: Workload, name: str, device: torch.device, mode: str | None, free_copies: bool) -> Row:
-    """Offload a copy of the model for row ``name``, compile it, run it once."""
+class Parts:
+    """Host time per forward in each part of the compiled-graph calls, by timers wrapped around
+    them (``--parts``): ``install`` wraps the wrapper's parts and every graph the offload backend
+    compiles, ``inductor`` is the resident rows' backend with the same timer."""
+
+    PARTS = ("graph calls", "before calls", "passing heads", "after calls")
+
+    def __init__(self) -> None:
+        self.spent = dict.fromkeys(self.PARTS, 0.0)
+
+    def timed(self, part: str, fn: Callable) -> Callable:
+        spent, clock = self.spent, time.perf_counter
+
+        def call(*args):
+            start = clock()
+            try:
+                return fn(*args)
+            finally:
+                spent[part] += clock() - start
+
+        if getattr(fn, "_boxed_call", False):
+            call._boxed_call = True
+        return call
+
+    def install(self) -> None:
+        """Before any compile (the wrapper binds ``enter`` and ``leave`` when it is made)."""
+        from fx_offload import backend, runtime
+
+        graph = runtime.GraphRuntime
+        methods = {"before calls": "enter", "passing heads": "passed", "after calls": "leave"}
+        for part, method in methods.items():
+            setattr(graph, method, self.timed(part, getattr(graph, method)))
+        swapped = backend._SwappedInputs  # (its components put on the device, before the call)
+        swapped.ensure = self.timed("before calls", swapped.ensure)
+        around = backend._around_calls
+        backend._around_calls = lambda compiled, setup: around(self.timed("graph calls", compiled), setup)
+
+    def inductor(self, mode: str | None) -> Callable:
+        from torch._inductor import list_mode_options
+        from torch._inductor.compile_fx import compile_fx
+
+        patches = dict(list_mode_options(mode)) if mode else {}
+        return lambda gm, inputs: self.timed("graph calls", compile_fx(gm, inputs, config_patches=patches))
+
+    def measure(self, rows: list[Row], device: torch.device, rounds: int, calls: int) -> list[dict]:
+        """Each row's forwards, the parts' times of each; rows interleaved per round."""
+        samples: dict[str, list[dict]] = {row.name: [] for row in rows}
+        for r in range(rounds):
+            for row in rows[r % len(rows) :] + rows[: r % len(rows)]:
+                for _ in range(calls):
+                    _sync(device)
+                    self.spent.update(dict.fromkeys(self.PARTS, 0.0))
+                    start = time.perf_counter()
+                    row.call()
+                    _sync(device)
+                    forward = time.perf_counter() - start
+                    parts = {part: spent * 1e3 for part, spent in self.spent.items()}
+                    samples[row.name].append({"forward": forward * 1e3, **parts})
+        results = []
+        head = ("row", "forward", "graph calls", "before", "passing", "after", "between")
+        print("\n{:22} {:>8} {:>11} {:>8} {:>8} {:>8} {:>8}".format(*head))
+        for row in rows:
+            found = samples[row.name]
+            median = {key: statistics.median(s[key] for s in found) for key in found[0]}
+            between = statistics.median(s["forward"] - sum(s[p] for p in self.PARTS) for s in found)
+            results.append({"row": row.name, "ms": median, "between_ms": between, "samples_ms": found})
+            print(
+                f"{row.name:22} {median['forward']:8.2f} {median['graph calls']:11.2f} "
+                f"{median['before calls']:8.2f} {median['passing heads']:8.2f} {median['after calls']:8.2f} "
+                f"{between:8.2f}"
+            )
+        return results
+
+
+def set_up(
+    work: Workload,
+    name: str,
+    device: torch.device,
+    mode: str | None,
+    free_copies: bool,
+    parts: Parts | None = None,
+) -> Row:
+    """Offload a copy of the model for row ``name``, compile it (with ``parts``' timers, if given),
+    run it once."""
     patterns, kwargs = work.rows[name]
     before = _allocated(device)
     model = copy.deepcopy(work.model)
@@ -203,6 +293,8 @@ def set_up(work: Workload, name: str, device: torch.device, mode: str | None, fr
     # and they do not tell one model's offloaded parameters from another's (both are
     # OffloadedParameters), so rows sharing the backend would run each other's graphs
     backend = functools.partial(offload_inductor, mode=mode) if plan else "inductor"
+    if parts is not None and plan is None:
+        backend, mode = parts.inductor(mode), None
     compiled = torch.compile(model, backend=backend, mode=None if plan else mode)
     inputs = _to(work.inputs, device)
 
@@ -411,6 +503,9 @@ def main() -> None:
     parser.add_argument(
         "--no-twins", action="store_true", help="on a GPU, skip the 'copies free' twin of each row"
     )
+    parser.add_argument(
+        "--parts", action="store_true", help="only time each part of the graph calls (see above)"
+    )
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -425,6 +520,9 @@ def main() -> None:
         },
         "workloads": [],
     }
+    parts = Parts() if args.parts else None
+    if parts is not None:
+        parts.install()
     if args.version_costs:
         report["version_costs"] = version_costs()
     else:
@@ -442,9 +540,20 @@ def main() -> None:
                 raise SystemExit("--rows: include 'resident', every row's reference")
             rows = []
             for name in chosen:
-                rows.append(set_up(work, name, device, args.mode, free_copies=False))
-                if device.type == "cuda" and work.rows[name][0] is not None and not args.no_twins:
+                rows.append(set_up(work, name, device, args.mode, free_copies=False, parts=parts))
+                twins = device.type == "cuda" and not args.no_twins and parts is None
+                if twins and work.rows[name][0] is not None:
                     rows.append(set_up(work, name, device, args.mode, free_copies=True))
+            if parts is not None:
+                print(f"\n{work.name} on {report['environment']['device']}: host ms per forward, medians")
+                entry = {"name": work.name, "parts": parts.measure(rows, device, args.rounds, args.calls)}
+                report["workloads"].append(entry)
+                for row in rows:
+                    if row.plan is not None:
+                        fx_offload.restore(row.model)
+                del rows
+                torch._dynamo.reset()
+                continue
             measure(rows, device, args.rounds, args.calls)
             device_name = report["environment"]["device"]
             entry = {"name": work.name, "towers_bytes": work.towers, "rows": table(work, rows, device_name)}
