@@ -41,17 +41,18 @@ the next replay instead of stalling the start of the next call. Under fx_offload
 returns, on the copy stream after everything the call queued on its stream, and the next call's
 graph waits for them (an external event) before it reads the head. So a call ends when its
 outputs are ready, not when the next call's head has landed. Nothing is copied where the head
-already holds the next call's weights, unchanged (a graph called again with the same weights);
-a small head passed as an input (``INLINE_BYTES``) is refilled on the compute stream, in line. But the refill's first ``in_graph``
-bytes (the option ``refill_in_graph``; by default as many as the compute after the last fetch
-hides, ``estimate``) are copied by the graph itself, after its last fetch, during its last
-compute; the graph's closing ``wait`` joins them (left after the call, they would delay the next
-call's start where calls come back to back). A graph once called with other weights (Dynamo
-reuses it for several blocks) copies none in the call: its next call passes other weights, which
-the wrapper copies after the call. Without the wrapper (vLLM) ``refill`` copies everything inside
-the graph and a ``wait`` at its end joins it. ``enter`` also fills the head again before a call
-whenever the call passes other weights or a weight's version counter moved since the last
-refill. A write through ``.data`` bypasses that counter: see the README's guarantees.
+already holds the next call's weights, unchanged (a graph called again with the same weights); a
+small head passed as an input (``INLINE_BYTES``) is refilled on the compute stream, in line. But
+the refill's first ``in_graph`` bytes (the option ``refill_in_graph``; by default as many as the
+compute after the last fetch hides, ``estimate``) are copied by the graph itself, after its last
+fetch, during its last compute; the graph's closing ``wait`` joins them (left after the call,
+they would delay the next call's start where calls come back to back). A graph once called with
+other weights (Dynamo reuses it for several blocks) copies none in the call: its next call
+passes other weights, which the wrapper copies after the call. Without the wrapper (vLLM)
+``refill`` copies everything inside the graph and a ``wait`` at its end joins it. ``enter`` also
+fills the head again before a call whenever the call passes other weights or a weight's version
+counter moved since the last refill. A write through ``.data`` bypasses that counter: see the
+README's guarantees.
 
 The backend makes the head buffers when it compiles: made at the first run, they would land in
 a CUDA graph tree's pool, which refuses them. A graph Dynamo reuses for several blocks keeps one
