@@ -544,20 +544,15 @@ def main() -> None:
                 twins = device.type == "cuda" and not args.no_twins and parts is None
                 if twins and work.rows[name][0] is not None:
                     rows.append(set_up(work, name, device, args.mode, free_copies=True))
-            if parts is not None:
-                print(f"\n{work.name} on {report['environment']['device']}: host ms per forward, medians")
-                entry = {"name": work.name, "parts": parts.measure(rows, device, args.rounds, args.calls)}
-                report["workloads"].append(entry)
-                for row in rows:
-                    if row.plan is not None:
-                        fx_offload.restore(row.model)
-                del rows
-                torch._dynamo.reset()
-                continue
-            measure(rows, device, args.rounds, args.calls)
             device_name = report["environment"]["device"]
-            entry = {"name": work.name, "towers_bytes": work.towers, "rows": table(work, rows, device_name)}
-            if args.profile:
+            if parts is not None:
+                print(f"\n{work.name} on {device_name}: host ms per forward, medians")
+                entry = {"name": work.name, "parts": parts.measure(rows, device, args.rounds, args.calls)}
+            else:
+                measure(rows, device, args.rounds, args.calls)
+                found_rows = table(work, rows, device_name)
+                entry = {"name": work.name, "towers_bytes": work.towers, "rows": found_rows}
+            if args.profile and parts is None:
                 entry["profiles"] = []
                 for row in rows:
                     if not row.free_copies:
