@@ -373,6 +373,9 @@ class _Store:
     # a graph's release poisons them (``poison_released_buffers``): refilled after every call, even
     # with the values they held before it
     poisoned: bool = False
+    # an in-line store's (``inline``) on a GPU: the stream its last copy was issued on, which a call
+    # on another stream of the same thread waits for (``_ordered``)
+    written_on: torch.cuda.Stream | None = None
 
     @classmethod
     def empty(cls, specs: list[tuple], passed: bool = False) -> _Store:
@@ -435,7 +438,11 @@ class _Store:
             versions = tuple(map(_VERSION, map(_DEREF, found[1])))
         except AttributeError:  # a parameter is gone
             return None
-        return versions, found[2], list(map(_DEREF, found[3]))
+        hosts = list(map(_DEREF, found[3]))
+        for host in hosts:
+            if host is None:  # given back meanwhile (another thread's restore, a finalizer)
+                return None
+        return versions, found[2], hosts
 
     def _target(self, first: int, count: int) -> torch.Tensor:
         """The device tensor that one copy of the run of ``count`` buffers from ``first`` fills: the
@@ -714,8 +721,7 @@ class GraphRuntime:
         After ``drop_heads`` the next call's heads are new buffers (``_thread_heads``)."""
         positions, values = [], []
         for found in heads:
-            if found.refilled is not None:
-                _WAIT(found.refilled, found.runtime.compute_stream())
+            _ordered(found)
             found.deferred = True
             positions += found.positions
             values += found.buffers
@@ -834,11 +840,37 @@ def _copy_head(
 
 def _issue(found: _Head, buffers: list[torch.Tensor], hosts: list[torch.Tensor]) -> None:
     """Copy ``hosts`` into ``buffers``, ``found``'s: on a GPU on the copy stream after all the
-    compute stream queued, ending with ``refilled``; elsewhere now."""
-    if found.refilled is None:
-        copy_all(buffers, hosts)
+    compute stream queued, ending with ``refilled``; an in-line store's and elsewhere on the current
+    stream. Where that raises, the head holds nothing known (its caller noted what it would hold)."""
+    try:
+        if found.refilled is None:
+            _in_line(found, buffers, hosts)
+        else:
+            found.runtime.copy(buffers, hosts, found.refilled)
+    except BaseException:
+        found.filled()
+        raise
+
+
+def _in_line(found: _Head, buffers: list[torch.Tensor], hosts: list[torch.Tensor]) -> None:
+    """Copy on the current stream, noting it as an in-line store's last writer on a GPU."""
+    copy_all(buffers, hosts)
+    if found.store.inline and found.runtime.device.type == "cuda":
+        found.store.written_on = found.runtime.compute_stream()
+
+
+def _ordered(found: _Head) -> None:
+    """Make the current stream wait for the last copy into ``found``'s buffers before it reads or
+    writes them: the copy stream's (``refilled``, an external event), or an in-line store's stream
+    where that is another (one thread driving a model on two streams)."""
+    if found.refilled is not None:
+        _WAIT(found.refilled, found.runtime.compute_stream())
         return
-    found.runtime.copy(buffers, hosts, found.refilled)
+    written = found.store.written_on
+    if written is not None:
+        current = found.runtime.compute_stream()
+        if current is not written:
+            current.wait_stream(written)
 
 
 def _fill(found: _Head, weights: list[torch.Tensor], pointers: tuple[int, ...]) -> None:
@@ -855,9 +887,9 @@ def _fill(found: _Head, weights: list[torch.Tensor], pointers: tuple[int, ...]) 
     if found.holds == (pointers, versions, placement.generation()):
         return  # the previous call refilled it with these values
     device = found.runtime
-    if found.refilled is not None:  # after the previous call's refill, which writes them too
-        device.compute_stream().wait_event(found.refilled)
-    copy_all(*found.store.copies(records))  # on the compute stream, before the call
+    _ordered(found)  # after the previous call's refill, which writes them too
+    found.filled()  # (until the copy is issued)
+    _in_line(found, *found.store.copies(records))  # on the compute stream, before the call
     device.count(records)
     found.filled(pointers, versions)
 

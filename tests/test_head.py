@@ -879,6 +879,41 @@ def test_a_heads_weights_that_lie_in_one_slab_are_copied_as_one_run(
     assert ([torch.uint8] in copied) == runs  # a head's run of a weight and its bias, in one copy
 
 
+def test_a_refill_that_raises_leaves_the_head_holding_nothing_and_the_next_call_copies_it(
+    offloaded, monkeypatch
+):
+    """A head notes what it will hold before its copy is issued; where the copy raises (the call
+    it follows fails with that error), it holds nothing known, so the next call copies the head
+    before it runs instead of reading what the failed copy left: here the refill that loads block
+    0 for the next forward, after the last block's call, fails half done."""
+    model = seeded(BreakingStack, n=4)
+    offloaded(model, ["layers.*"])
+    compiled = _compiled(model, "offload_eager", heads_as_inputs=True)
+    x = torch.randn(3, 8)
+    first = {placement.lookup(p).host.data_ptr() for p in model.layers[0].parameters()}
+    copy_all, armed = runtime.copy_all, []
+
+    def failing(buffers, hosts):
+        hosts = list(hosts)
+        if armed and any(host.data_ptr() in first for host in hosts):
+            armed.clear()
+            for buffer in buffers:
+                buffer.fill_(float("nan"))  # half done, then the error
+            raise RuntimeError("copy failed")
+        copy_all(buffers, hosts)
+
+    monkeypatch.setattr(runtime, "copy_all", failing)
+    with torch.no_grad():
+        for _ in range(2):  # (the second forward learns which block follows which)
+            compiled(x)
+        armed.append(True)
+        with pytest.raises(RuntimeError, match="copy failed"):
+            compiled(x)
+        assert not armed
+        out = compiled(x)
+    torch.testing.assert_close(out, _restored_output(model, x), rtol=1e-5, atol=1e-6)
+
+
 def test_only_small_passed_stores_are_refilled_in_line():
     """A store the wrapper passes as a graph's inputs, of at most ``INLINE_BYTES``, is refilled on
     the compute stream (``inline``: no event orders it); a larger one, or one a graph's ops read
