@@ -373,9 +373,9 @@ class _Store:
     # a graph's release poisons them (``poison_released_buffers``): refilled after every call, even
     # with the values they held before it
     poisoned: bool = False
-    # an in-line store's (``inline``) on a GPU: the stream its last copy was issued on, which a call
-    # on another stream of the same thread waits for (``_ordered``)
-    written_on: torch.cuda.Stream | None = None
+    # an in-line store's (``inline``) on a GPU: the stream that last read or wrote it, which a read
+    # or copy on another stream of the same thread waits for first (``_ordered``)
+    used_on: torch.cuda.Stream | None = None
 
     @classmethod
     def empty(cls, specs: list[tuple], passed: bool = False) -> _Store:
@@ -853,24 +853,26 @@ def _issue(found: _Head, buffers: list[torch.Tensor], hosts: list[torch.Tensor])
 
 
 def _in_line(found: _Head, buffers: list[torch.Tensor], hosts: list[torch.Tensor]) -> None:
-    """Copy on the current stream, noting it as an in-line store's last writer on a GPU."""
-    copy_all(buffers, hosts)
+    """Copy on the current stream (for an in-line store on a GPU, after ``_ordered``)."""
     if found.store.inline and found.runtime.device.type == "cuda":
-        found.store.written_on = found.runtime.compute_stream()
+        _ordered(found)
+    copy_all(buffers, hosts)
 
 
 def _ordered(found: _Head) -> None:
-    """Make the current stream wait for the last copy into ``found``'s buffers before it reads or
-    writes them: the copy stream's (``refilled``, an external event), or an in-line store's stream
-    where that is another (one thread driving a model on two streams)."""
+    """Make the current stream wait for what last used ``found``'s buffers before it reads or
+    writes them: the copy stream's last copy into them (``refilled``, an external event), or, for
+    an in-line store, the stream that last read or wrote it where that is another (one thread
+    driving a model on two streams; another graph's prefetch), then noted as the last."""
     if found.refilled is not None:
         _WAIT(found.refilled, found.runtime.compute_stream())
         return
-    written = found.store.written_on
-    if written is not None:
+    store = found.store
+    if store.inline and found.runtime.device.type == "cuda":
         current = found.runtime.compute_stream()
-        if current is not written:
-            current.wait_stream(written)
+        if store.used_on is not None and store.used_on is not current:
+            current.wait_stream(store.used_on)
+        store.used_on = current
 
 
 def _fill(found: _Head, weights: list[torch.Tensor], pointers: tuple[int, ...]) -> None:
