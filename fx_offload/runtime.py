@@ -784,7 +784,8 @@ def replaced(inputs, positions, values) -> list:
 def _refill_after(found: _Head) -> None:
     """After a call: copy the head weights of the next call into the head buffers, on the copy
     stream after all the call queued on its stream (the head's readers among it); the next call's
-    graph waits for them.
+    graph waits for them. Nothing is copied where the buffers hold those weights already, their
+    version counters unchanged (a graph called again with the weights it read).
 
     The next call passes the same weights, unless Dynamo reuses the graph for several blocks:
     then the refill loads the block that followed this one last time (a wrong guess costs a copy
