@@ -797,26 +797,26 @@ def _refill_after(found: _Head) -> None:
         if versions == found.in_graph_versions:  # the graph copied it all, nothing written since
             found.filled(following, versions)
             return
+    # the whole head as copied before (no records, runs or views to find), else its records
     made = found.store.copies_of(following) if not found.in_graph else None
-    if made is not None:  # the whole head, as copied before: no records, runs or views to find
-        versions, buffers, hosts = made
-        held = found.holds == (following, versions, placement.generation()) and not found.store.poisoned
-        found.filled(following, versions)  # (held: since the call before, as a refill would leave it)
-        if not held:
-            found.runtime.copied_bytes += found.nbytes
-            _issue(found, buffers, hosts)
-        return
-    records = found._records(following)
-    if not records:  # the block that followed is gone: refill with the current one
-        following, records = found.current, found.records
-    versions = _versions(records)
-    if found.holds == (following, versions, placement.generation()) and not found.store.poisoned:
-        found.filled(following, versions)  # (held since the call before, as a refill would leave it)
+    if made is not None:
+        versions = made[0]
+    else:
+        records = found._records(following)
+        if not records:  # the block that followed is gone: refill with the current one
+            following, records = found.current, found.records
+        versions = _versions(records)
+    held = found.holds == (following, versions, placement.generation()) and not found.store.poisoned
+    found.filled(following, versions)  # (held: since the call before, as a refill would leave it)
+    if held:
         return  # they hold these values already: the same weights again, unchanged (a graph's own)
+    if made is not None:
+        found.runtime.copied_bytes += found.nbytes
+        _issue(found, made[1], made[2])
+        return
     copied = found.in_graph if following == found.current else 0  # by the graph, in the call
     if copied and versions != found.in_graph_versions:
         copied = 0  # written in place after the graph's own refill (offload_eager stores late)
-    found.filled(following, versions)
     _copy_head(found, records, copied, following)
 
 
@@ -854,9 +854,8 @@ def _issue(found: _Head, buffers: list[torch.Tensor], hosts: list[torch.Tensor])
 
 
 def _in_line(found: _Head, buffers: list[torch.Tensor], hosts: list[torch.Tensor]) -> None:
-    """Copy on the current stream (for an in-line store on a GPU, after ``_ordered``)."""
-    if found.store.inline and found.runtime.device.type == "cuda":
-        _ordered(found)
+    """Copy on the current stream, after what last used the buffers (``_ordered``)."""
+    _ordered(found)
     copy_all(buffers, hosts)
 
 
@@ -890,9 +889,9 @@ def _fill(found: _Head, weights: list[torch.Tensor], pointers: tuple[int, ...]) 
     if found.holds == (pointers, versions, placement.generation()):
         return  # the previous call refilled it with these values
     device = found.runtime
-    _ordered(found)  # after the previous call's refill, which writes them too
     found.filled()  # (until the copy is issued)
-    _in_line(found, *found.store.copies(records))  # on the compute stream, before the call
+    # on the compute stream, before the call, after the previous call's refill (it writes them too)
+    _in_line(found, *found.store.copies(records))
     device.count(records)
     found.filled(pointers, versions)
 
