@@ -592,7 +592,9 @@ class _SwappedInputs:
             live.append((component, records))
         for component, records in live:
             component.arena.ensure(component, records)
-        swaps = tuple(component.arena.swaps for component, _ in live)
+        # a component still landing is waited for piece by piece: no kept check until it landed
+        landing = any(component.landing for component, _ in live)
+        swaps = None if landing else tuple(component.arena.swaps for component, _ in live)
         copies = tuple(runtime.swapped([inputs[p] for p in self.as_inputs]))
         self._seen[ids] = [generation, groups, versions, swaps, copies]
         return self._passed(inputs, copies)

@@ -173,7 +173,7 @@ def offload(
     ordered = [components[name] for name in modules if name in components]
     if ordered:
         for component in ordered:
-            component.nbytes = swap.layout(component.records)[1]
+            component.nbytes = swap.layout([record.nbytes for record in component.records])[1]
         try:
             swap.Arena(ordered, budget, resolved)
         except BaseException:
@@ -249,8 +249,7 @@ def _budget(device_budget: int | None, deciding: dict, owned: dict) -> int:
     if not sizes:
         return 0
     totals = {
-        head: sum(swap.aligned(p.numel() * p.element_size()) for p in params)
-        for head, params in sizes.items()
+        head: swap.layout([p.numel() * p.element_size() for p in params])[1] for head, params in sizes.items()
     }
     largest = max(totals, key=totals.__getitem__)
     if device_budget is None:

@@ -148,7 +148,14 @@ class DeviceRuntime:
     def copy(self, buffers, hosts, done: torch.cuda.Event | None = None) -> torch.cuda.Event:
         """Copy each host tensor of ``hosts`` into its device buffer on the copy stream, after all the
         compute stream queued (the buffers may reuse memory its kernels still read); record
-        ``done`` (or a free event) on the copy stream after them and return it.
+        ``done`` (or a free event) on the copy stream after them and return it."""
+        done = done if done is not None else self.event()
+        self.copy_each(((buffers, hosts, done),))
+        return done
+
+    def copy_each(self, pieces) -> None:
+        """``copy`` of several pieces in order, each ``(buffers, hosts, done)``: one wait for the
+        compute stream, then per piece its copies and ``done``'s record.
 
         The copy stream is made current directly, not through ``torch.cuda.stream``, whose enter
         and exit read and build the current stream twice: this runs several times per graph
@@ -158,17 +165,15 @@ class DeviceRuntime:
         ready = self.event()
         _RECORD(ready, compute)
         self.join(ready, copy)
-        done = done if done is not None else self.event()
         if torch._C._cuda_getDevice() != self.device.index:
             with torch.cuda.stream(copy):
-                _copy_then_record(buffers, hosts, done, copy)
-            return done
+                _copy_then_record(pieces, copy)
+            return
         _make_current(copy)
         try:
-            _copy_then_record(buffers, hosts, done, copy)
+            _copy_then_record(pieces, copy)
         finally:
             _make_current(compute)
-        return done
 
     def count(self, records: list[placement.HostParameter], nbytes: int | None = None) -> None:
         """Mark ``records`` as fetched and count ``nbytes`` (default: all of theirs) as copied."""
@@ -177,10 +182,17 @@ class DeviceRuntime:
         self.copied_bytes += sum(record.nbytes for record in records) if nbytes is None else nbytes
 
 
-def _copy_then_record(buffers, hosts, done: torch.cuda.Event, stream: torch.cuda.Stream) -> None:
-    """On the current stream (``stream``): the copies, then ``done``."""
-    copy_all(buffers, hosts)
-    _RECORD(done, stream)
+def _copy_then_record(pieces, stream: torch.cuda.Stream) -> None:
+    """On the current stream (``stream``), per piece ``(buffers, hosts, done)``: its copies, then
+    ``done``."""
+    for buffers, hosts, done in pieces:
+        copy_all(buffers, hosts)
+        _RECORD(done, stream)
+
+
+def wait_event(event: torch.cuda.Event, stream: torch.cuda.Stream) -> None:
+    """Make ``stream`` wait for ``event``'s last record (the event stays its owner's)."""
+    _WAIT(event, stream)
 
 
 def copy_all(buffers, hosts) -> None:

@@ -9,20 +9,31 @@ another component in only rewrites bytes, it never frees or moves memory.
 
 Before each call of a compiled graph, the backend's wrapper calls ``ensure`` for the components
 that graph reads. A component already in its range, with the values its parameters hold, costs
-nothing; otherwise its host copy is copied into its range on the current stream (after the work
-already queued there, which may still read the bytes it overwrites), and the components whose
-ranges it overlaps are marked out. Each component crosses the bus once per switch.
+nothing; otherwise its host copy is copied into its range, and the components whose ranges it
+overlaps are marked out. Each component crosses the bus once per switch.
+
+On a CUDA device the copy lands in pieces of about ``PIECE`` bytes, in the order of the
+component's parameters (a stack's blocks in order), on the copy stream, after the work already
+queued on the compute stream (which may still read the bytes it overwrites), with an event after
+each piece. A call then waits only for the piece that holds the last parameter it reads: the
+first block's graphs run while the later blocks are still crossing. Models that Dynamo splits
+into many graphs spend most of a forward on the host, and their ``.item()`` syncs wait for all
+the compute stream holds; a copy queued there whole would stall the first sync for all of it.
+The arena lays each component's weights out as its pinned host slab does
+(``placement.packed_offsets``), so a piece is one copy per host run, not one per parameter.
 """
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 import torch
 
 from fx_offload import placement, runtime
 
-ALIGN = 256  # bytes: each weight starts on a boundary kernels like
+ALIGN = 512  # bytes: each component starts on a boundary kernels like (its weights: packed_offsets)
+PIECE = 32 << 20  # bytes: a swap-in's copy lands in pieces of about this many, each with an event
 
 
 @dataclass(eq=False)
@@ -37,6 +48,14 @@ class Component:
     arena: Arena | None = field(default=None, repr=False)
     views: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)  # id(record) -> view
     versions: dict[int, int] = field(default_factory=dict, repr=False)  # id(record) -> version
+    index: dict[int, int] = field(default_factory=dict, repr=False)  # id(record) -> its position
+    # the swap-in's copy: per piece, (position of its last record, arena targets, host sources)
+    pieces: list[tuple[int, list, list]] = field(default_factory=list, repr=False)
+    # a swap-in still landing: per piece not yet waited for, (its last record, its event)
+    landing: list[tuple[int, torch.cuda.Event]] = field(default_factory=list, repr=False)
+    landed_on: int | None = field(default=None, repr=False)  # the stream that waits for the pieces
+    landed_to: int = field(default=-1, repr=False)  # the last record it waited for
+    events: list[torch.cuda.Event] = field(default_factory=list, repr=False)  # one per piece, reused
 
     def overlaps(self, other: Component) -> bool:
         return self.offset < other.offset + other.nbytes and other.offset < self.offset + self.nbytes
@@ -55,13 +74,11 @@ def aligned(nbytes: int) -> int:
     return -(-nbytes // ALIGN) * ALIGN
 
 
-def layout(records: list[placement.HostParameter]) -> tuple[list[int], int]:
-    """Byte offsets of ``records`` packed one after another, aligned, and the total."""
-    offsets, total = [], 0
-    for record in records:
-        offsets.append(total)
-        total += aligned(record.nbytes)
-    return offsets, total
+def layout(nbytes: list[int]) -> tuple[list[int], int]:
+    """Byte offsets of weights of ``nbytes`` bytes in a component's range, laid out as a pinned
+    slab holds them (``placement.packed_offsets``), and the range's bytes (aligned)."""
+    offsets, end = placement.packed_offsets(nbytes)
+    return offsets, aligned(end)
 
 
 class Arena:
@@ -83,10 +100,11 @@ class Arena:
                     cursor = 0  # wrap: this one shares bytes with the first ones
                 component.offset, component.arena = cursor, self
                 cursor += component.nbytes
-                offsets, _ = layout(component.records)
-                for record, offset in zip(component.records, offsets):
+                offsets, _ = layout([record.nbytes for record in component.records])
+                for i, (record, offset) in enumerate(zip(component.records, offsets)):
                     view = _view(self.memory, component.offset + offset, record.host)
                     component.views[id(record)] = view
+                    component.index[id(record)] = i
 
     def ensure(self, component: Component, reads: list[placement.HostParameter] = ()) -> None:
         """Make ``component``'s range hold its values before a call that ``reads`` those records.
@@ -99,14 +117,59 @@ class Arena:
             for other in list(self.resident):
                 if other is not component and other.overlaps(component):
                     self.resident.discard(other)
-            self._copy(component, component.records)
+                    other.landing = []
+            self._land(component)
             component.swap_ins += 1
             self.swaps += 1
             self.resident.add(component)
-            return
+        if component.landing:
+            self._wait(component, reads)
         stale = [r for r in reads if component.versions.get(id(r)) != _version(r)]
         if stale:
             self._copy(component, stale)
+
+    def _land(self, component: Component) -> None:
+        """Copy all of ``component`` into its range: on a CUDA device in pieces on the copy stream
+        (``landing`` holds their events), elsewhere (or while a CUDA graph is captured, which must
+        join every stream it forks) on the current stream."""
+        if not component.pieces:
+            component.pieces = _pieces(component, self.memory)
+        device = runtime.device_runtime(self.device)
+        for record in component.records:
+            component.versions[id(record)] = _version(record)
+        device.copied_bytes += sum(record.nbytes for record in component.records)
+        if self.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+            for _, targets, hosts in component.pieces:
+                runtime.copy_all(targets, hosts)
+            component.landing = []
+            return
+        events = component.events
+        events += [torch.cuda.Event() for _ in range(len(component.pieces) - len(events))]
+        device.copy_each([(t, h, e) for (_, t, h), e in zip(component.pieces, events)])
+        self.memory.record_stream(device.copy_stream())  # freed on restore: not before it lands
+        component.landing = [(last, event) for (last, _, _), event in zip(component.pieces, events)]
+        component.landed_on, component.landed_to = None, -1
+
+    @staticmethod
+    def _wait(component: Component, reads: list[placement.HostParameter]) -> None:
+        """Make the compute stream wait for the pieces of ``component`` that hold ``reads`` (all,
+        without ``reads``); the pieces before them are then waited for too (one copy stream)."""
+        device = runtime.device_runtime(component.arena.device)
+        stream = device.compute_stream()
+        landing = component.landing
+        if component.landed_on not in (None, stream.stream_id):  # another stream: all of it
+            runtime.wait_event(landing[-1][1], stream)
+            return
+        index = component.index
+        last = max(index[id(r)] for r in reads) if reads else len(component.records) - 1
+        if last <= component.landed_to:
+            return
+        found = bisect.bisect_left(landing, last, key=lambda piece: piece[0])
+        runtime.wait_event(landing[found][1], stream)
+        component.landing = landing[found + 1 :]
+        component.landed_on, component.landed_to = stream.stream_id, landing[found][0]
+        if not component.landing:
+            component.arena.swaps += 1  # landed: the calls' kept checks hold again
 
     @staticmethod
     def _copy(component: Component, records: list[placement.HostParameter]) -> None:
@@ -122,6 +185,8 @@ class Arena:
         self.swaps += 1
         for component in self.components:
             component.views.clear()
+            component.pieces.clear()
+            component.landing = []
             component.arena = None
 
 
@@ -137,6 +202,41 @@ def check_together(components: list[Component]) -> None:
                     f"{first.arena.budget}: raise device_budget to at least {total} bytes, or run "
                     "them in separate compiled calls (compile each stage on its own)"
                 )
+
+
+def _pieces(component: Component, memory: torch.Tensor) -> list[tuple[int, list, list]]:
+    """``component``'s copy in pieces of about ``PIECE`` bytes, cut between records: per piece,
+    the position of its last record, and its arena targets and host sources, one pair per host
+    run (``placement.host_runs``) or part of one."""
+    records = component.records
+    offsets, _ = layout([record.nbytes for record in records])
+    pieces: list[tuple[int, list, list]] = []
+    targets: list[torch.Tensor] = []
+    hosts: list[torch.Tensor] = []
+    size = 0
+
+    def take(first: int, last: int, run_first: int, count: int, host: torch.Tensor) -> None:
+        if count == 1:  # a run of one: its record's own host copy
+            targets.append(component.views[id(records[first])])
+            hosts.append(host)
+            return
+        start, end = offsets[first], offsets[last] + records[last].nbytes
+        targets.append(memory[component.offset + start : component.offset + end])
+        hosts.append(host[start - offsets[run_first] : end - offsets[run_first]])
+
+    for run_first, count, host in placement.host_runs(records):
+        first = run_first
+        for i in range(run_first, run_first + count):
+            size += records[i].nbytes
+            if size >= PIECE:
+                take(first, i, run_first, count, host)
+                pieces.append((i, targets, hosts))
+                targets, hosts, size, first = [], [], 0, i + 1
+        if first < run_first + count:
+            take(first, run_first + count - 1, run_first, count, host)
+    if targets:
+        pieces.append((len(records) - 1, targets, hosts))
+    return pieces
 
 
 def _version(record: placement.HostParameter) -> int:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fx_offload
-from fx_offload import placement
+from fx_offload import placement, swap
 from fx_offload.explain import recording
 from tests.models import Nested, Stack, TwoStage, seeded
 
@@ -356,3 +356,36 @@ def test_offload_under_inference_mode_leaves_ordinary_tensors(policy):
             m.layers[0].fc1.weight.mul_(2)
         torch.testing.assert_close(compiled(x), plain(x), rtol=1e-5, atol=1e-6)
     fx_offload.restore(model)
+
+
+def test_a_swap_in_copies_each_host_run_whole_in_pieces_cut_between_weights(offloaded, monkeypatch):
+    """The arena lays a component out as a pinned slab holds its host copies, so a swap-in copies
+    a run of the slab as one piece, or as a few cut between weights near ``swap.PIECE`` bytes (each
+    with its own event on a GPU): every weight lands whole, at its view."""
+    model = seeded(Stack, n=4, dim=16, hidden=64)
+    plan = offloaded(model, ["layers"], policy="swap")
+    component = plan.components[0]
+    records = component.records
+    # the host copies laid out in one slab, as a pinned slab holds them on a GPU (a CPU pins none)
+    offsets, nbytes = placement.packed_offsets([r.nbytes for r in records])
+    slab = torch.empty(nbytes, dtype=torch.uint8)
+    for record, offset in zip(records, offsets):
+        host = slab[offset : offset + record.nbytes].view(record.host.dtype).view(record.host.shape)
+        record.host = host.copy_(record.host)
+    block = sum(r.nbytes for r in records) // 4
+    monkeypatch.setattr(swap, "PIECE", block)
+    component.arena.memory.fill_(255)  # NaN in every float: a weight not copied shows
+    component.arena.resident.clear()
+    component.arena.ensure(component)
+    for record in records:
+        assert torch.equal(component.views[id(record)], record.host), record.names
+    lasts = [last for last, _, _ in component.pieces]
+    assert lasts == sorted(lasts) and lasts[-1] == len(records) - 1
+    assert 3 <= len(lasts) <= 5  # about a block each
+    # one slab, one run: each piece is one copy of a part of it, not one per weight
+    assert all(len(targets) == 1 and targets[0].dtype == torch.uint8 for _, targets, _ in component.pieces)
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="offload_inductor")
+        x = torch.randn(3, 16)
+        reference = seeded(Stack, n=4, dim=16, hidden=64)
+        torch.testing.assert_close(compiled(x), reference(x), rtol=1e-5, atol=1e-6)

@@ -6,10 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import fx_offload
+from fx_offload import swap
 from tests.gpu.test_gpu import TOLERANCE, _Recordings
-from tests.models import TwoStage, seeded
+from tests.models import Stack, TwoStage, seeded
 
 pytestmark = [
     pytest.mark.gpu,
@@ -54,6 +56,54 @@ def test_swap_keeps_cuda_graphs_valid_across_switches(dtype):
             for a, b in zip(got, want):
                 torch.testing.assert_close(a, b, **TOLERANCE[dtype])
         assert {c.name: c.swap_ins for c in plan.components} == {"thinker": 5, "talker": 5}
+    finally:
+        fx_offload.restore(model)
+
+
+class _TwoStacks(nn.Module):
+    """Two stacks whose blocks Dynamo splits into graphs of their own (as transformers' towers
+    are), with ``probe`` called between them."""
+
+    def __init__(self, n: int, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.first, self.second = Stack(n, dim, hidden), Stack(n, dim, hidden)
+        self.probe = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for stack in (self.first, self.second):
+            for layer in stack.layers:
+                x = layer(x)
+                self.probe()
+            x = stack.out(x)
+        return x
+
+
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_a_swap_in_lands_in_pieces_and_each_graph_waits_for_its_own(mode, monkeypatch):
+    monkeypatch.setattr(swap, "PIECE", 1 << 20)  # each 4 MiB matrix a piece: two per block
+    model = seeded(_TwoStacks, n=6, dim=512, hidden=2048).cuda()
+    inputs = [torch.randn(64, 512, device="cuda") for _ in range(4)]
+    model.probe = lambda: None
+    with torch.no_grad():
+        expected = [model(x) for x in inputs]
+    plan = fx_offload.offload(model, ["first", "second"], policy="swap")  # one stack at a time
+    landing = []
+    model.probe = torch._dynamo.disable(lambda: landing.append(sum(len(c.landing) for c in plan.components)))
+    try:
+        compiled = torch.compile(model, backend="offload_inductor", mode=mode)
+        with torch.no_grad():
+            for _ in range(2):
+                for x, want in zip(inputs, expected):
+                    landing.clear()
+                    torch.cuda._sleep(50_000_000)  # the compute stream runs late: the copies wait
+                    torch.testing.assert_close(compiled(x), want, **TOLERANCE[torch.float32])
+        assert {c.name: c.swap_ins for c in plan.components} == {"first": 8, "second": 8}
+        # after each stack's first block, the rest of that stack is still landing: that block
+        # waited for its own pieces, not for the whole stack; each later block for a few more
+        first, second = landing[:6], landing[6:]
+        assert first[0] >= 8 and second[0] >= 8, landing
+        assert first == sorted(first, reverse=True) and second == sorted(second, reverse=True), landing
+        assert first[-1] <= 1 and second[-1] <= 1, landing  # the stack's ``out`` may still land
     finally:
         fx_offload.restore(model)
 
