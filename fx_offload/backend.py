@@ -549,8 +549,10 @@ class _SwappedInputs:
     held weakly.
 
     A call whose weights are unchanged since they last came (their version counters, read by a
-    C-level map), with their components still in place (the arenas' swap counts) does no
-    per-parameter work in Python.
+    C-level map), with their components on the device, does no per-parameter work in Python: a
+    component's weights keep their arena addresses, and a swap-in copies their current values.
+    While a component's swap-in lands (``swap.Arena.wait_for``), the call waits for the pieces up
+    to the last record it reads.
     """
 
     def __init__(self, positions: tuple[int, ...], as_inputs: frozenset[int] = frozenset()) -> None:
@@ -558,8 +560,8 @@ class _SwappedInputs:
         take = operator.itemgetter(*positions)
         self._take = take if len(positions) != 1 else (lambda inputs: (take(inputs),))
         self.as_inputs = tuple(p for p in positions if p in as_inputs)  # passed as their copies
-        # identities of a call's swapped weights -> [generation, groups, versions, swap counts,
-        # the device copies of the weights at ``as_inputs``]
+        # identities of a call's swapped weights -> [generation, groups, versions, the device
+        # copies of the weights at ``as_inputs``, per group the position of its last record]
         self._seen: dict[tuple[int, ...], list] = {}
 
     def ensure(self, inputs):
@@ -575,9 +577,14 @@ class _SwappedInputs:
         if entry is not None and entry[0] == generation:
             groups = entry[1]
             if entry[2] == versions:
-                arenas = [getattr(component(), "arena", None) for component, _ in groups]
-                if None not in arenas and entry[3] == tuple(arena.swaps for arena in arenas):
-                    return self._passed(inputs, entry[4])  # the same weights, unchanged, in place
+                for (component_ref, _), last in zip(groups, entry[4]):
+                    component = component_ref()
+                    if component is None or not component.resident:
+                        break
+                    if component.landing:
+                        component.arena.wait_for(component, last)
+                else:
+                    return self._passed(inputs, entry[3])  # the same weights, unchanged, in place
         else:
             if entry is not None or len(self._seen) >= _KEPT:
                 self._seen.clear()
@@ -592,11 +599,9 @@ class _SwappedInputs:
             live.append((component, records))
         for component, records in live:
             component.arena.ensure(component, records)
-        # a component still landing is waited for piece by piece: no kept check until it landed
-        landing = any(component.landing for component, _ in live)
-        swaps = None if landing else tuple(component.arena.swaps for component, _ in live)
         copies = tuple(runtime.swapped([inputs[p] for p in self.as_inputs]))
-        self._seen[ids] = [generation, groups, versions, swaps, copies]
+        lasts = tuple(component.last_of(records) for component, records in live)
+        self._seen[ids] = [generation, groups, versions, copies, lasts]
         return self._passed(inputs, copies)
 
     def _passed(self, inputs, copies: tuple):

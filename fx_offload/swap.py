@@ -64,6 +64,11 @@ class Component:
         size = f"{self.nbytes / 1e6:.1f} MB"
         return f"Component({self.name!r}, {len(self.records)} params, {size}, swap_ins={self.swap_ins})"
 
+    def last_of(self, reads: list[placement.HostParameter]) -> int:
+        """The position of the last of ``reads`` in ``records`` (all of them without ``reads``)."""
+        index = self.index
+        return max(index[id(r)] for r in reads) if reads else len(self.records) - 1
+
     @property
     def resident(self) -> bool:
         return self.arena is not None and self in self.arena.resident
@@ -89,7 +94,6 @@ class Arena:
         self.budget = budget
         self.device = device
         self.resident: set[Component] = set()
-        self.swaps = 0  # components copied in, and releases: a call's wrapper checks it moved
         # ordinary tensors even when offload() runs under torch.inference_mode(): the calls
         # after it copy into them in place, which an inference tensor refuses outside that mode
         with torch.inference_mode(False):
@@ -120,10 +124,9 @@ class Arena:
                     other.landing = []
             self._land(component)
             component.swap_ins += 1
-            self.swaps += 1
             self.resident.add(component)
         if component.landing:
-            self._wait(component, reads)
+            self.wait_for(component, component.last_of(reads))
         stale = [r for r in reads if component.versions.get(id(r)) != _version(r)]
         if stale:
             self._copy(component, stale)
@@ -151,25 +154,22 @@ class Arena:
         component.landed_on, component.landed_to = None, -1
 
     @staticmethod
-    def _wait(component: Component, reads: list[placement.HostParameter]) -> None:
-        """Make the compute stream wait for the pieces of ``component`` that hold ``reads`` (all,
-        without ``reads``); the pieces before them are then waited for too (one copy stream)."""
+    def wait_for(component: Component, last: int) -> None:
+        """Make the compute stream wait for the pieces of ``component`` still landing up to the one
+        that holds its record at position ``last``; the pieces before it are then waited for too
+        (one copy stream). Another stream than the one that waited first waits for all of it."""
         device = runtime.device_runtime(component.arena.device)
         stream = device.compute_stream()
         landing = component.landing
-        if component.landed_on not in (None, stream.stream_id):  # another stream: all of it
+        if component.landed_on not in (None, stream.stream_id):
             runtime.wait_event(landing[-1][1], stream)
             return
-        index = component.index
-        last = max(index[id(r)] for r in reads) if reads else len(component.records) - 1
         if last <= component.landed_to:
             return
         found = bisect.bisect_left(landing, last, key=lambda piece: piece[0])
         runtime.wait_event(landing[found][1], stream)
         component.landing = landing[found + 1 :]
         component.landed_on, component.landed_to = stream.stream_id, landing[found][0]
-        if not component.landing:
-            component.arena.swaps += 1  # landed: the calls' kept checks hold again
 
     @staticmethod
     def _copy(component: Component, records: list[placement.HostParameter]) -> None:
@@ -182,7 +182,6 @@ class Arena:
     def release(self) -> None:
         """Forget every component (on restore); the memory goes when the last reference does."""
         self.resident.clear()
-        self.swaps += 1
         for component in self.components:
             component.views.clear()
             component.pieces.clear()

@@ -2,11 +2,13 @@
 component moved to the device when a graph that needs it starts, kept until another needs the
 room), and ``device_budget``, the bytes swapped components may hold on the device at once."""
 
+import types
+
 import pytest
 import torch
 
 import fx_offload
-from fx_offload import placement, swap
+from fx_offload import placement, runtime, swap
 from fx_offload.explain import recording
 from tests.models import Nested, Stack, TwoStage, seeded
 
@@ -389,3 +391,50 @@ def test_a_swap_in_copies_each_host_run_whole_in_pieces_cut_between_weights(offl
         x = torch.randn(3, 16)
         reference = seeded(Stack, n=4, dim=16, hidden=64)
         torch.testing.assert_close(compiled(x), reference(x), rtol=1e-5, atol=1e-6)
+
+
+class _TwoBroken(torch.nn.Module):
+    """Two stacks whose blocks Dynamo compiles as graphs of their own (a graph break after each)."""
+
+    def __init__(self, n: int, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.first, self.second = Stack(n, dim, hidden), Stack(n, dim, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for stack in (self.first, self.second):
+            for layer in stack.layers:
+                x = layer(x)
+                torch._dynamo.graph_break()
+        return x
+
+
+def test_while_a_swap_in_lands_each_call_waits_for_the_pieces_it_reads(offloaded, monkeypatch):
+    """The landing on a GPU, its events stood in for by names (a CPU copies at once): each block's
+    graph waits for the piece that holds its weights, no sooner and no twice, whether its call
+    takes the kept check (the same weights as before) or not."""
+    model = seeded(_TwoBroken, n=4, dim=16, hidden=64)
+    plan = offloaded(model, ["first.layers", "second.layers"], policy="swap")  # both land per forward
+    component = plan.components[0]
+    monkeypatch.setattr(swap, "PIECE", sum(r.nbytes for r in component.records) // 4)  # a block each
+    land, waited = swap.Arena._land, []
+
+    def land_late(arena, landed):
+        land(arena, landed)
+        landed.landing = [(last, f"{landed.name} {i}") for i, (last, _, _) in enumerate(landed.pieces)]
+        landed.landed_on, landed.landed_to = None, -1
+
+    device = runtime.device_runtime(torch.device("cpu"))
+    monkeypatch.setattr(swap.Arena, "_land", land_late)
+    monkeypatch.setattr(device, "compute_stream", lambda: types.SimpleNamespace(stream_id=1))
+    monkeypatch.setattr(runtime, "wait_event", lambda event, stream: waited.append(event))
+    compiled = torch.compile(model, backend="offload_inductor")
+    reference = seeded(_TwoBroken, n=4, dim=16, hidden=64)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        for _ in range(3):
+            waited.clear()
+            torch.testing.assert_close(compiled(x), reference(x), rtol=1e-5, atol=1e-6)
+            # one wait per block, in turn, in each stack
+            assert waited == [f"{name}.layers {i}" for name in ("first", "second") for i in range(4)], waited
+            assert [c.landing for c in plan.components] == [[], []]
+    assert {c.name: c.swap_ins for c in plan.components} == {"first.layers": 3, "second.layers": 3}
