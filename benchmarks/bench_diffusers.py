@@ -198,5 +198,6 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(report, indent=2))
     print("\n" + table(report))
 
+
 if __name__ == "__main__":
     main()

@@ -214,6 +214,7 @@ def test_slab_layout_packs_tensors_in_order_into_power_of_two_slabs(sizes):
         following = [n for n, (slab, _) in zip(sizes, places) if slab == index + 1][:1]
         waste = size - sum(-(-n // 512) * 512 for n in held)
         assert waste < max(following + [sum(held) + 1024]), (index, size, held)
+
     def alone(held):  # one allocation each
         return sum(1 << max(-(-n // 512) * 512 - 1, 0).bit_length() for n in held)
 

@@ -455,6 +455,7 @@ def test_pinned_host_memory_is_the_slabs_the_layout_chose():
     sizes = [p.nbytes for p in model.parameters()]
     slabs, _ = placement.slab_layout(sizes)
     alone = sum(placement.slab_layout([size])[0][0] for size in sizes)
+
     def held():  # pinned bytes held: torch's "active" count is not lowered on free, so empty the cache
         gc.collect()
         torch.cuda.synchronize()
