@@ -32,7 +32,7 @@ import torch
 
 from fx_offload import placement, runtime
 
-ALIGN = 512  # bytes: each component starts on a boundary kernels like (its weights: packed_offsets)
+ALIGN = 256  # bytes: each component starts on a boundary kernels like (its weights: packed_offsets)
 PIECE = 32 << 20  # bytes: a swap-in's copy lands in pieces of about this many, each with an event
 
 
@@ -49,8 +49,11 @@ class Component:
     views: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)  # id(record) -> view
     versions: dict[int, int] = field(default_factory=dict, repr=False)  # id(record) -> version
     index: dict[int, int] = field(default_factory=dict, repr=False)  # id(record) -> its position
-    # the swap-in's copy: per piece, (position of its last record, arena targets, host sources)
-    pieces: list[tuple[int, list, list]] = field(default_factory=list, repr=False)
+    offsets: list[int] = field(default_factory=list, repr=False)  # per record, its bytes' start
+    # the swap-in's copy, made once per placement generation: (generation, per piece (position of
+    # its last record, its arena targets, per target where its host bytes start (a record's
+    # position) and how many (None: that record's own host copy))); no host tensor is kept
+    pieces: tuple[int, list[tuple[int, list, list]]] | None = field(default=None, repr=False)
     # a swap-in still landing: per piece not yet waited for, (its last record, its event)
     landing: list[tuple[int, torch.cuda.Event]] = field(default_factory=list, repr=False)
     landed_on: int | None = field(default=None, repr=False)  # the stream that waits for the pieces
@@ -75,7 +78,7 @@ class Component:
 
 
 def aligned(nbytes: int) -> int:
-    """``nbytes`` rounded up to the alignment every weight in the arena starts on."""
+    """``nbytes`` rounded up to the alignment every component in the arena starts on."""
     return -(-nbytes // ALIGN) * ALIGN
 
 
@@ -98,14 +101,16 @@ class Arena:
         # after it copy into them in place, which an inference tensor refuses outside that mode
         with torch.inference_mode(False):
             self.memory = torch.empty(budget, dtype=torch.uint8, device=device)
+            if device.type == "cuda":  # the copy stream writes it (``_land``): freed, wait for it
+                self.memory.record_stream(runtime.device_runtime(device).copy_stream())
             cursor = 0
             for component in components:
                 if cursor + component.nbytes > budget:
                     cursor = 0  # wrap: this one shares bytes with the first ones
                 component.offset, component.arena = cursor, self
                 cursor += component.nbytes
-                offsets, _ = layout([record.nbytes for record in component.records])
-                for i, (record, offset) in enumerate(zip(component.records, offsets)):
+                component.offsets, _ = layout([record.nbytes for record in component.records])
+                for i, (record, offset) in enumerate(zip(component.records, component.offsets)):
                     view = _view(self.memory, component.offset + offset, record.host)
                     component.views[id(record)] = view
                     component.index[id(record)] = i
@@ -113,9 +118,10 @@ class Arena:
     def ensure(self, component: Component, reads: list[placement.HostParameter] = ()) -> None:
         """Make ``component``'s range hold its values before a call that ``reads`` those records.
 
-        Not on the device: copy it whole, and mark out the components it overlaps. On the device:
-        copy again only the records in ``reads`` written in place since (their version moved), so
-        a call costs a look at the parameters it reads, not at the whole component.
+        Not on the device: copy it whole (``_land``), and mark out the components it overlaps. On the
+        device: wait for the pieces still landing that hold ``reads``, and copy again only the
+        records in ``reads`` written in place since (their version moved), so a call costs a look
+        at the parameters it reads, not at the whole component.
         """
         if component not in self.resident:
             for other in list(self.resident):
@@ -135,34 +141,44 @@ class Arena:
         """Copy all of ``component`` into its range: on a CUDA device in pieces on the copy stream
         (``landing`` holds their events), elsewhere (or while a CUDA graph is captured, which must
         join every stream it forks) on the current stream."""
-        if not component.pieces:
-            component.pieces = _pieces(component, self.memory)
+        generation = placement.generation()
+        if component.pieces is None or component.pieces[0] != generation:
+            component.pieces = (generation, _pieces(component, self.memory))
+        records = component.records
+        pieces = [
+            (last, targets, [_bytes(records[first].host, n) for first, n in parts])
+            for last, targets, parts in component.pieces[1]
+        ]
         device = runtime.device_runtime(self.device)
-        for record in component.records:
+        for record in records:
             component.versions[id(record)] = _version(record)
-        device.copied_bytes += sum(record.nbytes for record in component.records)
+        device.copied_bytes += sum(record.nbytes for record in records)
         if self.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-            for _, targets, hosts in component.pieces:
+            for _, targets, hosts in pieces:
                 runtime.copy_all(targets, hosts)
             component.landing = []
             return
         events = component.events
-        events += [torch.cuda.Event() for _ in range(len(component.pieces) - len(events))]
-        device.copy_each([(t, h, e) for (_, t, h), e in zip(component.pieces, events)])
-        self.memory.record_stream(device.copy_stream())  # freed on restore: not before it lands
-        component.landing = [(last, event) for (last, _, _), event in zip(component.pieces, events)]
+        # external: a capture's call may wait for them (``wait_for``), recorded outside it
+        events += [torch.cuda.Event(external=True) for _ in range(len(pieces) - len(events))]
+        device.copy_each([(targets, hosts, event) for (_, targets, hosts), event in zip(pieces, events)])
+        component.landing = [(last, event) for (last, _, _), event in zip(pieces, events)]
         component.landed_on, component.landed_to = None, -1
 
     @staticmethod
     def wait_for(component: Component, last: int) -> None:
         """Make the compute stream wait for the pieces of ``component`` still landing up to the one
         that holds its record at position ``last``; the pieces before it are then waited for too
-        (one copy stream). Another stream than the one that waited first waits for all of it."""
+        (one copy stream). While it lands, another stream than the one that waited first, and a
+        CUDA graph capture, wait for all of it. (Once it landed, a stream is ordered after the copy
+        only through the stream that waited, as for any tensor written on one stream and read on
+        another.)"""
         device = runtime.device_runtime(component.arena.device)
         stream = device.compute_stream()
         landing = component.landing
-        if component.landed_on not in (None, stream.stream_id):
-            runtime.wait_event(landing[-1][1], stream)
+        capturing = device.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if component.landed_on not in (None, stream.stream_id) or capturing:
+            runtime.wait_event(landing[-1][1], stream)  # (a capture waits at its replays: noted nowhere)
             return
         if last <= component.landed_to:
             return
@@ -184,7 +200,7 @@ class Arena:
         self.resident.clear()
         for component in self.components:
             component.views.clear()
-            component.pieces.clear()
+            component.pieces = None
             component.landing = []
             component.arena = None
 
@@ -204,38 +220,54 @@ def check_together(components: list[Component]) -> None:
 
 
 def _pieces(component: Component, memory: torch.Tensor) -> list[tuple[int, list, list]]:
-    """``component``'s copy in pieces of about ``PIECE`` bytes, cut between records: per piece,
-    the position of its last record, and its arena targets and host sources, one pair per host
-    run (``placement.host_runs``) or part of one."""
-    records = component.records
-    offsets, _ = layout([record.nbytes for record in records])
+    """``component``'s copy in pieces of about ``PIECE`` bytes, cut between records, of the records
+    whose parameters live (a replaced module's are gone, and no graph reads them): per piece, the
+    position of its last record, its arena targets, and per target, where its host bytes start
+    (a record's position) and how many, None for a record's own host copy. One target per host run
+    (``placement.host_runs``), or part of one."""
+    records, offsets = component.records, component.offsets
+    live = [i for i, record in enumerate(records) if record.param() is not None]
     pieces: list[tuple[int, list, list]] = []
     targets: list[torch.Tensor] = []
-    hosts: list[torch.Tensor] = []
+    parts: list[tuple[int, int | None]] = []
     size = 0
 
-    def take(first: int, last: int, run_first: int, count: int, host: torch.Tensor) -> None:
-        if count == 1:  # a run of one: its record's own host copy
+    def take(first: int, last: int, alone: bool) -> None:
+        if alone:  # a run of one: the record's view and host copy, typed
             targets.append(component.views[id(records[first])])
-            hosts.append(host)
+            parts.append((first, None))
             return
-        start, end = offsets[first], offsets[last] + records[last].nbytes
-        targets.append(memory[component.offset + start : component.offset + end])
-        hosts.append(host[start - offsets[run_first] : end - offsets[run_first]])
+        start = component.offset + offsets[first]
+        end = component.offset + offsets[last] + records[last].nbytes
+        targets.append(memory[start:end])
+        parts.append((first, end - start))
 
-    for run_first, count, host in placement.host_runs(records):
-        first = run_first
-        for i in range(run_first, run_first + count):
+    for run_first, count, _ in placement.host_runs([records[i] for i in live]) if live else ():
+        run = live[run_first : run_first + count]
+        start = 0
+        for k, i in enumerate(run):
             size += records[i].nbytes
             if size >= PIECE:
-                take(first, i, run_first, count, host)
-                pieces.append((i, targets, hosts))
-                targets, hosts, size, first = [], [], 0, i + 1
-        if first < run_first + count:
-            take(first, run_first + count - 1, run_first, count, host)
+                take(run[start], i, count == 1)
+                pieces.append((i, targets, parts))
+                targets, parts, size, start = [], [], 0, k + 1
+        if start < count:
+            take(run[start], run[-1], count == 1)
     if targets:
-        pieces.append((len(records) - 1, targets, hosts))
+        pieces.append((len(records) - 1, targets, parts))
+    elif pieces:
+        pieces[-1] = (len(records) - 1, *pieces[-1][1:])  # the last piece covers any dead records after it
     return pieces
+
+
+def _bytes(host: torch.Tensor, nbytes: int | None) -> torch.Tensor:
+    """``nbytes`` bytes of ``host``'s allocation from where ``host`` starts, as a uint8 tensor
+    (None: ``host`` itself)."""
+    if nbytes is None:
+        return host
+    storage = host.untyped_storage()
+    view = torch.empty(0, dtype=torch.uint8, device=host.device)
+    return view.set_(storage, host.data_ptr() - storage.data_ptr(), (nbytes,))
 
 
 def _version(record: placement.HostParameter) -> int:

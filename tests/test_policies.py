@@ -2,7 +2,9 @@
 component moved to the device when a graph that needs it starts, kept until another needs the
 room), and ``device_budget``, the bytes swapped components may hold on the device at once."""
 
+import gc
 import types
+import weakref
 
 import pytest
 import torch
@@ -360,6 +362,17 @@ def test_offload_under_inference_mode_leaves_ordinary_tensors(policy):
     fx_offload.restore(model)
 
 
+def _in_one_slab(records) -> torch.Tensor:
+    """Lay ``records``' host copies out in one slab, as a pinned slab holds them on a GPU (a CPU
+    device pins none); return the slab."""
+    offsets, nbytes = placement.packed_offsets([r.nbytes for r in records])
+    slab = torch.empty(nbytes, dtype=torch.uint8)
+    for record, offset in zip(records, offsets):
+        host = slab[offset : offset + record.nbytes].view(record.host.dtype).view(record.host.shape)
+        record.host = host.copy_(record.host)
+    return slab
+
+
 def test_a_swap_in_copies_each_host_run_whole_in_pieces_cut_between_weights(offloaded, monkeypatch):
     """The arena lays a component out as a pinned slab holds its host copies, so a swap-in copies
     a run of the slab as one piece, or as a few cut between weights near ``swap.PIECE`` bytes (each
@@ -368,29 +381,51 @@ def test_a_swap_in_copies_each_host_run_whole_in_pieces_cut_between_weights(offl
     plan = offloaded(model, ["layers"], policy="swap")
     component = plan.components[0]
     records = component.records
-    # the host copies laid out in one slab, as a pinned slab holds them on a GPU (a CPU pins none)
-    offsets, nbytes = placement.packed_offsets([r.nbytes for r in records])
-    slab = torch.empty(nbytes, dtype=torch.uint8)
-    for record, offset in zip(records, offsets):
-        host = slab[offset : offset + record.nbytes].view(record.host.dtype).view(record.host.shape)
-        record.host = host.copy_(record.host)
-    block = sum(r.nbytes for r in records) // 4
-    monkeypatch.setattr(swap, "PIECE", block)
+    _in_one_slab(records)
+    monkeypatch.setattr(swap, "PIECE", sum(r.nbytes for r in records) // 4)
     component.arena.memory.fill_(255)  # NaN in every float: a weight not copied shows
     component.arena.resident.clear()
     component.arena.ensure(component)
     for record in records:
         assert torch.equal(component.views[id(record)], record.host), record.names
-    lasts = [last for last, _, _ in component.pieces]
+    pieces = component.pieces[1]
+    lasts = [last for last, _, _ in pieces]
     assert lasts == sorted(lasts) and lasts[-1] == len(records) - 1
     assert 3 <= len(lasts) <= 5  # about a block each
-    # one slab, one run: each piece is one copy of a part of it, not one per weight
-    assert all(len(targets) == 1 and targets[0].dtype == torch.uint8 for _, targets, _ in component.pieces)
+    # one slab, one run: each piece is one copy of its bytes, not one per weight
+    assert [len(targets) for _, targets, _ in pieces] == [1] * len(pieces)
+    assert sum(targets[0].nbytes for _, targets, _ in pieces) >= sum(r.nbytes for r in records)
     with torch.no_grad():
         compiled = torch.compile(model, backend="offload_inductor")
         x = torch.randn(3, 16)
         reference = seeded(Stack, n=4, dim=16, hidden=64)
         torch.testing.assert_close(compiled(x), reference(x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_swap_in_skips_a_replaced_modules_weights_and_keeps_no_host_copy(offloaded):
+    """A swapped module's submodule replaced: the new one runs resident, the old one's host copy goes
+    with it, and the component's other weights still land at their views (their places were fixed
+    with the arena, not laid out again without the replaced weights)."""
+    model = seeded(Stack, n=2, dim=16, hidden=64)
+    reference = seeded(Stack, n=2, dim=16, hidden=64)
+    component = offloaded(model, ["layers"], policy="swap").components[0]
+    first = [r for r in component.records if r.names[0].startswith("layers.0.")]
+    slab = weakref.ref(_in_one_slab(first).untyped_storage())  # a slab per block, as on a GPU
+    _in_one_slab([r for r in component.records if r not in first])
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="offload_inductor")
+        torch.testing.assert_close(compiled(x), reference(x), rtol=1e-5, atol=1e-6)
+        model.layers[0] = reference.layers[0]
+        gc.collect()
+        assert slab() is None  # freed with its module: the swap-in's pieces hold no host copy
+        component.arena.memory.fill_(255)  # NaN in every float: a weight not copied shows
+        for _ in range(2):
+            component.arena.resident.clear()  # swapped in again
+            torch.testing.assert_close(compiled(x), reference(x), rtol=1e-5, atol=1e-6)
+    for record in component.records:
+        if record.param() is not None:
+            assert torch.equal(component.views[id(record)], record.host), record.names
 
 
 class _TwoBroken(torch.nn.Module):
@@ -420,7 +455,7 @@ def test_while_a_swap_in_lands_each_call_waits_for_the_pieces_it_reads(offloaded
 
     def land_late(arena, landed):
         land(arena, landed)
-        landed.landing = [(last, f"{landed.name} {i}") for i, (last, _, _) in enumerate(landed.pieces)]
+        landed.landing = [(last, f"{landed.name} {i}") for i, (last, _, _) in enumerate(landed.pieces[1])]
         landed.landed_on, landed.landed_to = None, -1
 
     device = runtime.device_runtime(torch.device("cpu"))
@@ -438,3 +473,22 @@ def test_while_a_swap_in_lands_each_call_waits_for_the_pieces_it_reads(offloaded
             assert waited == [f"{name}.layers {i}" for name in ("first", "second") for i in range(4)], waited
             assert [c.landing for c in plan.components] == [[], []]
     assert {c.name: c.swap_ins for c in plan.components} == {"first.layers": 3, "second.layers": 3}
+
+
+def test_a_capture_while_a_swap_in_lands_waits_for_all_of_it_and_notes_nothing(offloaded, monkeypatch):
+    """A CUDA graph captured while a component lands waits, at its replays, for the whole copy; the
+    compute stream waited for nothing meanwhile, so the calls after the capture still wait for
+    their pieces (the events stood in for by names, as above)."""
+    model = seeded(Stack, n=4, dim=16, hidden=64)
+    component = offloaded(model, ["layers"], policy="swap").components[0]
+    device, waited, capturing = runtime.device_runtime(torch.device("cpu")), [], [True]
+    monkeypatch.setattr(device, "device", types.SimpleNamespace(type="cuda"))
+    monkeypatch.setattr(device, "compute_stream", lambda: types.SimpleNamespace(stream_id=1))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    monkeypatch.setattr(runtime, "wait_event", lambda event, stream: waited.append(event))
+    component.landing, component.landed_on, component.landed_to = [(3, "piece 0"), (15, "piece 1")], None, -1
+    swap.Arena.wait_for(component, 1)
+    assert waited == ["piece 1"] and len(component.landing) == 2 and component.landed_to == -1
+    capturing[0] = False
+    swap.Arena.wait_for(component, 1)
+    assert waited == ["piece 1", "piece 0"] and component.landing == [(15, "piece 1")]
