@@ -224,7 +224,7 @@ def _pieces(component: Component, memory: torch.Tensor) -> list[tuple[int, list,
     whose parameters live (a replaced module's are gone, and no graph reads them): per piece, the
     position of its last record, its arena targets, and per target, where its host bytes start
     (a record's position) and how many, None for a record's own host copy. One target per host run
-    (``placement.host_runs``), or part of one."""
+    (``_runs``), or part of one."""
     records, offsets = component.records, component.offsets
     live = [i for i, record in enumerate(records) if record.param() is not None]
     pieces: list[tuple[int, list, list]] = []
@@ -242,22 +242,37 @@ def _pieces(component: Component, memory: torch.Tensor) -> list[tuple[int, list,
         targets.append(memory[start:end])
         parts.append((first, end - start))
 
-    for run_first, count, _ in placement.host_runs([records[i] for i in live]) if live else ():
-        run = live[run_first : run_first + count]
+    for run in _runs(records, live):
         start = 0
         for k, i in enumerate(run):
             size += records[i].nbytes
             if size >= PIECE:
-                take(run[start], i, count == 1)
+                take(run[start], i, len(run) == 1)
                 pieces.append((i, targets, parts))
                 targets, parts, size, start = [], [], 0, k + 1
-        if start < count:
-            take(run[start], run[-1], count == 1)
+        if start < len(run):
+            take(run[start], run[-1], len(run) == 1)
     if targets:
         pieces.append((len(records) - 1, targets, parts))
     elif pieces:
         pieces[-1] = (len(records) - 1, *pieces[-1][1:])  # the last piece covers any dead records after it
     return pieces
+
+
+def _runs(records: list[placement.HostParameter], live: list[int]) -> list[list[int]]:
+    """The positions ``live`` of ``records`` as runs that lie one after another both in a host
+    allocation (``placement.runs``) and in the component's range: consecutive positions (a dead
+    record between two live ones holds their places apart in the range)."""
+    found: list[list[int]] = []
+    for first, count, _ in placement.runs([records[i].host for i in live]) if live else ():
+        run = [live[first]]
+        for i in live[first + 1 : first + count]:
+            if i != run[-1] + 1:
+                found.append(run)
+                run = []
+            run.append(i)
+        found.append(run)
+    return found
 
 
 def _bytes(host: torch.Tensor, nbytes: int | None) -> torch.Tensor:

@@ -402,27 +402,49 @@ def test_a_swap_in_copies_each_host_run_whole_in_pieces_cut_between_weights(offl
         torch.testing.assert_close(compiled(x), reference(x), rtol=1e-5, atol=1e-6)
 
 
-def test_a_swap_in_skips_a_replaced_modules_weights_and_keeps_no_host_copy(offloaded):
+@pytest.mark.parametrize("replaced", [0, 1])
+def test_a_swap_in_skips_a_replaced_modules_weights_and_keeps_no_host_copy(offloaded, replaced):
     """A swapped module's submodule replaced: the new one runs resident, the old one's host copy goes
     with it, and the component's other weights still land at their views (their places were fixed
     with the arena, not laid out again without the replaced weights)."""
     model = seeded(Stack, n=2, dim=16, hidden=64)
     reference = seeded(Stack, n=2, dim=16, hidden=64)
     component = offloaded(model, ["layers"], policy="swap").components[0]
-    first = [r for r in component.records if r.names[0].startswith("layers.0.")]
-    slab = weakref.ref(_in_one_slab(first).untyped_storage())  # a slab per block, as on a GPU
-    _in_one_slab([r for r in component.records if r not in first])
+    gone = [r for r in component.records if r.names[0].startswith(f"layers.{replaced}.")]
+    slab = weakref.ref(_in_one_slab(gone).untyped_storage())  # a slab per block, as on a GPU
+    _in_one_slab([r for r in component.records if r not in gone])
     x = torch.randn(3, 16)
     with torch.no_grad():
         compiled = torch.compile(model, backend="offload_inductor")
         torch.testing.assert_close(compiled(x), reference(x), rtol=1e-5, atol=1e-6)
-        model.layers[0] = reference.layers[0]
+        model.layers[replaced] = reference.layers[replaced]
         gc.collect()
         assert slab() is None  # freed with its module: the swap-in's pieces hold no host copy
         component.arena.memory.fill_(255)  # NaN in every float: a weight not copied shows
         for _ in range(2):
             component.arena.resident.clear()  # swapped in again
             torch.testing.assert_close(compiled(x), reference(x), rtol=1e-5, atol=1e-6)
+    for record in component.records:
+        if record.param() is not None:
+            assert torch.equal(component.views[id(record)], record.host), record.names
+
+
+def test_a_replaced_weight_between_two_that_lie_together_in_host_memory_keeps_their_places(offloaded):
+    """Two live weights one after another in a host allocation, a replaced one between them in the
+    component: each lands at its own view, not as one copy across the replaced one's place."""
+    model = seeded(Stack, n=3, dim=16, hidden=64)
+    reference = seeded(Stack, n=3, dim=16, hidden=64)
+    component = offloaded(model, ["layers"], policy="swap").components[0]
+    middle = [r for r in component.records if r.names[0].startswith("layers.1.")]
+    _in_one_slab(middle)
+    _in_one_slab([r for r in component.records if r not in middle])  # blocks 0 and 2 adjacent
+    model.layers[1] = reference.layers[1]
+    gc.collect()
+    component.arena.memory.fill_(255)  # NaN in every float: a weight not copied shows
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="offload_inductor")
+        torch.testing.assert_close(compiled(x), reference(x), rtol=1e-5, atol=1e-6)
     for record in component.records:
         if record.param() is not None:
             assert torch.equal(component.views[id(record)], record.host), record.names
