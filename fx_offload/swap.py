@@ -141,14 +141,17 @@ class Arena:
         """Copy all of ``component`` into its range: on a CUDA device in pieces on the copy stream
         (``landing`` holds their events), elsewhere (or while a CUDA graph is captured, which must
         join every stream it forks) on the current stream."""
-        generation = placement.generation()
-        if component.pieces is None or component.pieces[0] != generation:
-            component.pieces = (generation, _pieces(component, self.memory))
-        records = component.records
-        pieces = [
-            (last, targets, [_bytes(records[first].host, n) for first, n in parts])
-            for last, targets, parts in component.pieces[1]
-        ]
+        records, pieces = component.records, None
+        while pieces is None:  # again where a parameter died meanwhile (a collection) and took its host
+            generation = placement.generation()
+            if component.pieces is None or component.pieces[0] != generation:
+                component.pieces = (generation, _pieces(component, self.memory))
+            pieces = [
+                (last, targets, [_bytes(records[first].host, n) for first, n in parts])
+                for last, targets, parts in component.pieces[1]
+            ]
+            if placement.generation() != generation:
+                pieces = None
         device = runtime.device_runtime(self.device)
         for record in records:
             component.versions[id(record)] = _version(record)

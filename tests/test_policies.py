@@ -514,3 +514,30 @@ def test_a_capture_while_a_swap_in_lands_waits_for_all_of_it_and_notes_nothing(o
     capturing[0] = False
     swap.Arena.wait_for(component, 1)
     assert waited == ["piece 1", "piece 0"] and component.landing == [(15, "piece 1")]
+
+
+def test_a_module_collected_while_a_swap_in_is_made_is_left_out(offloaded, monkeypatch):
+    """A replaced submodule in a reference cycle dies at a collection, which can run while a
+    swap-in gathers its host copies: the swap-in starts again without it."""
+    model = seeded(Stack, n=2, dim=16, hidden=64)
+    reference = seeded(Stack, n=2, dim=16, hidden=64)
+    component = offloaded(model, ["layers"], policy="swap").components[0]
+    component.arena.ensure(component)  # its pieces made for this placement generation
+    old = model.layers[1]
+    old.itself = [old]  # a cycle: only the collector frees it
+    model.layers[1] = reference.layers[1]
+    del old
+    bytes_of, collected = swap._bytes, []
+
+    def collect_first(host, nbytes):
+        if not collected:
+            collected.append(gc.collect())
+        return bytes_of(host, nbytes)
+
+    monkeypatch.setattr(swap, "_bytes", collect_first)
+    component.arena.resident.clear()
+    component.arena.ensure(component)
+    assert collected and collected[0] > 0
+    with torch.no_grad():
+        x = torch.randn(3, 16)
+        torch.testing.assert_close(torch.compile(model, backend="offload_inductor")(x), reference(x))
