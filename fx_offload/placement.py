@@ -371,13 +371,17 @@ def host_runs(records: list[HostParameter]) -> list[tuple[int, int, torch.Tensor
         found = []
         for first, count, nbytes in runs(hosts):
             host = hosts[first]
-            if count > 1:
-                storage = host.untyped_storage()
-                view = torch.empty(0, dtype=torch.uint8, device=host.device)
-                host = view.set_(storage, host.data_ptr() - storage.data_ptr(), (nbytes,))
-            found.append((first, count, host))
+            found.append((first, count, bytes_from(host, nbytes) if count > 1 else host))
         records[0].runs[key] = found
     return found
+
+
+def bytes_from(host: torch.Tensor, nbytes: int) -> torch.Tensor:
+    """``nbytes`` bytes of ``host``'s allocation from where ``host`` starts, as a uint8 tensor (a run
+    of host copies, copied as one piece)."""
+    storage = host.untyped_storage()
+    view = torch.empty(0, dtype=torch.uint8, device=host.device)
+    return view.set_(storage, host.data_ptr() - storage.data_ptr(), (nbytes,))
 
 
 def _aligned(n: int) -> int:

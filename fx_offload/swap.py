@@ -147,15 +147,12 @@ class Arena:
             if component.pieces is None or component.pieces[0] != generation:
                 component.pieces = (generation, _pieces(component, self.memory))
             pieces = [
-                (last, targets, [_bytes(records[first].host, n) for first, n in parts])
+                (last, targets, [_host(records[first], n) for first, n in parts])
                 for last, targets, parts in component.pieces[1]
             ]
             if placement.generation() != generation:
                 pieces = None
-        device = runtime.device_runtime(self.device)
-        for record in records:
-            component.versions[id(record)] = _version(record)
-        device.copied_bytes += sum(record.nbytes for record in records)
+        _copied(component, records)
         if self.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
             for _, targets, hosts in pieces:
                 runtime.copy_all(targets, hosts)
@@ -164,6 +161,7 @@ class Arena:
         events = component.events
         # external: a capture's call may wait for them (``wait_for``), recorded outside it
         events += [torch.cuda.Event(external=True) for _ in range(len(pieces) - len(events))]
+        device = runtime.device_runtime(self.device)
         device.copy_each([(targets, hosts, event) for (_, targets, hosts), event in zip(pieces, events)])
         component.landing = [(last, event) for (last, _, _), event in zip(pieces, events)]
         component.landed_on, component.landed_to = None, -1
@@ -194,9 +192,7 @@ class Arena:
     def _copy(component: Component, records: list[placement.HostParameter]) -> None:
         for record in records:
             component.views[id(record)].copy_(record.host, non_blocking=True)
-            component.versions[id(record)] = _version(record)
-        device = runtime.device_runtime(component.arena.device)
-        device.copied_bytes += sum(record.nbytes for record in records)
+        _copied(component, records)
 
     def release(self) -> None:
         """Forget every component (on restore); the memory goes when the last reference does."""
@@ -278,14 +274,16 @@ def _runs(records: list[placement.HostParameter], live: list[int]) -> list[list[
     return found
 
 
-def _bytes(host: torch.Tensor, nbytes: int | None) -> torch.Tensor:
-    """``nbytes`` bytes of ``host``'s allocation from where ``host`` starts, as a uint8 tensor
-    (None: ``host`` itself)."""
-    if nbytes is None:
-        return host
-    storage = host.untyped_storage()
-    view = torch.empty(0, dtype=torch.uint8, device=host.device)
-    return view.set_(storage, host.data_ptr() - storage.data_ptr(), (nbytes,))
+def _copied(component: Component, records: list[placement.HostParameter]) -> None:
+    """Note ``records`` as copied into ``component``'s range: their versions, their bytes."""
+    for record in records:
+        component.versions[id(record)] = _version(record)
+    runtime.device_runtime(component.arena.device).copied_bytes += sum(record.nbytes for record in records)
+
+
+def _host(record: placement.HostParameter, nbytes: int | None) -> torch.Tensor:
+    """``record``'s host copy (``nbytes`` None), else ``nbytes`` bytes from where it starts."""
+    return record.host if nbytes is None else placement.bytes_from(record.host, nbytes)
 
 
 def _version(record: placement.HostParameter) -> int:

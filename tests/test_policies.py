@@ -527,14 +527,14 @@ def test_a_module_collected_while_a_swap_in_is_made_is_left_out(offloaded, monke
     old.itself = [old]  # a cycle: only the collector frees it
     model.layers[1] = reference.layers[1]
     del old
-    bytes_of, collected = swap._bytes, []
+    host_of, collected = swap._host, []
 
-    def collect_first(host, nbytes):
+    def collect_first(record, nbytes):
         if not collected:
             collected.append(gc.collect())
-        return bytes_of(host, nbytes)
+        return host_of(record, nbytes)
 
-    monkeypatch.setattr(swap, "_bytes", collect_first)
+    monkeypatch.setattr(swap, "_host", collect_first)
     component.arena.resident.clear()
     component.arena.ensure(component)
     assert collected and collected[0] > 0
