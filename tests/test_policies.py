@@ -424,9 +424,7 @@ def test_a_swap_in_skips_a_replaced_modules_weights_and_keeps_no_host_copy(offlo
         for _ in range(2):
             component.arena.resident.clear()  # swapped in again
             torch.testing.assert_close(compiled(x), reference(x), rtol=1e-5, atol=1e-6)
-    for record in component.records:
-        if record.param() is not None:
-            assert torch.equal(component.views[id(record)], record.host), record.names
+    _assert_live_weights_landed(component)
 
 
 def test_a_replaced_weight_between_two_that_lie_together_in_host_memory_keeps_their_places(offloaded):
@@ -445,6 +443,11 @@ def test_a_replaced_weight_between_two_that_lie_together_in_host_memory_keeps_th
     with torch.no_grad():
         compiled = torch.compile(model, backend="offload_inductor")
         torch.testing.assert_close(compiled(x), reference(x), rtol=1e-5, atol=1e-6)
+    _assert_live_weights_landed(component)
+
+
+def _assert_live_weights_landed(component) -> None:
+    """Each live weight of ``component`` landed in its place in the arena with its host values."""
     for record in component.records:
         if record.param() is not None:
             assert torch.equal(component.views[id(record)], record.host), record.names
