@@ -571,7 +571,8 @@ class _SwappedInputs:
         function would: it owns its inputs)."""
         weights = self._take(inputs)
         ids = tuple(map(id, weights))
-        versions = tuple(map(_VERSION, weights))
+        with placement.plain_reads():
+            versions = tuple(map(_VERSION, weights))
         generation = placement.generation()
         entry = self._seen.get(ids)
         if entry is not None and entry[0] == generation:

@@ -288,7 +288,8 @@ def _start_copies(buffers: list[torch.Tensor], weights: list[torch.Tensor]) -> N
     if not buffers:
         return
     device = device_runtime(buffers[0].device)
-    key = tuple(map(_PTR, weights))
+    with _PLAIN_READS():
+        key = tuple(map(_PTR, weights))
     generation = placement.generation()
     found = device.hosts.get(key)
     if found is None or found[0] != generation:
@@ -447,7 +448,8 @@ class _Store:
         if found is None or found[0] != placement.generation():
             return None
         try:
-            versions = tuple(map(_VERSION, map(_DEREF, found[1])))
+            with _PLAIN_READS():
+                versions = tuple(map(_VERSION, map(_DEREF, found[1])))
         except AttributeError:  # a parameter is gone
             return None
         hosts = list(map(_DEREF, found[3]))
@@ -703,14 +705,15 @@ class GraphRuntime:
         generation = placement.generation()  # (what a head holds is stale once it moved)
         for found in heads:
             weights = found.take(args)
-            pointers = tuple(map(_PTR, weights))
+            with _PLAIN_READS():
+                pointers, versions = tuple(map(_PTR, weights)), tuple(map(_VERSION, weights))
             if pointers != found.current:
                 if found.current:
                     found.successor[found.current] = pointers
                 found.current = pointers
                 found.ran.add(pointers)
             found.weights = weights
-            if found.holds != (pointers, tuple(map(_VERSION, weights)), generation):
+            if found.holds != (pointers, versions, generation):
                 held = False
                 _fill(found, list(weights), pointers)
             elif found.prefetched:
@@ -805,7 +808,8 @@ def _refill_after(found: _Head) -> None:
     these same weights during the call (``in_graph``), only the rest is copied here."""
     following = found.successor.get(found.current, found.current)
     if following == found.current and found.in_graph >= found.nbytes and found.weights:
-        versions = tuple(map(_VERSION, found.weights))
+        with _PLAIN_READS():
+            versions = tuple(map(_VERSION, found.weights))
         if versions == found.in_graph_versions:  # the graph copied it all, nothing written since
             found.filled(following, versions)
             return
@@ -926,6 +930,7 @@ def _forget_dead(found: _Head) -> None:
 _RECORD = getattr(torch.cuda.Event.__mro__[1], "record", torch.cuda.Event.record)
 _WAIT = getattr(torch.cuda.Event.__mro__[1], "wait", torch.cuda.Event.wait)
 _PTR = torch.Tensor.data_ptr
+_PLAIN_READS = placement.plain_reads  # around the reads of many weights' addresses and versions
 _VERSION = operator.attrgetter("_version")
 _DEREF = weakref.ref.__call__  # a weak reference's referent, for map()
 _PARAM = operator.attrgetter("param")
@@ -944,7 +949,8 @@ def _versions(records: list) -> tuple[int, ...]:
     """The version counters of ``records``' parameters (0 for one that is gone); C-level maps, as
     this runs on every call with heads."""
     try:
-        return tuple(map(_VERSION, map(_DEREF, map(_PARAM, records))))
+        with _PLAIN_READS():
+            return tuple(map(_VERSION, map(_DEREF, map(_PARAM, records))))
     except AttributeError:  # a parameter is gone
         params = [record.param() for record in records]
         return tuple(param._version if param is not None else 0 for param in params)
@@ -1146,7 +1152,8 @@ def swapped(weights: list[torch.Tensor]) -> list[torch.Tensor]:
     if not weights:
         return []
     device = device_runtime(weights[0].device)
-    key = tuple(map(_PTR, weights))
+    with _PLAIN_READS():
+        key = tuple(map(_PTR, weights))
     generation = placement.generation()
     found = device.views.get(key)
     if found is not None and found[0] == generation:
