@@ -34,10 +34,12 @@ Columns (per forward; medians over the rounds):
   memory's rate instead of the bus's: nearly free; its copies still take a few percent of a
   forward of the bus time at most). Only on a GPU: on a CPU host and device are the same memory,
   no copy crosses a bus and this column is ``-``;
-* ``overhead``: ``ms - compute - copy``: what offloading costs besides its copies: the wrappers,
+* ``over``: the row's time over ``resident``'s, paired: the median over rounds of the difference
+  between the two rows' times in the same round (a slow stretch of a shared host slows both);
+* ``overhead``: ``over - copy``: what offloading costs besides its copies: the wrappers,
   the custom ops, the runtime's Python per graph call, and kernels that wait for a copy in
   ways the no-copy run hides (so it is a bound). On a CPU it is the whole excess over resident;
-* ``x res``: ``ms / compute``;
+* ``x res``: paired as ``over`` is: the median over rounds of the row's time over ``resident``'s;
 * ``peak GB`` (GPU): device memory the row holds at rest (its weights, arena and head buffers,
   measured as the allocation its set-up added) plus the most its forward allocated beyond that;
 * ``max |diff|``: the largest difference of the outputs to the ``resident`` row's.
@@ -390,12 +392,15 @@ def table(work: Workload, rows: list[Row], device_name: str) -> list[dict]:
     results = []
     towers = ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in work.towers.items())
     print(f"\n{work.name} on {device_name}: towers {towers}")
-    head = ("row", "ms", "compute", "copy", "overhead", "x res", "peak GB", "max |diff|")
-    print("{:34} {:>9} {:>8} {:>8} {:>8} {:>6} {:>7} {:>10}".format(*head))
+    head = ("row", "ms", "compute", "over", "copy", "overhead", "x res", "peak GB", "max |diff|")
+    print("{:34} {:>9} {:>8} {:>8} {:>8} {:>8} {:>6} {:>7} {:>10}".format(*head))
     for row in rows:
         ms = statistics.median(row.samples)
         copy_ms = ms - free[row.name] if row.name in free and not row.free_copies else None
-        overhead = ms - compute - (copy_ms or 0.0)
+        # paired with resident's sample of the same round: the host's slow stretches cancel
+        over = statistics.median(a - b for a, b in zip(row.samples, resident.samples))
+        ratio = statistics.median(a / b for a, b in zip(row.samples, resident.samples))
+        overhead = over - (copy_ms or 0.0)
         diff = max(
             ((a.float() - b.float()).abs().max().item() for a, b in zip(row.outputs, resident.outputs)),
             default=0.0,
@@ -405,8 +410,9 @@ def table(work: Workload, rows: list[Row], device_name: str) -> list[dict]:
             "ms": ms,
             "compute_ms": compute,
             "copy_ms": copy_ms,
+            "over_ms": over,
             "overhead_ms": overhead,
-            "ratio": ms / compute,
+            "ratio": ratio,
             "peak_gb": row.peak_bytes / 1e9 if row.peak_bytes is not None else None,
             "max_abs_diff": diff,
             "samples_ms": row.samples,
@@ -419,10 +425,9 @@ def table(work: Workload, rows: list[Row], device_name: str) -> list[dict]:
         results.append(result)
         shown_copy = f"{copy_ms:8.3f}" if copy_ms is not None else f"{'-':>8}"
         peak = f"{result['peak_gb']:7.2f}" if result["peak_gb"] is not None else f"{'-':>7}"
-        ratio = ms / compute
         print(
-            f"{row.name:34} {ms:9.3f} {compute:8.3f} {shown_copy} {overhead:8.3f} {ratio:6.2f} {peak} "
-            f"{diff:10.2e}"
+            f"{row.name:34} {ms:9.3f} {compute:8.3f} {over:8.3f} {shown_copy} {overhead:8.3f} {ratio:6.2f} "
+            f"{peak} {diff:10.2e}"
         )
     for result in results:
         copies = {
