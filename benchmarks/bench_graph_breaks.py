@@ -5,6 +5,7 @@
     python benchmarks/bench_graph_breaks.py --profile             # also cProfile fx_offload per call
     python benchmarks/bench_graph_breaks.py --version-costs       # only: ways to see in-place writes
     python benchmarks/bench_graph_breaks.py --parts               # only: where each row's host time goes
+    python benchmarks/bench_graph_breaks.py --api                 # only: each row's runtime calls, timed
 
 Models (random weights, built from configs, no download):
 
@@ -62,6 +63,14 @@ graphs (the model's eager code, Dynamo's frames and guards, the wrappers' own fr
 ``--rounds`` x ``--calls`` forwards, each timed to a device sync. Each timer adds a Python frame
 and two clock reads per call. The JSON (``--json``) holds the device, torch version, date,
 commit, command line and every sample.
+
+``--api`` (instead of the table) runs every row's forwards under ``torch.profiler``, the rows
+interleaved (one forward each per round, the order rotating, so a host that slows down over the
+run slows every row alike), and prints per row the calls that cost the most host time: on a GPU
+the CUDA runtime's (``cudaLaunchKernel``, ``cudaMemcpyAsync``, event records and waits), on a CPU
+torch's operators; per forward, how many, and the host time of one. A call that every row makes
+as often but that takes longer in one row says that row slows the host's work around it, not
+that it adds work.
 """
 
 from __future__ import annotations
@@ -374,6 +383,37 @@ def profile(row: Row, device: torch.device, calls: int) -> dict:
     return {"row": row.name, "forward_us": total / calls * 1e6, "frames": frames}
 
 
+def api_calls(rows: list[Row], device: torch.device, rounds: int, top: int) -> list[dict]:
+    """``--api``: each row's runtime (GPU) or operator (CPU) calls under ``torch.profiler``, one
+    forward per row per round, rows interleaved; per row and name, calls and host us per forward."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    prefix = "cuda" if device.type == "cuda" else "aten::"
+    spent: dict[str, dict[str, list[float]]] = {row.name: {} for row in rows}
+    for r in range(rounds):
+        for row in rows[r % len(rows) :] + rows[: r % len(rows)]:
+            _sync(device)
+            with torch_profile(activities=activities) as found:
+                row.call()
+                _sync(device)
+            for event in found.key_averages():
+                if event.key.startswith(prefix):
+                    total = spent[row.name].setdefault(event.key, [0.0, 0.0])
+                    total[0] += event.count / rounds
+                    total[1] += event.self_cpu_time_total / rounds
+    results = []
+    for row in rows:
+        calls = sorted(spent[row.name].items(), key=lambda item: -item[1][1])
+        print(f"\n== {row.name}: per forward, the calls that cost the most host time")
+        print(f"{'call':44} {'calls':>8} {'us each':>8} {'ms':>8}")
+        for name, (count, us) in calls[:top]:
+            print(f"{name[:44]:44} {count:8.1f} {us / count:8.2f} {us / 1e3:8.2f}")
+        results.append({"row": row.name, "calls": {n: {"calls": c, "us": us} for n, (c, us) in calls}})
+    return results
+
+
 def print_profile(result: dict, top: int) -> None:
     print(f"\n== cProfile, {result['row']}: {result['forward_us']:.0f} us per forward under the profiler")
     print(f"{'frame':58} {'calls':>7} {'cum us':>9} {'own us':>9}")
@@ -511,6 +551,11 @@ def main() -> None:
     parser.add_argument(
         "--parts", action="store_true", help="only time each part of the graph calls (see above)"
     )
+    parser.add_argument(
+        "--api",
+        action="store_true",
+        help="only profile each row's runtime calls, rows interleaved (see above)",
+    )
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -546,13 +591,16 @@ def main() -> None:
             rows = []
             for name in chosen:
                 rows.append(set_up(work, name, device, args.mode, free_copies=False, parts=parts))
-                twins = device.type == "cuda" and not args.no_twins and parts is None
+                twins = device.type == "cuda" and not args.no_twins and parts is None and not args.api
                 if twins and work.rows[name][0] is not None:
                     rows.append(set_up(work, name, device, args.mode, free_copies=True))
             device_name = report["environment"]["device"]
             if parts is not None:
                 print(f"\n{work.name} on {device_name}: host ms per forward, medians")
                 entry = {"name": work.name, "parts": parts.measure(rows, device, args.rounds, args.calls)}
+            elif args.api:
+                print(f"\n{work.name} on {device_name}: runtime calls, {args.rounds} forwards per row")
+                entry = {"name": work.name, "api": api_calls(rows, device, args.rounds, args.top)}
             else:
                 measure(rows, device, args.rounds, args.calls)
                 found_rows = table(work, rows, device_name)
