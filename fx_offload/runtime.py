@@ -379,8 +379,8 @@ class _Store:
     offsets: list[int] = field(default_factory=list)
     # a run's (first buffer, how many) -> the bytes of ``whole`` it spans (``_target``)
     spans: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
-    # data_ptrs of weights -> (placement generation, their parameters and the host tensors each
-    # copy reads, weakly, the device tensors it fills): ``copies`` as made for them (``copies_of``)
+    # data_ptrs of weights -> (placement generation, the device tensors each copy fills, the host
+    # tensors it reads, weakly): ``copies`` as made for them (``copies_of``)
     made: dict[tuple[int, ...], tuple] = field(default_factory=dict)
     passed: bool = False  # the wrapper passes the buffers as a graph's inputs (no CUDA graph reads them)
     # a graph's release poisons them (``poison_released_buffers``): refilled after every call, even
@@ -436,27 +436,22 @@ class _Store:
         if pointers:
             if len(self.made) > _CACHED:
                 self.made.clear()
-            params = tuple(map(_PARAM, records))
-            self.made[pointers] = (placement.generation(), params, targets, tuple(map(weakref.ref, hosts)))
+            self.made[pointers] = (placement.generation(), targets, tuple(map(weakref.ref, hosts)))
         return targets, hosts
 
     def copies_of(self, pointers: tuple[int, ...]) -> tuple | None:
-        """``(versions, device tensors, host tensors)`` of the weights at ``pointers``, as ``copies``
-        made them for them in this placement generation, without a record in sight (a refill after
-        every call of a stack's piece); None where it made none or a parameter is gone."""
+        """``(device tensors, host tensors)`` of the weights at ``pointers``, as ``copies`` made them
+        for them in this placement generation, without a record or a parameter in sight (a refill
+        after every call of a stack's piece); None where it made none or a host tensor is gone
+        (given back: another thread's restore, a dropped model's finalizer)."""
         found = self.made.get(pointers)
         if found is None or found[0] != placement.generation():
             return None
-        try:
-            with _PLAIN_READS():
-                versions = tuple(map(_VERSION, map(_DEREF, found[1])))
-        except AttributeError:  # a parameter is gone
-            return None
-        hosts = list(map(_DEREF, found[3]))
+        hosts = list(map(_DEREF, found[2]))
         for host in hosts:
-            if host is None:  # given back meanwhile (another thread's restore, a finalizer)
+            if host is None:
                 return None
-        return versions, found[2], hosts
+        return found[1], hosts
 
     def _target(self, first: int, count: int) -> torch.Tensor:
         """The device tensor that one copy of the run of ``count`` buffers from ``first`` fills: the
@@ -502,7 +497,9 @@ class _Head:
     # a graph reused for several blocks: the weights each call passed -> those of the call after
     # it last time, so that the refill after a call loads the block that comes next
     successor: dict[tuple[int, ...], tuple[int, ...]] = field(default_factory=dict)
-    ran: set = field(default_factory=set)  # the data_ptrs of the weights this graph's calls passed
+    # the data_ptrs of the weights this graph's calls passed -> their versions when the last such
+    # call began (a refill of them notes these, read no parameter: ``_refill_after``)
+    ran: dict[tuple[int, ...], tuple[int, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.buffers = self.store.buffers
@@ -711,7 +708,7 @@ class GraphRuntime:
                 if found.current:
                     found.successor[found.current] = pointers
                 found.current = pointers
-                found.ran.add(pointers)
+            found.ran[pointers] = versions
             found.weights = weights
             if found.holds != (pointers, versions, generation):
                 held = False
@@ -800,7 +797,8 @@ def _refill_after(found: _Head) -> None:
     """After a call: copy the head weights of the next call into the head buffers, on the copy
     stream after all the call queued on its stream (the head's readers among it); the next call's
     graph waits for them. Nothing is copied where the buffers hold those weights already, their
-    version counters unchanged (a graph called again with the weights it read).
+    version counters unchanged since a call last passed them (a graph called again with the
+    weights it read).
 
     The next call passes the same weights, unless Dynamo reuses the graph for several blocks:
     then the refill loads the block that followed this one last time (a wrong guess costs a copy
@@ -813,10 +811,14 @@ def _refill_after(found: _Head) -> None:
         if versions == found.in_graph_versions:  # the graph copied it all, nothing written since
             found.filled(following, versions)
             return
-    # the whole head as copied before (no records, runs or views to find), else its records
+    # the whole head as copied before (no records, runs or views to find), else its records. The
+    # versions it notes are those the weights had when a call last passed them, not read now (the
+    # next block's parameters: memory no call has touched since): the copy reads their values as
+    # of now, so where one was written since, the next call sees versions that moved and copies
+    # again, as for a write after the refill
     made = found.store.copies_of(following) if not found.in_graph else None
     if made is not None:
-        versions = made[0]
+        versions = found.ran.get(following, ())
     else:
         records = found._records(following)
         if not records:  # the block that followed is gone: refill with the current one
@@ -828,7 +830,7 @@ def _refill_after(found: _Head) -> None:
         return  # they hold these values already: the same weights again, unchanged (a graph's own)
     if made is not None:
         found.runtime.copied_bytes += found.nbytes
-        _issue(found, made[1], made[2])
+        _issue(found, *made)
         return
     copied = found.in_graph if following == found.current else 0  # by the graph, in the call
     if copied and versions != found.in_graph_versions:
@@ -918,7 +920,7 @@ def _forget_dead(found: _Head) -> None:
     for pointers in dead:
         del found.known[pointers]
         found.successor.pop(pointers, None)
-        found.ran.discard(pointers)
+        found.ran.pop(pointers, None)
     for pointers, following in list(found.successor.items()):
         if following in dead:
             del found.successor[pointers]

@@ -344,9 +344,10 @@ def test_a_reused_graph_refills_its_head_with_the_block_that_comes_next(backend,
 
 def test_a_store_copies_a_blocks_weights_as_it_did_before_until_they_are_placed_again(offloaded):
     """The refill after each call of a graph reused for every block copies as it did the last time
-    it loaded that block, without looking up records, runs or views again; the weights' versions
-    are read fresh each time (a write in place is copied), and a parameter placed or given back
-    anywhere (``placement.generation``) makes the store find them again."""
+    it loaded that block, without looking up records, runs or views again, and notes the versions
+    the weights had when a call last passed them (the head's ``ran``), reading no parameter: a
+    write in place since moves the versions the next call reads, which copies again. A parameter
+    placed or given back anywhere (``placement.generation``) makes the store find them again."""
     model = seeded(BreakingStack, n=4)
     offloaded(model, ["layers.*"])
     compiled = _compiled(model, "offload_eager", heads_as_inputs=True)
@@ -356,18 +357,20 @@ def test_a_store_copies_a_blocks_weights_as_it_did_before_until_they_are_placed_
             compiled(x)
         reused = [found for found in runtime.live_heads() if found.successor]
         assert reused
-        store = reused[0].store
+        head, store = reused[0], reused[0].store
         assert len(store.made) == 4, store.made  # one per block
         pointers = next(iter(store.made))
-        versions, buffers, hosts = store.copies_of(pointers)
+        buffers, hosts = store.copies_of(pointers)
         assert [b.nbytes for b in buffers] == [h.nbytes for h in hosts]
         assert sum(b.nbytes for b in buffers) <= store.nbytes
-        weight = placement.at(pointers[0]).param()
-        weight.mul_(2)
-        assert store.copies_of(pointers)[0] != versions
+        weights = [placement.at(pointer).param() for pointer in pointers]
+        assert head.ran[pointers] == tuple(w._version for w in weights)
+        weights[0].mul_(2)
+        assert head.ran[pointers] != tuple(w._version for w in weights)
         for _ in range(2):
             out = compiled(x)
         torch.testing.assert_close(out, _restored_output(model, x), rtol=1e-5, atol=1e-6)
+        assert head.ran[pointers] == tuple(w._version for w in weights)
     fx_offload.restore(model)
     assert store.copies_of(pointers) is None
 
