@@ -112,6 +112,11 @@ class DeviceRuntime:
     stores: weakref.WeakValueDictionary = field(default_factory=weakref.WeakValueDictionary)
     # a swapped op's weights (their data_ptrs) -> (generation, weak components, arena views)
     views: dict[tuple[int, ...], tuple] = field(default_factory=dict)
+    # a tuple of the data_ptrs of a call's head weights -> itself, the first tuple made of them:
+    # every later call passes that one object on (``GraphRuntime.enter``), so the tables keyed by
+    # them (a head's successors and versions, a store's copies, the call sequence) find it by
+    # identity instead of comparing the tuples address by address, each a Python int
+    interned: dict[tuple[int, ...], tuple[int, ...]] = field(default_factory=dict)
     _stream: torch.cuda.Stream | None = None
     # raw stream id -> its Stream object (``torch.cuda.current_stream`` builds a new one per call)
     _streams: dict[int, torch.cuda.Stream] = field(default_factory=dict)
@@ -700,10 +705,12 @@ class GraphRuntime:
         heads = self._thread_heads()
         held, own = True, True
         generation = placement.generation()  # (what a head holds is stale once it moved)
+        interned = self.device.interned if heads else None
         for found in heads:
             weights = found.take(args)
             with _PLAIN_READS():
                 pointers, versions = tuple(map(_PTR, weights)), tuple(map(_VERSION, weights))
+            pointers = interned.setdefault(pointers, pointers)
             if pointers != found.current:
                 if found.current:
                     found.successor[found.current] = pointers
@@ -896,6 +903,8 @@ def _ordered(found: _Head) -> None:
 def _fill(found: _Head, weights: list[torch.Tensor], pointers: tuple[int, ...]) -> None:
     """Before a call, on the compute stream: copy ``weights`` (at addresses ``pointers``, which
     ``enter`` has made the head's current ones) into the head where it holds other values."""
+    if len(found.runtime.interned) > _CACHED:  # (weights met since are interned anew)
+        found.runtime.interned.clear()
     records = found._records(pointers)
     # the same addresses may carry other records: restored and offloaded again in place
     if not records or placement.lookup(weights[0]) is not records[0]:

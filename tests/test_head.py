@@ -375,6 +375,25 @@ def test_a_store_copies_a_blocks_weights_as_it_did_before_until_they_are_placed_
     assert store.copies_of(pointers) is None
 
 
+def test_the_addresses_of_a_calls_head_weights_are_one_tuple_from_call_to_call(offloaded):
+    """A head's tuple of its weights' addresses is made once and passed on to every later call
+    with those weights: the tables keyed by it (the head's successors and versions, the call
+    sequence) find it by identity instead of comparing address after address."""
+    model = seeded(BreakingStack, n=4)
+    offloaded(model, ["layers.*"])
+    compiled = _compiled(model, "offload_eager", heads_as_inputs=True)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        for _ in range(3):
+            compiled(x)
+    head = next(found for found in runtime.live_heads() if found.successor)
+    keys = list(head.ran)
+    assert len(keys) == 4  # one per block
+    assert any(head.current is key for key in keys)  # the last call's, made by the first
+    for following in head.successor.values():
+        assert any(following is key for key in keys)
+
+
 @pytest.mark.parametrize("backend", ["offload_eager", "offload_inductor"])
 @pytest.mark.parametrize("cls", [Stack, BreakingStack])
 def test_graphs_compiled_for_two_shapes_share_the_head_buffers_of_their_weights(backend, cls, offloaded):
