@@ -348,16 +348,9 @@ def test_a_store_copies_a_blocks_weights_as_it_did_before_until_they_are_placed_
     the weights had when a call last passed them (the head's ``ran``), reading no parameter: a
     write in place since moves the versions the next call reads, which copies again. A parameter
     placed or given back anywhere (``placement.generation``) makes the store find them again."""
-    model = seeded(BreakingStack, n=4)
-    offloaded(model, ["layers.*"])
-    compiled = _compiled(model, "offload_eager", heads_as_inputs=True)
-    x = torch.randn(3, 8)
+    model, compiled, x, head = _reused_head(offloaded)
+    store = head.store
     with torch.no_grad():
-        for _ in range(3):
-            compiled(x)
-        reused = [found for found in runtime.live_heads() if found.successor]
-        assert reused
-        head, store = reused[0], reused[0].store
         assert len(store.made) == 4, store.made  # one per block
         pointers = next(iter(store.made))
         buffers, hosts = store.copies_of(pointers)
@@ -379,6 +372,18 @@ def test_the_addresses_of_a_calls_head_weights_are_one_tuple_from_call_to_call(o
     """A head's tuple of its weights' addresses is made once and passed on to every later call
     with those weights: the tables keyed by it (the head's successors and versions, the call
     sequence) find it by identity instead of comparing address after address."""
+    head = _reused_head(offloaded)[3]
+    keys = list(head.ran)
+    assert len(keys) == 4  # one per block
+    assert any(head.current is key for key in keys)  # the last call's, made by the first
+    for following in head.successor.values():
+        assert any(following is key for key in keys)
+
+
+def _reused_head(offloaded) -> tuple:
+    """A ``BreakingStack`` offloaded whole, compiled with its heads passed as inputs, after three
+    forwards: the model, the compiled model, the input, and the head of the graph Dynamo reuses for
+    every block."""
     model = seeded(BreakingStack, n=4)
     offloaded(model, ["layers.*"])
     compiled = _compiled(model, "offload_eager", heads_as_inputs=True)
@@ -386,12 +391,9 @@ def test_the_addresses_of_a_calls_head_weights_are_one_tuple_from_call_to_call(o
     with torch.no_grad():
         for _ in range(3):
             compiled(x)
-    head = next(found for found in runtime.live_heads() if found.successor)
-    keys = list(head.ran)
-    assert len(keys) == 4  # one per block
-    assert any(head.current is key for key in keys)  # the last call's, made by the first
-    for following in head.successor.values():
-        assert any(following is key for key in keys)
+    reused = [found for found in runtime.live_heads() if found.successor]
+    assert reused
+    return model, compiled, x, reused[0]
 
 
 @pytest.mark.parametrize("backend", ["offload_eager", "offload_inductor"])
