@@ -70,7 +70,8 @@ run slows every row alike), and prints per row the calls that cost the most host
 the CUDA runtime's (``cudaLaunchKernel``, ``cudaMemcpyAsync``, event records and waits), on a CPU
 torch's operators; per forward, how many, and the host time of one. A call that every row makes
 as often but that takes longer in one row says that row slows the host's work around it, not
-that it adds work.
+that it adds work: the last lines weigh that, over the calls each row makes as often as
+``resident``, by resident's time in each.
 """
 
 from __future__ import annotations
@@ -411,6 +412,22 @@ def api_calls(rows: list[Row], device: torch.device, rounds: int, top: int) -> l
         for name, (count, us) in calls[:top]:
             print(f"{name[:44]:44} {count:8.1f} {us / count:8.2f} {us / 1e3:8.2f}")
         results.append({"row": row.name, "calls": {n: {"calls": c, "us": us} for n, (c, us) in calls}})
+    # the calls a row makes as often as resident does (within 1%): the host time of one, against
+    # resident's, weighted by resident's time in each; above 1, the row slows work it does not add
+    resident = next((row for row in rows if row.plan is None), None)
+    base = spent[resident.name] if resident is not None else {}
+    for row, result in zip(rows, results):
+        if row is resident or not base:
+            continue
+        same = []  # (resident's time in the call, the row's time per call over resident's)
+        for name, (count_base, us_base) in base.items():
+            count, us = spent[row.name].get(name, (0.0, 0.0))
+            if us_base > 0 and count and abs(count - count_base) <= 0.01 * count_base:
+                same.append((us_base, (us / count) / (us_base / count_base)))
+        if same:
+            slower = sum(w * r for w, r in same) / sum(w for w, _ in same)
+            result["shared_calls_vs_resident"] = slower
+            print(f"{row.name}: its {len(same)} kinds of call made as often as resident's take {slower:.2f}x")
     return results
 
 
