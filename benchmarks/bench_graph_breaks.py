@@ -99,7 +99,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_offload import environment  # noqa: E402
+from bench_offload import bandwidth, environment  # noqa: E402
 
 import fx_offload  # noqa: E402
 from fx_offload.backend import offload_inductor  # noqa: E402
@@ -114,6 +114,7 @@ class Workload:
     inputs: tuple
     rows: dict[str, tuple[dict | None, dict]]  # row -> (patterns, offload kwargs)
     towers: dict[str, int] = field(default_factory=dict)  # tower -> bytes
+    peer_modules: tuple[str, ...] = ()  # the towers' module names, for the peers' hooks
 
 
 class OmniTowers(nn.Module):
@@ -152,7 +153,12 @@ def omni(size: str, dtype: torch.dtype) -> Workload:
         "swap, both fit": (swap, {"device_budget": visual + audio + (1 << 20)}),
     }
     return Workload(
-        f"omni-{size}", towers, tuple(inputs[n] for n in names), rows, {"visual": visual, "audio": audio}
+        f"omni-{size}",
+        towers,
+        tuple(inputs[n] for n in names),
+        rows,
+        {"visual": visual, "audio": audio},
+        ("thinker.visual", "thinker.audio_tower"),
     )
 
 
@@ -161,8 +167,36 @@ def vl(size: str, dtype: torch.dtype) -> Workload:
 
     model, inputs = vision_tower(size, "cpu", dtype)
     rows = {"resident": (None, {}), "stream": ({"visual": "stream"}, {}), "swap": ({"visual": "swap"}, {})}
-    return Workload(f"vl-{size}", model, inputs, rows, {"visual": _bytes(model.visual)})
+    return Workload(f"vl-{size}", model, inputs, rows, {"visual": _bytes(model.visual)}, ("visual",))
 
+
+def _accelerate(model: nn.Module, modules: list[nn.Module], device: torch.device) -> None:
+    from accelerate import cpu_offload
+
+    for module in modules:
+        cpu_offload(module, execution_device=device)
+
+
+def _diffusers(model: nn.Module, modules: list[nn.Module], device: torch.device) -> None:
+    from diffusers.hooks import apply_group_offloading
+
+    for module in modules:
+        apply_group_offloading(
+            module,
+            onload_device=device,
+            offload_device=torch.device("cpu"),
+            offload_type="block_level",
+            num_blocks_per_group=1,
+            use_stream=True,
+        )
+
+
+# peers (GPU only): the towers offloaded by forward hooks, the model run eagerly, as their users run it
+PEERS: dict[str, Callable[[nn.Module, list[nn.Module], torch.device], None] | None] = {
+    "resident eager": None,
+    "accelerate cpu_offload": _accelerate,
+    "diffusers stream": _diffusers,
+}
 
 WORKLOADS: dict[str, Callable[[str, torch.dtype], Workload]] = {
     "omni": lambda size, dtype: omni(size, dtype),
@@ -185,6 +219,7 @@ class Row:
     peak_bytes: int | None = None
     outputs: tuple = ()
     counts: dict = field(default_factory=dict)  # fx_offload's counters over one forward
+    peer: bool = False  # eager, offloaded by another library's hooks (or none: resident eager)
 
 
 def _sync(device: torch.device) -> None:
@@ -290,9 +325,22 @@ def set_up(
 ) -> Row:
     """Offload a copy of the model for row ``name``, compile it (with ``parts``' timers, if given),
     run it once."""
-    patterns, kwargs = work.rows[name]
     before = _allocated(device)
     model = copy.deepcopy(work.model)
+    if name in PEERS:
+        model.to(device)
+        if PEERS[name] is not None:
+            PEERS[name](model, [model.get_submodule(m) for m in work.peer_modules], device)
+
+        def eager():
+            with torch.no_grad():
+                return model(*inputs)
+
+        inputs = _to(work.inputs, device)
+        outputs = _tensors(eager())
+        _sync(device)
+        return Row(name, model, eager, None, _allocated(device) - before, outputs=outputs, peer=True)
+    patterns, kwargs = work.rows[name]
     plan = None
     if patterns is None:
         model.to(device)
@@ -414,7 +462,7 @@ def api_calls(rows: list[Row], device: torch.device, rounds: int, top: int) -> l
         results.append({"row": row.name, "calls": {n: {"calls": c, "us": us} for n, (c, us) in calls}})
     # the calls a row makes as often as resident does (within 1%): the host time of one, against
     # resident's, weighted by resident's time in each; above 1, the row slows work it does not add
-    resident = next((row for row in rows if row.plan is None), None)
+    resident = next((row for row in rows if row.plan is None and not row.peer), None)
     base = spent[resident.name] if resident is not None else {}
     for row, result in zip(rows, results):
         if row is resident or not base:
@@ -440,23 +488,33 @@ def print_profile(result: dict, top: int) -> None:
         print(f"{name:58} {frame['calls']:7.1f} {frame['cum_us']:9.1f} {frame['tot_us']:9.1f}")
 
 
-def table(work: Workload, rows: list[Row], device_name: str) -> list[dict]:
-    resident = next(r for r in rows if r.plan is None)
+def table(work: Workload, rows: list[Row], device_name: str, rate: float) -> tuple[list[dict], dict]:
+    """Print and return the rows' results, and the floor: the towers' bytes over the measured
+    host-to-device ``rate`` (bytes per second; NaN on a CPU, where the floor is resident)."""
+    resident = next(r for r in rows if r.plan is None and not r.peer)
     compute = statistics.median(resident.samples)
+    moved = sum(work.towers.values())
+    transfer = moved / rate * 1e3 if rate == rate else 0.0
     free = {
         r.name.removesuffix(" (copies free)"): statistics.median(r.samples) for r in rows if r.free_copies
     }
     results = []
     towers = ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in work.towers.items())
     print(f"\n{work.name} on {device_name}: towers {towers}")
-    head = ("row", "ms", "compute", "over", "copy", "overhead", "x res", "peak GB", "max |diff|")
-    print("{:34} {:>9} {:>8} {:>8} {:>8} {:>8} {:>6} {:>7} {:>10}".format(*head))
+    if transfer:
+        print(
+            f"the towers' {moved / 1e9:.2f} GB at {rate / 1e9:.1f} GB/s (measured, pinned host to device): "
+            f"{transfer:.1f} ms; floor per forward max(resident, that)"
+        )
+    head = ("row", "ms", "compute", "over", "copy", "overhead", "x res", "x floor", "peak GB", "max |diff|")
+    print("{:34} {:>9} {:>8} {:>8} {:>8} {:>8} {:>6} {:>7} {:>7} {:>10}".format(*head))
     for row in rows:
         ms = statistics.median(row.samples)
         copy_ms = ms - free[row.name] if row.name in free and not row.free_copies else None
         # paired with resident's sample of the same round: the host's slow stretches cancel
         over = statistics.median(a - b for a, b in zip(row.samples, resident.samples))
         ratio = statistics.median(a / b for a, b in zip(row.samples, resident.samples))
+        x_floor = statistics.median(a / max(b, transfer) for a, b in zip(row.samples, resident.samples))
         overhead = over - (copy_ms or 0.0)
         diff = max(
             ((a.float() - b.float()).abs().max().item() for a, b in zip(row.outputs, resident.outputs)),
@@ -470,6 +528,7 @@ def table(work: Workload, rows: list[Row], device_name: str) -> list[dict]:
             "over_ms": over,
             "overhead_ms": overhead,
             "ratio": ratio,
+            "x_floor": x_floor,
             "peak_gb": row.peak_bytes / 1e9 if row.peak_bytes is not None else None,
             "max_abs_diff": diff,
             "samples_ms": row.samples,
@@ -484,7 +543,7 @@ def table(work: Workload, rows: list[Row], device_name: str) -> list[dict]:
         peak = f"{result['peak_gb']:7.2f}" if result["peak_gb"] is not None else f"{'-':>7}"
         print(
             f"{row.name:34} {ms:9.3f} {compute:8.3f} {over:8.3f} {shown_copy} {overhead:8.3f} {ratio:6.2f} "
-            f"{peak} {diff:10.2e}"
+            f"{x_floor:7.2f} {peak} {diff:10.2e}"
         )
     for result in results:
         copies = {
@@ -503,7 +562,7 @@ def table(work: Workload, rows: list[Row], device_name: str) -> list[dict]:
             print(
                 f"  {result['row']}: {len(result['outside_graphs'])} offloaded parameters read outside graphs"
             )
-    return results
+    return results, {"towers_bytes": moved, "bandwidth_bytes_per_s": rate, "transfer_ms": transfer}
 
 
 def _version_candidates(params: list[nn.Parameter]) -> dict[str, Callable[[], object]]:
@@ -595,21 +654,26 @@ def main() -> None:
     else:
         default = "omni,vl" if args.size == "tiny" else "omni,vl3b,vl7b"
         dtype = torch.float32 if args.size == "tiny" else torch.bfloat16
+        rate = bandwidth(device)  # once, before any model holds device memory
         for key in (args.models or default).split(","):
             if key not in WORKLOADS:
                 raise SystemExit(f"--models: unknown model {key!r}; choose from {sorted(WORKLOADS)}")
             work = WORKLOADS[key](args.size, dtype)
-            chosen = args.rows or list(work.rows)
-            unknown = [name for name in chosen if name not in work.rows]
+            cuda = device.type == "cuda"
+            known = list(work.rows) + (list(PEERS) if cuda else [])
+            # the peers by default only in the table: --parts and --api look at fx_offload's calls
+            chosen = args.rows or (known if parts is None and not args.api else list(work.rows))
+            unknown = [name for name in chosen if name not in known]
             if unknown:
-                raise SystemExit(f"--rows: unknown {unknown}; {work.name} has the rows {list(work.rows)}")
+                where = "" if cuda else " on a CPU (the peers' rows need a GPU)"
+                raise SystemExit(f"--rows: unknown {unknown}; {work.name} has the rows {known}{where}")
             if "resident" not in chosen:
                 raise SystemExit("--rows: include 'resident', every row's reference")
             rows = []
             for name in chosen:
                 rows.append(set_up(work, name, device, args.mode, free_copies=False, parts=parts))
                 twins = device.type == "cuda" and not args.no_twins and parts is None and not args.api
-                if twins and work.rows[name][0] is not None:
+                if twins and name in work.rows and work.rows[name][0] is not None:
                     rows.append(set_up(work, name, device, args.mode, free_copies=True))
             device_name = report["environment"]["device"]
             if parts is not None:
@@ -620,8 +684,8 @@ def main() -> None:
                 entry = {"name": work.name, "api": api_calls(rows, device, args.rounds, args.top)}
             else:
                 measure(rows, device, args.rounds, args.calls)
-                found_rows = table(work, rows, device_name)
-                entry = {"name": work.name, "towers_bytes": work.towers, "rows": found_rows}
+                found_rows, floor = table(work, rows, device_name, rate)
+                entry = {"name": work.name, "towers_bytes": work.towers, "floor": floor, "rows": found_rows}
             if args.profile and parts is None:
                 entry["profiles"] = []
                 for row in rows:
