@@ -24,6 +24,13 @@ timed in rounds that interleave the rows so that a noisy machine affects them al
 * ``swap, both fit``: a budget that holds both (after the first forward nothing crosses the bus).
   The vision-only models have one tower, so one ``swap`` row.
 
+On a GPU, the peers too, run eagerly as their users run them (not compiled; hooks move the
+weights): ``resident eager`` (no offload, no compile), ``accelerate cpu_offload`` on each tower
+(a hook per module with weights copies them in before its forward, from pageable host memory)
+and ``diffusers stream`` (``apply_group_offloading``, block level, one block per group, on a
+copy stream, the next group prefetched). The peers offload the whole audio tower (its front end
+too): their hooks need a module that runs a forward.
+
 Columns (per forward; medians over the rounds):
 
 * ``ms``: the forward, from the call to its outputs (a device sync after each call); on a CPU the
@@ -41,6 +48,9 @@ Columns (per forward; medians over the rounds):
   the custom ops, the runtime's Python per graph call, and kernels that wait for a copy in
   ways the no-copy run hides (so it is a bound). On a CPU it is the whole excess over resident;
 * ``x res``: paired as ``over`` is: the median over rounds of the row's time over ``resident``'s;
+* ``x floor``: paired too, over ``max(resident, the towers' bytes / bus rate)``, the rate measured
+  once at the start (pinned host to device, the best of ten 1 GiB copies; the line above the
+  table gives it); on a CPU the floor is ``resident``;
 * ``peak GB`` (GPU): device memory the row holds at rest (its weights, arena and head buffers,
   measured as the allocation its set-up added) plus the most its forward allocated beyond that;
 * ``max |diff|``: the largest difference of the outputs to the ``resident`` row's.
