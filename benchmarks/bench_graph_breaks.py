@@ -251,10 +251,25 @@ def _tensors(out) -> tuple:
     return tuple(t for item in out for t in _tensors(item)) if isinstance(out, (tuple, list)) else ()
 
 
+def inductor(mode: str | None, timed: Callable | None = None) -> Callable:
+    """Inductor as ``torch.compile(backend="inductor", mode=mode)`` runs it, as a plain function
+    (see ``set_up``); ``timed``: ``Parts.timed``, put around each compiled graph."""
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = dict(list_mode_options(mode)) if mode else {}
+
+    def backend(gm, inputs):
+        compiled = compile_fx(gm, inputs, config_patches=patches)
+        return timed("graph calls", compiled) if timed is not None else compiled
+
+    return backend
+
+
 class Parts:
     """Host time per forward in each part of the compiled-graph calls, by timers wrapped around
     them (``--parts``): ``install`` wraps the wrapper's parts and every graph the offload backend
-    compiles, ``inductor`` is the resident rows' backend with the same timer."""
+    compiles; ``inductor(mode, Parts.timed)`` is the resident row's backend with the same timer."""
 
     PARTS = ("graph calls", "before calls", "passing heads", "after calls")
 
@@ -287,13 +302,6 @@ class Parts:
         swapped.ensure = self.timed("before calls", swapped.ensure)
         around = backend._around_calls
         backend._around_calls = lambda compiled, setup: around(self.timed("graph calls", compiled), setup)
-
-    def inductor(self, mode: str | None) -> Callable:
-        from torch._inductor import list_mode_options
-        from torch._inductor.compile_fx import compile_fx
-
-        patches = dict(list_mode_options(mode)) if mode else {}
-        return lambda gm, inputs: self.timed("graph calls", compile_fx(gm, inputs, config_patches=patches))
 
     def measure(self, rows: list[Row], device: torch.device, rounds: int, calls: int) -> list[dict]:
         """Each row's forwards, the parts' times of each; rows interleaved per round."""
@@ -361,11 +369,15 @@ def set_up(
                 record.host = record.host.to(device)
     # a backend object of its own per row: Dynamo reuses a cached graph wherever its guards pass,
     # and they do not tell one model's offloaded parameters from another's (both are
-    # OffloadedParameters), so rows sharing the backend would run each other's graphs
-    backend = functools.partial(offload_inductor, mode=mode) if plan else "inductor"
-    if parts is not None and plan is None:
-        backend, mode = parts.inductor(mode), None
-    compiled = torch.compile(model, backend=backend, mode=None if plan else mode)
+    # OffloadedParameters), so rows sharing the backend would run each other's graphs. Resident's
+    # is a plain function too: the rows' code objects share Dynamo's caches, and each frame's
+    # lookup compares its backend with the cached entries' until one matches: Python's ``__eq__``
+    # of ``backend="inductor"``'s wrapper for every other row, C-level for a function
+    if plan is not None:
+        backend = functools.partial(offload_inductor, mode=mode)
+    else:
+        backend = inductor(mode, parts.timed if parts is not None else None)
+    compiled = torch.compile(model, backend=backend)
     inputs = _to(work.inputs, device)
 
     def call():
