@@ -726,7 +726,11 @@ class GraphRuntime:
             _registry.stack().append(heads)
         if heads:
             device = self.device
-            key = heads[0].current if len(heads) == 1 else tuple(found.current for found in heads)
+            if len(heads) == 1:
+                key = heads[0].current
+            else:
+                key = tuple(found.current for found in heads)
+                key = interned.setdefault(key, key)
             origin = device.sequence.arrive(self.token, key, held, own)
             counters["fx_offload"][_COUNTED[origin]] += 1
         return heads

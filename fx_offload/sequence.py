@@ -20,7 +20,8 @@ weights, how many calls without weights came since, and the call itself. A graph
 inputs that runs between the blocks of a stack (say, a rotary embedding recomputed per block) is
 the same call every time; keyed by the block before it, each of its positions has one successor.
 Where that key was never seen (a path change moved the count), the guess falls back to the call
-that last followed this call anywhere.
+that followed this call anywhere when a transition was last learned (a guess that came true
+teaches nothing new).
 
 Everything is O(1) per call (dict lookups, no scans) and bounded: each table keeps at most
 ``capacity`` entries (the oldest go first), a forward's record at most ``max_record`` calls, and
@@ -131,7 +132,7 @@ class CallSequence:
                 f"{capacity}, max_record={max_record}, kept={kept}"
             )
         self._after = _Table(capacity)  # position of a call -> the call that followed it
-        self._follows = _Table(capacity)  # a call -> the call that last followed it, anywhere
+        self._follows = _Table(capacity)  # a call -> the call that followed it, anywhere, when last learned
         self._tokens = itertools.count()
         self._max_record = max_record
         self._forwards: deque[Forward] = deque(maxlen=kept)
@@ -141,6 +142,7 @@ class CallSequence:
         self._since = 0  # calls without weights since then
         self._position: tuple | None = None  # (weighted, since, last): the key of ``_after``
         self._next: Call | None = None
+        self._placed = False  # ``_next`` was found by its position (not the fallback's)
         self._boundary = False  # begin_forward() was called: the next call starts a forward
         self._explicit = False  # the caller marks forwards: no anchor
         self._seen: set[Call] = set()  # the forward's calls with weights (up to ``max_record``)
@@ -181,8 +183,11 @@ class CallSequence:
         ``SAME_GRAPH`` or ``PREVIOUS_GRAPH`` by that; where it does not, those follow from the
         guess (``NOT_PREDICTED`` where the last guess was another call, or none) and the graph of
         the call before. Afterwards ``next`` is the guess for the call after this one."""
-        call = Call(graph, weights)
         last, guessed = self._last, self._next
+        # the guessed call itself where it is the one that came (the runtime passes the weights'
+        # interned tuple, so ``is`` holds): then the transitions that guessed it are known
+        repeat = guessed is not None and guessed.weights is weights and guessed.graph == graph
+        call = guessed if repeat else Call(graph, weights)
         again = bool(weights) and call in self._seen  # a call with weights, twice in one forward
         starts = self._boundary or (
             not self._explicit and (call == self._anchor or self._anchor is None or again)
@@ -196,11 +201,14 @@ class CallSequence:
         else:
             origin = Origin.PREVIOUS_GRAPH
         self._counts[origin] += 1
-        # learn: the position of the last call is followed by this call
-        if self._position is not None:
-            self._after.write(self._position, call)
-        if last is not None:
-            self._follows.write(last, call)
+        # learn: the position of the last call is followed by this call (known already where the
+        # guess was this call and came from that position; the fallback table then keeps what it
+        # learned when it last learned a position)
+        if not (repeat and self._placed):
+            if self._position is not None:
+                self._after.write(self._position, call)
+            if last is not None:
+                self._follows.write(last, call)
         # record
         if starts:
             if self._anchor is None or again:
@@ -224,6 +232,7 @@ class CallSequence:
         self._position = (self._weighted, self._since, call)
         self._last = call
         found = self._after.data.get(self._position)
+        self._placed = found is not None
         self._next = found if found is not None else self._follows.data.get(call)
         return origin
 
