@@ -91,6 +91,7 @@ import copy
 import cProfile
 import functools
 import json
+import math
 import operator
 import pstats
 import statistics
@@ -109,7 +110,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_offload import bandwidth, environment  # noqa: E402
+from bench_offload import bandwidth, diffusers_stream, environment  # noqa: E402
 
 import fx_offload  # noqa: E402
 from fx_offload.backend import offload_inductor  # noqa: E402
@@ -188,17 +189,8 @@ def _accelerate(model: nn.Module, modules: list[nn.Module], device: torch.device
 
 
 def _diffusers(model: nn.Module, modules: list[nn.Module], device: torch.device) -> None:
-    from diffusers.hooks import apply_group_offloading
-
     for module in modules:
-        apply_group_offloading(
-            module,
-            onload_device=device,
-            offload_device=torch.device("cpu"),
-            offload_type="block_level",
-            num_blocks_per_group=1,
-            use_stream=True,
-        )
+        diffusers_stream(module, device, "block_level")
 
 
 # peers (GPU only): the towers offloaded by forward hooks, the model run eagerly, as their users run it
@@ -516,7 +508,7 @@ def table(work: Workload, rows: list[Row], device_name: str, rate: float) -> tup
     resident = next(r for r in rows if r.plan is None and not r.peer)
     compute = statistics.median(resident.samples)
     moved = sum(work.towers.values())
-    transfer = moved / rate * 1e3 if rate == rate else 0.0
+    transfer = 0.0 if math.isnan(rate) else moved / rate * 1e3
     free = {
         r.name.removesuffix(" (copies free)"): statistics.median(r.samples) for r in rows if r.free_copies
     }
@@ -676,12 +668,13 @@ def main() -> None:
     else:
         default = "omni,vl" if args.size == "tiny" else "omni,vl3b,vl7b"
         dtype = torch.float32 if args.size == "tiny" else torch.bfloat16
-        rate = bandwidth(device)  # once, before any model holds device memory
+        # the bus's rate for the table's floor: once, before any model holds device memory
+        rate = bandwidth(device) if parts is None and not args.api else math.nan
+        cuda = device.type == "cuda"
         for key in (args.models or default).split(","):
             if key not in WORKLOADS:
                 raise SystemExit(f"--models: unknown model {key!r}; choose from {sorted(WORKLOADS)}")
             work = WORKLOADS[key](args.size, dtype)
-            cuda = device.type == "cuda"
             known = list(work.rows) + (list(PEERS) if cuda else [])
             # the peers by default only in the table: --parts and --api look at fx_offload's calls
             chosen = args.rows or (known if parts is None and not args.api else list(work.rows))
@@ -694,7 +687,7 @@ def main() -> None:
             rows = []
             for name in chosen:
                 rows.append(set_up(work, name, device, args.mode, free_copies=False, parts=parts))
-                twins = device.type == "cuda" and not args.no_twins and parts is None and not args.api
+                twins = cuda and not args.no_twins and parts is None and not args.api
                 if twins and name in work.rows and work.rows[name][0] is not None:
                     rows.append(set_up(work, name, device, args.mode, free_copies=True))
             device_name = report["environment"]["device"]

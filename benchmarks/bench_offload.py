@@ -184,32 +184,34 @@ def prepare(method: str, case: Case, state: dict, device: torch.device, dtype: t
             cpu_offload(model.blocks[i], execution_device=device)
         return model
     if method.startswith("diffusers"):
-        from diffusers.hooks import apply_group_offloading
-
         if case.every == 1:  # every block: diffusers' block level over the stack
-            apply_group_offloading(
-                model,
-                onload_device=device,
-                offload_device=torch.device("cpu"),
-                offload_type="block_level",
-                num_blocks_per_group=1,
-                use_stream=True,
-            )
+            diffusers_stream(model, device, "block_level")
         else:  # some blocks: leaf level on each of them
             for i in indices:
-                apply_group_offloading(
-                    model.blocks[i],
-                    onload_device=device,
-                    offload_device=torch.device("cpu"),
-                    offload_type="leaf_level",
-                    use_stream=True,
-                )
+                diffusers_stream(model.blocks[i], device, "leaf_level")
         return torch.compile(model) if method.endswith("compiled") else model
     if method.startswith("UVA"):
         for i in indices:
             uva_views(model.blocks[i], device)
         return torch.compile(model) if method.endswith("compiled") else model
     raise ValueError(f"unknown method {method!r}")
+
+
+def diffusers_stream(module: nn.Module, device: torch.device, offload_type: str) -> None:
+    """diffusers' group offloading of ``module`` on a copy stream, from host memory to ``device``:
+    ``offload_type`` ``block_level`` (one block of its stacks per group, the next prefetched) or
+    ``leaf_level``."""
+    from diffusers.hooks import apply_group_offloading
+
+    blocks = {"num_blocks_per_group": 1} if offload_type == "block_level" else {}
+    apply_group_offloading(
+        module,
+        onload_device=device,
+        offload_device=torch.device("cpu"),
+        offload_type=offload_type,
+        use_stream=True,
+        **blocks,
+    )
 
 
 def uva_views(module: nn.Module, device: torch.device) -> None:
