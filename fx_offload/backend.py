@@ -444,7 +444,12 @@ def _refuse_resident_in_offloaded(gm, position, example_inputs, offloaded) -> No
         for arg in node.all_input_nodes:
             i = position.get(arg)
             example = example_inputs[i] if i is not None else None
-            if isinstance(example, nn.Parameter) and example.numel() and i not in offloaded:
+            if (
+                isinstance(example, nn.Parameter)
+                and example.numel()
+                and i not in offloaded
+                and not placement.is_kept(example)
+            ):
                 raise ValueError(
                     f"module {module_name(stack[-1][1][0])!r} is offloaded but reads a resident "
                     f"{tuple(example.shape)} parameter: a parameter was replaced after offload "

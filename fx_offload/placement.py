@@ -36,6 +36,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 _records: dict[int, HostParameter] = {}
 # every parameter placed, even after its data was replaced: to say so instead of running resident
 _placed: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# parameters of streamed modules that ``offload`` left on the device (``keep_vectors``)
+_kept: WeakIdKeyDictionary = WeakIdKeyDictionary()
 # placements and restores so far: a cache keyed by data addresses is stale once it moves
 _changes = [0]
 
@@ -76,6 +78,20 @@ class HostParameter:
     @property
     def nbytes(self) -> int:
         return self.host.numel() * self.host.element_size()
+
+
+def keep(param: nn.Parameter) -> None:
+    """Note that ``offload`` left ``param``, inside a streamed module, on the device."""
+    _kept[param] = True
+
+
+def unkeep(param: nn.Parameter) -> None:
+    _kept.pop(param, None)
+
+
+def is_kept(param: nn.Parameter) -> bool:
+    """Whether ``offload`` left ``param`` on the device inside a streamed module."""
+    return param in _kept
 
 
 def lookup(tensor: torch.Tensor) -> HostParameter | None:

@@ -44,6 +44,9 @@ class OffloadPlan:
     policies: tuple[str, ...] = ()
     components: tuple[swap.Component, ...] = ()
     device_budget: int | None = None
+    kept: tuple[str, ...] = ()  # 1-D parameters of streamed modules left on the device (keep_vectors)
+    kept_bytes: int = 0
+    keep_vectors: float = 0.05
 
     def outside_graphs(self) -> list[str]:
         """Offloaded parameters that no compiled graph has copied in yet.
@@ -74,6 +77,11 @@ class OffloadPlan:
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
         lines.insert(1, "  ".join("-" * w for w in widths))
         lines.insert(len(lines) - 2, lines[1])
+        if self.kept:
+            lines.append(
+                f"kept on {self.device}: {len(self.kept)} 1-D parameters of the streamed modules "
+                f"(norm weights, biases; {_size(self.kept_bytes)}, counted as resident; keep_vectors)"
+            )
         if self.components:
             lines.append(
                 f"swapped components share {_size(self.device_budget or 0)} of {self.device} "
@@ -90,6 +98,7 @@ def offload(
     pin_memory: bool | None = None,
     policy: str | None = None,
     device_budget: int | None = None,
+    keep_vectors: float = 0.05,
 ) -> OffloadPlan:
     """Place the parameters of the modules that ``patterns`` select in host memory.
 
@@ -107,6 +116,11 @@ def offload(
             component needs its bytes).
         device_budget: bytes of device memory the swapped components share; default: the
             largest component's, so one is on the device at a time.
+        keep_vectors: a streamed module's 1-D parameters (norm weights, biases) stay on the
+            device when together they take at most this fraction of its bytes (real models':
+            under 0.1%). Streamed, each would be a copy of a few KB, and a norm that a graph
+            break leaves alone a graph call of its own with a copy to wait for. ``0`` streams
+            them too. Swapped modules move whole.
     Returns:
         The plan; ``print(plan)`` shows a table.
     """
@@ -121,6 +135,7 @@ def offload(
     policies = matching.normalize_policies(patterns, policy)
     patterns = matching.normalize_patterns(patterns)
     _check_budget(device_budget, policies)
+    _check_fraction(keep_vectors)
     modules = dict(model.named_modules(remove_duplicate=False))
     selected = matching.select(patterns, modules)
     chosen: dict[str, str] = {}
@@ -147,12 +162,16 @@ def offload(
         )
     # each parameter: (its policy, the module that heads its run of that policy)
     deciding = {key: _decide(names[0].rpartition(".")[0], chosen) for key, (_, names) in owned.items()}
+    kept = _kept_vectors(owned, deciding, keep_vectors)
+    for key in kept:
+        del owned[key], deciding[key]
     resolved = _resolve_device(model, device, owned)
     budget = _budget(device_budget, deciding, owned)
 
     existing = _plans.get(model)
     if existing is not None:
-        if (existing.patterns, existing.policies, existing.device) == (patterns, policies, resolved) and (
+        same = (existing.patterns, existing.policies, existing.device, existing.keep_vectors)
+        if same == (patterns, policies, resolved, keep_vectors) and (
             device_budget is None or existing.device_budget == budget
         ):
             return existing
@@ -196,9 +215,9 @@ def offload(
     rows = []
     for head in sorted({head for _, head in deciding.values()}, key=list(modules).index):
         params = {k: owned[k][0] for k, (_, h) in deciding.items() if h == head}
-        nbytes = sum(p.numel() * p.element_size() for p in params.values())
+        nbytes = sum(map(_nbytes, params.values()))
         rows.append(ModuleRow(head, len(params), nbytes, chosen[head]))
-    resident = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in owned)
+    resident = sum(_nbytes(p) for p in model.parameters() if id(p) not in owned)
     plan = OffloadPlan(
         patterns,
         resolved,
@@ -208,9 +227,34 @@ def offload(
         policies,
         tuple(ordered),
         budget if ordered else None,
+        tuple(names[0] for _, names in kept.values()),
+        sum(_nbytes(param) for param, _ in kept.values()),
+        keep_vectors,
     )
+    for param, _ in kept.values():
+        placement.keep(param)
     _plans[model] = plan
     return plan
+
+
+def _kept_vectors(owned: dict, deciding: dict, fraction: float) -> dict[int, tuple[nn.Parameter, list[str]]]:
+    """The 1-D parameters that stay on the device (``keep_vectors``): per streamed module, its
+    1-D parameters if they take at most ``fraction`` of its bytes and are not all it has."""
+    modules: dict[str, list[int]] = {}
+    for key, (policy, head) in deciding.items():
+        if policy == "stream":
+            modules.setdefault(head, []).append(key)
+    kept = {}
+    for keys in modules.values():
+        vectors = [key for key in keys if owned[key][0].dim() == 1]
+        small, total = (sum(_nbytes(owned[key][0]) for key in group) for group in (vectors, keys))
+        if vectors and len(vectors) < len(keys) and small <= fraction * total:
+            kept.update((key, owned[key]) for key in vectors)
+    return kept
+
+
+def _nbytes(param: nn.Parameter) -> int:
+    return param.numel() * param.element_size()
 
 
 def _decide(module: str, chosen: dict[str, str]) -> tuple[str, str]:
@@ -224,6 +268,16 @@ def _decide(module: str, chosen: dict[str, str]) -> tuple[str, str]:
             break
         head = name
     return policy, head
+
+
+def _check_fraction(keep_vectors: object) -> None:
+    number = isinstance(keep_vectors, (int, float)) and not isinstance(keep_vectors, bool)
+    if not number or not 0 <= keep_vectors <= 1:
+        raise (ValueError if number else TypeError)(
+            f"keep_vectors must be a fraction of a streamed module's bytes between 0 and 1 (0.05 "
+            f"keeps its norms and biases on the device when they are at most 5% of it; 0 streams "
+            f"them), got {keep_vectors!r}"
+        )
 
 
 def _check_budget(device_budget: object, policies: tuple[str, ...]) -> None:
@@ -282,6 +336,8 @@ def restore(model: nn.Module) -> None:
         plan.components[0].arena.release()
     for record in records.values():
         placement.unplace(record)
+    for param in model.parameters():
+        placement.unkeep(param)
     for module in model.modules():
         placement.unmark_region_module(module)
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+import fx_offload
 from fx_offload import runtime
 from tests.graph_break_models import ItemStack, vision_tower
 
@@ -188,3 +189,25 @@ def test_wrong_guesses_cost_copies_not_correctness(policy, offloaded):
                         q.mul_(0.5)
     if policy == "stream":
         assert counters["fx_offload"]["head_copy_not_predicted"] > 0  # the guesses were wrong at times
+
+
+def test_a_norm_that_a_graph_break_leaves_alone_is_a_plain_graph_call(offloaded):
+    """Transformers' tower breaks the graph right after each block's first norm: streamed, the norm's
+    weight would be a graph call with a head of its own (a copy and a wrapper per block). Kept on
+    the device (``keep_vectors``) that graph reads no offloaded weight, and the calls with heads are
+    fewer; the outputs are the same."""
+    counts = {}
+    for keep in (0, 0.05):
+        model, inputs = vision_tower("tiny")
+        offloaded(model, {"visual": "stream"}, keep_vectors=keep)
+        compiled = torch.compile(model, backend="offload_inductor")
+        origins = _origins(compiled, inputs, calls=1)
+        counts[keep] = sum(v for k, v in origins.items() if k.startswith("head_copy"))
+        forward = runtime.last_forward()
+        assert (".norm1 (" in forward) == (keep == 0), forward
+        with torch.no_grad():
+            for got, want in zip(_tensors(compiled(*inputs)), _tensors(_vision_reference()[0][0])):
+                torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        fx_offload.restore(model)
+        torch._dynamo.reset()
+    assert counts[0.05] < counts[0], counts

@@ -544,3 +544,57 @@ def test_a_module_collected_while_a_swap_in_is_made_is_left_out(offloaded, monke
     with torch.no_grad():
         x = torch.randn(3, 16)
         torch.testing.assert_close(torch.compile(model, backend="offload_inductor")(x), reference(x))
+
+
+def test_a_streamed_modules_norms_and_biases_stay_on_the_device(offloaded):
+    """``keep_vectors``: a streamed module's 1-D parameters stay resident when they are a small part
+    of it (here 1.2% of the blocks' bytes); they survive compile, state_dict and restore."""
+    model = seeded(Stack, n=4, dim=64, hidden=128)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        expected = model(x)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = offloaded(model, ["layers"])
+    biases = {f"layers.{i}.{fc}.bias" for i in range(4) for fc in ("fc1", "fc2")}
+    assert set(plan.kept) == biases
+    assert plan.kept_bytes == 4 * (128 + 64) * 4
+    assert {name for record in plan.records for name in record.names} == {
+        f"layers.{i}.{fc}.weight" for i in range(4) for fc in ("fc1", "fc2")
+    }
+    params = dict(model.named_parameters())
+    assert all(placement.lookup(params[name]) is None for name in biases)
+    assert plan.resident_bytes == _param_bytes(model.out) + plan.kept_bytes
+    assert "kept on cpu: 8 1-D parameters" in str(plan)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, backend="offload_inductor")(x), expected)
+    torch.testing.assert_close(model.state_dict(), state)
+    fx_offload.restore(model)
+    torch.testing.assert_close(model.state_dict(), state)
+    assert not any(placement.is_kept(p) for p in model.parameters())
+
+
+def test_keep_vectors_bounds_what_stays(offloaded):
+    """``0`` streams every parameter; a module whose 1-D parameters are more than the fraction of
+    it, or all it has (a norm alone), streams them too."""
+    wide = seeded(Stack, n=4, dim=64, hidden=128)
+    assert offloaded(wide, ["layers"], keep_vectors=0).kept == ()
+    narrow = seeded(Stack)  # dim 8: the biases are 8% of the blocks' bytes
+    assert offloaded(narrow, ["layers"]).kept == ()
+    nested = seeded(Nested)
+    plan = offloaded(nested, ["thinker.norm"])  # a LayerNorm alone: its weight and bias are all it has
+    assert plan.kept == () and len(plan.records) == 2
+
+
+def test_bad_keep_vectors_is_refused_before_anything_moves():
+    model = seeded(Stack, n=4, dim=64, hidden=128)
+    for bad, error in ((True, TypeError), ("0.05", TypeError), (-0.1, ValueError), (2, ValueError)):
+        with pytest.raises(error, match=rf"keep_vectors must be a fraction .*got {bad!r}"):
+            fx_offload.offload(model, ["layers"], keep_vectors=bad, device="cpu")
+    assert fx_offload.plan_of(model) is None
+    assert not any(isinstance(p, placement.OffloadedParameter) for p in model.parameters())
+    fx_offload.offload(model, ["layers"], device="cpu")
+    try:
+        with pytest.raises(ValueError, match="already offloaded"):
+            fx_offload.offload(model, ["layers"], keep_vectors=0, device="cpu")
+    finally:
+        fx_offload.restore(model)
