@@ -186,7 +186,7 @@ def test_an_eager_frame_reads_in_place_correctly_and_is_named():
     x = torch.randn(4, 64, device="cuda")
     with torch.no_grad():
         expected = model(x)
-    plan = fx_offload.offload(model, ["front", "block"])
+    plan = fx_offload.offload(model, ["front", "block"], keep_vectors=0)  # (front.bias too)
     try:
         with torch.no_grad():
             out = torch.compile(model, backend="offload_inductor", mode="reduce-overhead")(x)
@@ -463,7 +463,7 @@ def test_pinned_host_memory_is_the_slabs_the_layout_chose():
         return torch.cuda.host_memory_stats().get("allocated_bytes.current", 0)
 
     before = held()
-    plan = fx_offload.offload(model, ["*"])
+    plan = fx_offload.offload(model, ["*"], keep_vectors=0)  # the biases in the slabs too
     try:
         pinned = held() - before
         assert pinned == sum(slabs) < alone and plan.offloaded_bytes == sum(sizes), (pinned, slabs, alone)
@@ -520,7 +520,7 @@ def test_passed_heads_are_copied_in_runs_as_their_weights_lie_in_a_slab():
     model = _on_gpu(seeded(BreakingStack, n=6, dim=1200), torch.float32)
     plain = _on_gpu(seeded(BreakingStack, n=6, dim=1200), torch.float32)
     x = torch.randn(16, 1200, device="cuda")
-    fx_offload.offload(model, ["layers.*"])
+    fx_offload.offload(model, ["layers.*"], keep_vectors=0)  # each head a weight and its bias
     copied = []
     copy_all = runtime.copy_all
 
