@@ -8,6 +8,7 @@ parameters' records.
 
 from __future__ import annotations
 
+import numbers
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -135,7 +136,7 @@ def offload(
     policies = matching.normalize_policies(patterns, policy)
     patterns = matching.normalize_patterns(patterns)
     _check_budget(device_budget, policies)
-    _check_fraction(keep_vectors)
+    keep_vectors = _fraction(keep_vectors)
     modules = dict(model.named_modules(remove_duplicate=False))
     selected = matching.select(patterns, modules)
     chosen: dict[str, str] = {}
@@ -177,7 +178,8 @@ def offload(
             return existing
         raise ValueError(
             f"model is already offloaded with patterns {list(existing.patterns)} on "
-            f"{existing.device}; call fx_offload.restore(model) before offloading it again"
+            f"{existing.device} (keep_vectors={existing.keep_vectors}); call fx_offload.restore(model) "
+            "before offloading it again"
         )
 
     keys = list(owned)
@@ -270,14 +272,16 @@ def _decide(module: str, chosen: dict[str, str]) -> tuple[str, str]:
     return policy, head
 
 
-def _check_fraction(keep_vectors: object) -> None:
-    number = isinstance(keep_vectors, (int, float)) and not isinstance(keep_vectors, bool)
+def _fraction(keep_vectors: object) -> float:
+    """``keep_vectors`` as a float (any real number but a bool: a NumPy scalar, a Fraction), checked."""
+    number = isinstance(keep_vectors, numbers.Real) and not isinstance(keep_vectors, bool)
     if not number or not 0 <= keep_vectors <= 1:
         raise (ValueError if number else TypeError)(
             f"keep_vectors must be a fraction of a streamed module's bytes between 0 and 1 (0.05 "
             f"keeps its norms and biases on the device when they are at most 5% of it; 0 streams "
             f"them), got {keep_vectors!r}"
         )
+    return float(keep_vectors)
 
 
 def _check_budget(device_budget: object, policies: tuple[str, ...]) -> None:
@@ -381,7 +385,9 @@ def _backend_plan(model: nn.Module) -> OffloadPlan | None:
     ids = {id(record.param()) for record, _ in owned.values()}
     resident = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in ids)
     records = tuple(record for record, _ in owned.values())
-    return OffloadPlan(patterns, records[0].device, rows, records, resident, ("stream",) * len(patterns))
+    # the backend option streams every parameter: nothing kept
+    stream = ("stream",) * len(patterns)
+    return OffloadPlan(patterns, records[0].device, rows, records, resident, stream, keep_vectors=0.0)
 
 
 def holds_offloaded_model_parameters(params: list[nn.Parameter]) -> bool:

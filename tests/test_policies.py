@@ -3,9 +3,12 @@ component moved to the device when a graph that needs it starts, kept until anot
 room), and ``device_budget``, the bytes swapped components may hold on the device at once."""
 
 import gc
+import re
 import types
 import weakref
+from decimal import Decimal
 
+import numpy as np
 import pytest
 import torch
 
@@ -587,14 +590,32 @@ def test_keep_vectors_bounds_what_stays(offloaded):
 
 def test_bad_keep_vectors_is_refused_before_anything_moves():
     model = seeded(Stack, n=4, dim=64, hidden=128)
-    for bad, error in ((True, TypeError), ("0.05", TypeError), (-0.1, ValueError), (2, ValueError)):
-        with pytest.raises(error, match=rf"keep_vectors must be a fraction .*got {bad!r}"):
+    bad_values = [(True, TypeError), ("0.05", TypeError), (Decimal("0.05"), TypeError), (-0.1, ValueError)]
+    for bad, error in [*bad_values, (2, ValueError), (float("nan"), ValueError)]:
+        with pytest.raises(error, match=rf"keep_vectors must be a fraction .*got {re.escape(repr(bad))}"):
             fx_offload.offload(model, ["layers"], keep_vectors=bad, device="cpu")
     assert fx_offload.plan_of(model) is None
     assert not any(isinstance(p, placement.OffloadedParameter) for p in model.parameters())
-    fx_offload.offload(model, ["layers"], device="cpu")
+    plan = fx_offload.offload(model, ["layers"], keep_vectors=np.float32(0.05), device="cpu")  # any real
     try:
-        with pytest.raises(ValueError, match="already offloaded"):
+        assert type(plan.keep_vectors) is float and plan.kept
+        with pytest.raises(ValueError, match=r"already offloaded .*\(keep_vectors=0.05"):
             fx_offload.offload(model, ["layers"], keep_vectors=0, device="cpu")
+    finally:
+        fx_offload.restore(model)
+
+
+def test_the_backend_option_streams_every_parameter():
+    """``options={"offload": ...}`` places per graph, where a module's bytes are not known: it keeps
+    nothing, and ``plan_of`` says so."""
+    model = seeded(Stack, n=4, dim=64, hidden=128)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        expected = model(x)
+        got = torch.compile(model, backend="offload_inductor", options={"offload": ["layers"]})(x)
+    torch.testing.assert_close(got, expected)
+    plan = fx_offload.plan_of(model)
+    try:
+        assert plan.kept == () and plan.keep_vectors == 0 and len(plan.records) == 16
     finally:
         fx_offload.restore(model)
