@@ -242,17 +242,22 @@ def offload(
 def _kept_vectors(owned: dict, deciding: dict, fraction: float) -> dict[int, tuple[nn.Parameter, list[str]]]:
     """The 1-D parameters that stay on the device (``keep_vectors``): per streamed module, its
     1-D parameters if they take at most ``fraction`` of its bytes and are not all it has."""
-    modules: dict[str, list[int]] = {}
-    for key, (policy, head) in deciding.items():
-        if policy == "stream":
-            modules.setdefault(head, []).append(key)
     kept = {}
-    for keys in modules.values():
+    for keys in _by_module(deciding, "stream").values():
         vectors = [key for key in keys if owned[key][0].dim() == 1]
         small, total = (sum(_nbytes(owned[key][0]) for key in group) for group in (vectors, keys))
         if vectors and len(vectors) < len(keys) and small <= fraction * total:
             kept.update((key, owned[key]) for key in vectors)
     return kept
+
+
+def _by_module(deciding: dict, policy: str) -> dict[str, list[int]]:
+    """The keys of the parameters of ``policy``, by the module that heads their run (``deciding``)."""
+    modules: dict[str, list[int]] = {}
+    for key, (chosen_policy, head) in deciding.items():
+        if chosen_policy == policy:
+            modules.setdefault(head, []).append(key)
+    return modules
 
 
 def _nbytes(param: nn.Parameter) -> int:
@@ -300,15 +305,10 @@ def _check_budget(device_budget: object, policies: tuple[str, ...]) -> None:
 
 
 def _budget(device_budget: int | None, deciding: dict, owned: dict) -> int:
-    sizes: dict[str, list] = {}
-    for key, (chosen_policy, head) in deciding.items():
-        if chosen_policy == "swap":
-            sizes.setdefault(head, []).append(owned[key][0])
-    if not sizes:
+    modules = _by_module(deciding, "swap")
+    if not modules:
         return 0
-    totals = {
-        head: swap.layout([p.numel() * p.element_size() for p in params])[1] for head, params in sizes.items()
-    }
+    totals = {head: swap.layout([_nbytes(owned[k][0]) for k in keys])[1] for head, keys in modules.items()}
     largest = max(totals, key=totals.__getitem__)
     if device_budget is None:
         return totals[largest]
@@ -383,7 +383,7 @@ def _backend_plan(model: nn.Module) -> OffloadPlan | None:
         for head, records in sorted(heads.items(), key=lambda item: order.get(item[0], len(order)))
     )
     ids = {id(record.param()) for record, _ in owned.values()}
-    resident = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in ids)
+    resident = sum(_nbytes(p) for p in model.parameters() if id(p) not in ids)
     records = tuple(record for record, _ in owned.values())
     # the backend option streams every parameter: nothing kept
     stream = ("stream",) * len(patterns)
