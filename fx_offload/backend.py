@@ -557,7 +557,9 @@ class _SwappedInputs:
     C-level map), with their components on the device, does no per-parameter work in Python: a
     component's weights keep their arena addresses, and a swap-in copies their current values.
     While a component's swap-in lands (``swap.Arena.wait_for``), the call waits for the pieces up
-    to the last record it reads.
+    to the last record it reads. Once they have all landed, and until a component comes or goes
+    on the device (``DeviceRuntime.arena_moves``), such a call does not look at its components
+    either: one integer compare.
     """
 
     def __init__(self, positions: tuple[int, ...], as_inputs: frozenset[int] = frozenset()) -> None:
@@ -566,7 +568,8 @@ class _SwappedInputs:
         self._take = take if len(positions) != 1 else (lambda inputs: (take(inputs),))
         self.as_inputs = tuple(p for p in positions if p in as_inputs)  # passed as their copies
         # identities of a call's swapped weights -> [generation, groups, versions, the device
-        # copies of the weights at ``as_inputs``, per group the position of its last record]
+        # copies of the weights at ``as_inputs``, per group the position of its last record, the
+        # device's ``arena_moves`` when all had landed (None: some had not), its DeviceRuntime]
         self._seen: dict[tuple[int, ...], list] = {}
 
     def ensure(self, inputs):
@@ -583,6 +586,8 @@ class _SwappedInputs:
         if entry is not None and entry[0] == generation:
             groups = entry[1]
             if entry[2] == versions:
+                if entry[5] == entry[6].arena_moves:  # landed then, nothing came or went since
+                    return self._passed(inputs, entry[3])
                 for (component_ref, _), last in zip(groups, entry[4]):
                     component = component_ref()
                     if component is None or not component.resident:
@@ -590,6 +595,7 @@ class _SwappedInputs:
                     if component.landing:
                         component.arena.wait_for(component, last)
                 else:
+                    entry[5] = self._settled(groups, entry[6])
                     return self._passed(inputs, entry[3])  # the same weights, unchanged, in place
         else:
             if entry is not None or len(self._seen) >= _KEPT:
@@ -607,8 +613,20 @@ class _SwappedInputs:
             component.arena.ensure(component, records)
         copies = tuple(runtime.swapped([inputs[p] for p in self.as_inputs]))
         lasts = tuple(component.last_of(records) for component, records in live)
-        self._seen[ids] = [generation, groups, versions, copies, lasts]
+        device = runtime.device_runtime(live[0][0].arena.device)
+        self._seen[ids] = [generation, groups, versions, copies, lasts, self._settled(groups, device), device]
         return self._passed(inputs, copies)
+
+    @staticmethod
+    def _settled(groups, device: runtime.DeviceRuntime) -> int | None:
+        """The device's ``arena_moves`` if every component of ``groups`` has landed (no piece left
+        to wait for), else None: until it moves, a call of the same weights, unchanged, needs
+        no look at its components."""
+        for component_ref, _ in groups:
+            component = component_ref()
+            if component is None or component.landing:
+                return None
+        return device.arena_moves
 
     def _passed(self, inputs, copies: tuple):
         return runtime.replaced(inputs, self.as_inputs, copies) if copies else inputs

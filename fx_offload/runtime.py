@@ -95,6 +95,9 @@ class DeviceRuntime:
     #: Bytes copied host -> device by fetches, refills and swaps issued from Python. A CUDA
     #: graph's replays run no Python: under ``reduce-overhead`` only the recorded calls count.
     copied_bytes: int = 0
+    #: Swap-ins, swap-outs and arena releases on the device so far: a graph call whose swapped
+    #: components were all on the device, landed, when this last read the same, finds them so.
+    arena_moves: int = 0
     # data_ptr of a fetched buffer -> the event its copies end with (None: a head buffer whose
     # refill the wrapper issues after the call, so the graph's closing wait has nothing to join)
     inflight: dict[int, torch.cuda.Event | None] = field(default_factory=dict)
@@ -793,14 +796,12 @@ class GraphRuntime:
 
 
 def replaced(inputs, positions, values) -> list:
-    """``inputs`` as a new list with ``values`` at ``positions`` (what a wrapper passes a graph in
-    place of the parameters there). A boxed call's list is emptied, as the compiled function
-    would: it owns its inputs."""
-    passed = list(inputs)
+    """``inputs`` with ``values`` at ``positions`` (what a wrapper passes a graph in place of the
+    parameters there): a boxed call's list changed in place (the compiled function owns it and
+    empties it), else a new list."""
+    passed = inputs if isinstance(inputs, list) else list(inputs)
     for position, value in zip(positions, values):
         passed[position] = value
-    if isinstance(inputs, list):
-        inputs.clear()
     return passed
 
 

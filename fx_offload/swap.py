@@ -128,6 +128,7 @@ class Arena:
                 if other is not component and other.overlaps(component):
                     self.resident.discard(other)
                     other.landing = []
+            self._moved()
             self._land(component)
             component.swap_ins += 1
             self.resident.add(component)
@@ -194,8 +195,13 @@ class Arena:
             component.views[id(record)].copy_(record.host, non_blocking=True)
         _copied(component, records)
 
+    def _moved(self) -> None:
+        """Note on the device's runtime that a component came or went (``arena_moves``)."""
+        runtime.device_runtime(self.device).arena_moves += 1
+
     def release(self) -> None:
         """Forget every component (on restore); the memory goes when the last reference does."""
+        self._moved()
         self.resident.clear()
         for component in self.components:
             component.views.clear()

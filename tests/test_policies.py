@@ -110,6 +110,40 @@ def test_a_budget_for_both_keeps_both(offloaded):
     assert {c.name: c.swap_ins for c in plan.components} == {"thinker": 1, "talker": 1}
 
 
+def test_once_components_have_landed_a_call_does_not_look_at_them_until_one_moves(offloaded, monkeypatch):
+    """The per-call check of a graph's swapped components is one integer compare while nothing came or
+    went on the device; a swap-in (one at a time: every switch) makes the next calls look again."""
+    looks = []
+    resident = swap.Component.resident
+    looked = property(lambda c: looks.append(c.name) or resident.fget(c))
+    monkeypatch.setattr(swap.Component, "resident", looked)
+    both = seeded(TwoStage)
+    plan = offloaded(both, ["thinker", "talker"], policy="swap")
+    budget = sum(c.nbytes for c in plan.components)
+    fx_offload.restore(both)
+    plan = offloaded(both, ["thinker", "talker"], policy="swap", device_budget=budget)
+    think, talk = _compiled_stages(both)
+    _rounds(both, think, talk, [torch.randn(3, 8)])  # lands both
+    _rounds(both, think, talk, [torch.randn(3, 8)])  # each graph looks once after the last landing
+    looks.clear()
+    _rounds(both, think, talk, [torch.randn(3, 8) for _ in range(2)])
+    assert looks == [] and [c.swap_ins for c in plan.components] == [1, 1]
+    with torch.no_grad():  # a write is still seen: the versions are read on every call
+        both.thinker.layers[0].fc1.weight.mul_(-1)
+    _rounds(both, think, talk, [torch.randn(3, 8)])
+    fx_offload.restore(both)
+
+    alone = seeded(TwoStage)
+    plan = offloaded(alone, ["thinker", "talker"], policy="swap")  # one at a time: each switch moves
+    think, talk = _compiled_stages(alone)
+    _rounds(alone, think, talk, [torch.randn(3, 8)])
+    looks.clear()
+    _rounds(alone, think, talk, [torch.randn(3, 8) for _ in range(2)])
+    assert [c.swap_ins for c in plan.components] == [3, 3]
+    # after each swap-in, the other stage's first call looks (and finds its component gone)
+    assert looks.count("thinker") >= 2 and looks.count("talker") >= 2, looks
+
+
 def test_stream_and_swap_in_one_model_and_graph(offloaded):
     model = seeded(TwoStage)
     offloaded(model, {"visual": "stream", "thinker": "swap", "talker": "swap"})
