@@ -699,7 +699,9 @@ def main() -> None:
                 twins = cuda and not args.no_twins and parts is None and not args.api
                 if twins and name in work.rows and work.rows[name][0] is not None:
                     rows.append(set_up(work, name, device, args.mode, free_copies=True))
-            device_name = report["environment"]["device"]
+            env = report["environment"]
+            host = f"{env['host_cpu']}, {env['host_cpus']} CPUs, kernel {env['host_kernel']}"
+            device_name = f"{env['device']} (host: {host})"
             if parts is not None:
                 print(f"\n{work.name} on {device_name}: host ms per forward, medians")
                 entry = {"name": work.name, "parts": parts.measure(rows, device, args.rounds, args.calls)}

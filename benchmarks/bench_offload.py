@@ -23,6 +23,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -473,16 +474,32 @@ def table(result: dict) -> str:
 
 
 def environment(device: torch.device) -> dict:
-    """What a result was measured on: the device, torch, Python, the date and the commit."""
+    """What a result was measured on: the device, the host (its CPU and kernel: a forward of many
+    graph calls is bound by the host, whose speed moves every row), torch, Python, the date and
+    the commit."""
     return {
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"
         else platform.processor() or "cpu",
+        "host_cpu": _cpu_model(),
+        "host_cpus": os.cpu_count(),
+        "host_kernel": platform.release(),
         "torch": torch.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "commit": commit(),
     }
+
+
+def _cpu_model() -> str:
+    """The host CPU's model name, as Linux gives it (else the platform's processor string)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 def commit() -> str:
