@@ -558,8 +558,8 @@ class _SwappedInputs:
     component's weights keep their arena addresses, and a swap-in copies their current values.
     While a component's swap-in lands (``swap.Arena.wait_for``), the call waits for the pieces up
     to the last record it reads. Once they have all landed, and until a component comes or goes
-    on the device (``DeviceRuntime.arena_moves``), such a call does not look at its components
-    either: one integer compare.
+    in their arena (``swap.Arena.moves``), such a call does not look at its components either:
+    one compare of a count per arena.
     """
 
     def __init__(self, positions: tuple[int, ...], as_inputs: frozenset[int] = frozenset()) -> None:
@@ -569,7 +569,7 @@ class _SwappedInputs:
         self.as_inputs = tuple(p for p in positions if p in as_inputs)  # passed as their copies
         # identities of a call's swapped weights -> [generation, groups, versions, the device
         # copies of the weights at ``as_inputs``, per group the position of its last record, the
-        # device's ``arena_moves`` when all had landed (None: some had not), its DeviceRuntime]
+        # counts of their arenas' ``moves`` when all had landed (None: some had not), those cells]
         self._seen: dict[tuple[int, ...], list] = {}
 
     def ensure(self, inputs):
@@ -586,7 +586,7 @@ class _SwappedInputs:
         if entry is not None and entry[0] == generation:
             groups = entry[1]
             if entry[2] == versions:
-                if entry[5] == entry[6].arena_moves:  # landed then, nothing came or went since
+                if entry[5] == tuple(map(_FIRST, entry[6])):  # landed then, nothing came or went since
                     return self._passed(inputs, entry[3])
                 for (component_ref, _), last in zip(groups, entry[4]):
                     component = component_ref()
@@ -613,20 +613,20 @@ class _SwappedInputs:
             component.arena.ensure(component, records)
         copies = tuple(runtime.swapped([inputs[p] for p in self.as_inputs]))
         lasts = tuple(component.last_of(records) for component, records in live)
-        device = runtime.device_runtime(live[0][0].arena.device)
-        self._seen[ids] = [generation, groups, versions, copies, lasts, self._settled(groups, device), device]
+        cells = tuple({id(c.arena): c.arena.moves for c, _ in live}.values())
+        self._seen[ids] = [generation, groups, versions, copies, lasts, self._settled(groups, cells), cells]
         return self._passed(inputs, copies)
 
     @staticmethod
-    def _settled(groups, device: runtime.DeviceRuntime) -> int | None:
-        """The device's ``arena_moves`` if every component of ``groups`` has landed (no piece left
-        to wait for), else None: until it moves, a call of the same weights, unchanged, needs
-        no look at its components."""
+    def _settled(groups, cells: tuple[list[int], ...]) -> tuple[int, ...] | None:
+        """The counts of ``cells`` (the components' arenas' ``moves``) if every component of
+        ``groups`` has landed (no piece left to wait for), else None: until one moves, a call of
+        the same weights, unchanged, needs no look at its components."""
         for component_ref, _ in groups:
             component = component_ref()
             if component is None or component.landing:
                 return None
-        return device.arena_moves
+        return tuple(map(_FIRST, cells))
 
     def _passed(self, inputs, copies: tuple):
         return runtime.replaced(inputs, self.as_inputs, copies) if copies else inputs
@@ -652,6 +652,7 @@ class _SwappedInputs:
 
 _KEPT = 1 << 12  # sets of swapped weights a graph remembers (then it forgets them all)
 _VERSION = operator.attrgetter("_version")
+_FIRST = operator.itemgetter(0)
 
 
 def run_pass(gm: fx.GraphModule, plan: GraphPlan) -> None:

@@ -95,9 +95,6 @@ class DeviceRuntime:
     #: Bytes copied host -> device by fetches, refills and swaps issued from Python. A CUDA
     #: graph's replays run no Python: under ``reduce-overhead`` only the recorded calls count.
     copied_bytes: int = 0
-    #: Swap-ins, swap-outs and arena releases on the device so far: a graph call whose swapped
-    #: components were all on the device, landed, when this last read the same, finds them so.
-    arena_moves: int = 0
     # data_ptr of a fetched buffer -> the event its copies end with (None: a head buffer whose
     # refill the wrapper issues after the call, so the graph's closing wait has nothing to join)
     inflight: dict[int, torch.cuda.Event | None] = field(default_factory=dict)

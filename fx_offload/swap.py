@@ -97,6 +97,10 @@ class Arena:
         self.budget = budget
         self.device = device
         self.resident: set[Component] = set()
+        # swap-ins and releases so far, in a cell: a graph's check keeps the cell, not the arena
+        # (whose memory must go with its model), and finds its components where it left them
+        # while the count has not moved
+        self.moves = [0]
         # ordinary tensors even when offload() runs under torch.inference_mode(): the calls
         # after it copy into them in place, which an inference tensor refuses outside that mode
         with torch.inference_mode(False):
@@ -196,8 +200,8 @@ class Arena:
         _copied(component, records)
 
     def _moved(self) -> None:
-        """Note on the device's runtime that a component came or went (``arena_moves``)."""
-        runtime.device_runtime(self.device).arena_moves += 1
+        """Count a component that came or went (``moves``)."""
+        self.moves[0] += 1
 
     def release(self) -> None:
         """Forget every component (on restore); the memory goes when the last reference does."""

@@ -111,37 +111,34 @@ def test_a_budget_for_both_keeps_both(offloaded):
 
 
 def test_once_components_have_landed_a_call_does_not_look_at_them_until_one_moves(offloaded, monkeypatch):
-    """The per-call check of a graph's swapped components is one integer compare while nothing came or
-    went on the device; a swap-in (one at a time: every switch) makes the next calls look again."""
+    """The per-call check of a graph's swapped components is a compare of its arena's count of
+    swap-ins while nothing came or went there; a swap-in (one at a time: every switch) makes the
+    next calls look again, in that model's arena only."""
     looks = []
     resident = swap.Component.resident
-    looked = property(lambda c: looks.append(c.name) or resident.fget(c))
-    monkeypatch.setattr(swap.Component, "resident", looked)
+    monkeypatch.setattr(swap.Component, "resident", property(lambda c: looks.append(c) or resident.fget(c)))
     both = seeded(TwoStage)
     plan = offloaded(both, ["thinker", "talker"], policy="swap")
     budget = sum(c.nbytes for c in plan.components)
     fx_offload.restore(both)
-    plan = offloaded(both, ["thinker", "talker"], policy="swap", device_budget=budget)
-    think, talk = _compiled_stages(both)
-    _rounds(both, think, talk, [torch.randn(3, 8)])  # lands both
-    _rounds(both, think, talk, [torch.randn(3, 8)])  # each graph looks once after the last landing
+    kept = offloaded(both, ["thinker", "talker"], policy="swap", device_budget=budget).components
+    alone = seeded(TwoStage)
+    switched = offloaded(alone, ["thinker", "talker"], policy="swap").components  # one at a time
+    stages = {model: _compiled_stages(model) for model in (both, alone)}
+    for _ in range(2):  # lands them; then each graph looks once after the last landing
+        for model, (think, talk) in stages.items():
+            _rounds(model, think, talk, [torch.randn(3, 8)])
     looks.clear()
-    _rounds(both, think, talk, [torch.randn(3, 8) for _ in range(2)])
-    assert looks == [] and [c.swap_ins for c in plan.components] == [1, 1]
+    for _ in range(2):
+        for model, (think, talk) in stages.items():
+            _rounds(model, think, talk, [torch.randn(3, 8)])
+    assert [c.swap_ins for c in kept] == [1, 1] and [c.swap_ins for c in switched] == [4, 4]
+    assert not any(c in kept for c in looks)
+    # after each swap-in, the other stage's first call looks (and finds its component gone)
+    assert all(looks.count(c) >= 2 for c in switched), looks
     with torch.no_grad():  # a write is still seen: the versions are read on every call
         both.thinker.layers[0].fc1.weight.mul_(-1)
-    _rounds(both, think, talk, [torch.randn(3, 8)])
-    fx_offload.restore(both)
-
-    alone = seeded(TwoStage)
-    plan = offloaded(alone, ["thinker", "talker"], policy="swap")  # one at a time: each switch moves
-    think, talk = _compiled_stages(alone)
-    _rounds(alone, think, talk, [torch.randn(3, 8)])
-    looks.clear()
-    _rounds(alone, think, talk, [torch.randn(3, 8) for _ in range(2)])
-    assert [c.swap_ins for c in plan.components] == [3, 3]
-    # after each swap-in, the other stage's first call looks (and finds its component gone)
-    assert looks.count("thinker") >= 2 and looks.count("talker") >= 2, looks
+    _rounds(both, *stages[both], [torch.randn(3, 8)])
 
 
 def test_stream_and_swap_in_one_model_and_graph(offloaded):
