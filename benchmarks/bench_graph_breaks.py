@@ -399,9 +399,9 @@ def fresh_dynamo_state() -> None:
     input sizes changed between its compiles. The rows run the same transformers code, so without
     this a row compiled after another starts from the dimensions that the other found changing:
     its graphs take symbolic sizes from their first compile, and each call of them does more work
-    on the host (size computations, marking outputs dynamic). On the H200, the full Omni towers'
-    second row compiled ran 24 of its vision attention calls outside the graphs the first row's
-    ran them in, and about 3 ms per forward slower for that alone, whichever row came first."""
+    on the host (size computations, marking outputs dynamic). On the H200, with resident compiled
+    first, the full Omni towers' next rows ran 24 of their vision attention's calls per forward
+    outside the graphs that resident ran them in: about 3 ms per forward for that alone."""
     reset = getattr(getattr(torch._dynamo, "pgo", None), "reset_code_state", None)
     if reset is not None:
         reset()
