@@ -319,7 +319,10 @@ def _serve_swapped(graph: fx.Graph, plan: GraphPlan) -> None:
             items = [_call(graph, operator.getitem, (node, i), "on_device") for i in range(len(params))]
         for param, item in zip(params, items):
             for user in list(param.users):
-                if user is node or is_write_back(user, param):
+                # a weight the graph returns (a training forward saves it for the backward) stays
+                # the parameter: its device copy is the component's range, which another
+                # component's swap-in may overwrite before the backward reads it
+                if user is node or is_write_back(user, param) or user.op == "output":
                     continue
                 reader = _keep_in_graph(graph, user) if escapes(user) else user
                 if reader is not None:

@@ -141,6 +141,32 @@ def test_once_components_have_landed_a_call_does_not_look_at_them_until_one_move
     _rounds(both, *stages[both], [torch.randn(3, 8)])
 
 
+@pytest.mark.parametrize("backend", ["offload_eager", "offload_inductor"])
+@pytest.mark.parametrize("both_fit", [False, True])
+def test_training_through_stages_that_take_turns_gives_the_plain_models_gradients(
+    backend, both_fit, offloaded
+):
+    """The forward saves weights for the backward; with one component at a time, the talker's
+    swap-in overwrites the thinker's device range before the thinker's backward runs, so what it
+    saves is the parameter, not the range (a saved range gave every thinker gradient wrong)."""
+    model, reference = seeded(TwoStage, seed=11), seeded(TwoStage, seed=11)
+    plan = offloaded(model, ["thinker", "talker"], policy="swap")
+    if both_fit:
+        budget = sum(c.nbytes for c in plan.components)
+        fx_offload.restore(model)
+        plan = offloaded(model, ["thinker", "talker"], policy="swap", device_budget=budget)
+    think, talk = _compiled_stages(model, backend)
+    for _ in range(2):
+        x = torch.randn(3, 8)
+        loss, expected = talk(think(x)).square().mean(), reference.talk(reference.think(x)).square().mean()
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+        loss.backward()
+        expected.backward()
+        for (name, param), ours in zip(reference.named_parameters(), model.parameters()):
+            torch.testing.assert_close(ours.grad, param.grad, rtol=1e-5, atol=1e-6, msg=name)
+    assert [c.swap_ins for c in plan.components] == ([1, 1] if both_fit else [2, 2])
+
+
 def test_stream_and_swap_in_one_model_and_graph(offloaded):
     model = seeded(TwoStage)
     offloaded(model, {"visual": "stream", "thinker": "swap", "talker": "swap"})
