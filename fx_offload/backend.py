@@ -575,8 +575,8 @@ class _SwappedInputs:
     def ensure(self, inputs):
         """Put the components the call reads on the device, with their current values; return
         the inputs to call the graph with: ``inputs``, or a list where the weights at
-        ``as_inputs`` are their device copies (a boxed call's list is emptied, as the compiled
-        function would: it owns its inputs)."""
+        ``as_inputs`` are their device copies (a boxed call's own list, changed in place: the
+        compiled function owns it and empties it; ``runtime.replaced``)."""
         weights = self._take(inputs)
         ids = tuple(map(id, weights))
         with placement.plain_reads():
