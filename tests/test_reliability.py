@@ -274,7 +274,11 @@ def test_random_trees_and_patterns_match_eager_and_fetch_exactly_the_matched(sha
             for n, _ in model.named_parameters()
             if any(pattern_matches(c, prefix) for c in chosen for prefix in _owners(n))
         }
-        assert named == matched == {r.names[0] for r in plan.records}
+        # (a streamed module's 1-D parameters stay on the device when they are at most
+        # keep_vectors, 5%, of its bytes: one bias among five 4x4 linears is 4.8%)
+        kept = set(plan.kept)
+        assert kept <= matched
+        assert named == matched - kept == {r.names[0] for r in plan.records}
     finally:
         fx_offload.restore(model)
 
