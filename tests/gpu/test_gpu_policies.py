@@ -60,6 +60,30 @@ def test_swap_keeps_cuda_graphs_valid_across_switches(dtype):
         fx_offload.restore(model)
 
 
+def test_training_through_stages_that_take_turns_gives_the_plain_models_gradients():
+    """With one stage on the device at a time, the talker's swap-in overwrites the thinker's range
+    before the thinker's backward: the forward saves the parameters (read over the bus by the
+    backward), not the range."""
+    model = seeded(TwoStage, dim=256, hidden=1024).to("cuda")
+    reference = seeded(TwoStage, dim=256, hidden=1024).to("cuda")
+    plan = fx_offload.offload(model, ["thinker", "talker"], policy="swap")
+    try:
+        think = torch.compile(model.think, backend="offload_inductor")
+        talk = torch.compile(model.talk, backend="offload_inductor")
+        for _ in range(2):
+            x = torch.randn(16, 256, device="cuda")
+            loss = talk(think(x)).square().mean()
+            expected = reference.talk(reference.think(x)).square().mean()
+            torch.testing.assert_close(loss, expected, **TOLERANCE[torch.float32])
+            loss.backward()
+            expected.backward()
+            for (name, param), ours in zip(reference.named_parameters(), model.parameters()):
+                torch.testing.assert_close(ours.grad, param.grad, **TOLERANCE[torch.float32], msg=name)
+        assert [c.swap_ins for c in plan.components] == [2, 2]
+    finally:
+        fx_offload.restore(model)
+
+
 class _TwoStacks(nn.Module):
     """Two stacks whose blocks Dynamo splits into graphs of their own (as transformers' towers
     are), with ``probe`` called between them."""
