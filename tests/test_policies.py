@@ -99,12 +99,18 @@ def test_alternating_stages_cross_once_per_switch_and_stay_correct(backend, offl
     assert swaps == {"thinker": 3, "talker": 3}  # once per switch, not once per forward (12)
 
 
+def _both_fitting(offloaded, model):
+    """Offload ``model``'s stages as swapped components under a budget that holds both (their
+    ranges' bytes, as a first offload lays them out)."""
+    plan = offloaded(model, ["thinker", "talker"], policy="swap")
+    budget = sum(c.nbytes for c in plan.components)
+    fx_offload.restore(model)
+    return offloaded(model, ["thinker", "talker"], policy="swap", device_budget=budget)
+
+
 def test_a_budget_for_both_keeps_both(offloaded):
     model = seeded(TwoStage)
-    probe = seeded(TwoStage)
-    sizes = fx_offload.offload(probe, ["thinker", "talker"], policy="swap", device="cpu").components
-    fx_offload.restore(probe)
-    plan = offloaded(model, ["thinker", "talker"], policy="swap", device_budget=sum(c.nbytes for c in sizes))
+    plan = _both_fitting(offloaded, model)
     think, talk = _compiled_stages(model)
     _rounds(model, think, talk, [torch.randn(3, 8) for _ in range(3)])
     assert {c.name: c.swap_ins for c in plan.components} == {"thinker": 1, "talker": 1}
@@ -118,20 +124,19 @@ def test_once_components_have_landed_a_call_does_not_look_at_them_until_one_move
     resident = swap.Component.resident
     monkeypatch.setattr(swap.Component, "resident", property(lambda c: looks.append(c) or resident.fget(c)))
     both = seeded(TwoStage)
-    plan = offloaded(both, ["thinker", "talker"], policy="swap")
-    budget = sum(c.nbytes for c in plan.components)
-    fx_offload.restore(both)
-    kept = offloaded(both, ["thinker", "talker"], policy="swap", device_budget=budget).components
+    kept = _both_fitting(offloaded, both).components
     alone = seeded(TwoStage)
     switched = offloaded(alone, ["thinker", "talker"], policy="swap").components  # one at a time
     stages = {model: _compiled_stages(model) for model in (both, alone)}
-    for _ in range(2):  # lands them; then each graph looks once after the last landing
-        for model, (think, talk) in stages.items():
-            _rounds(model, think, talk, [torch.randn(3, 8)])
+
+    def interleaved(rounds):
+        for _ in range(rounds):
+            for model, (think, talk) in stages.items():
+                _rounds(model, think, talk, [torch.randn(3, 8)])
+
+    interleaved(2)  # lands them; then each graph looks once after the last landing
     looks.clear()
-    for _ in range(2):
-        for model, (think, talk) in stages.items():
-            _rounds(model, think, talk, [torch.randn(3, 8)])
+    interleaved(2)
     assert [c.swap_ins for c in kept] == [1, 1] and [c.swap_ins for c in switched] == [4, 4]
     assert not any(c in kept for c in looks)
     # after each swap-in, the other stage's first call looks (and finds its component gone)
@@ -150,11 +155,11 @@ def test_training_through_stages_that_take_turns_gives_the_plain_models_gradient
     swap-in overwrites the thinker's device range before the thinker's backward runs, so what it
     saves is the parameter, not the range (a saved range gave every thinker gradient wrong)."""
     model, reference = seeded(TwoStage, seed=11), seeded(TwoStage, seed=11)
-    plan = offloaded(model, ["thinker", "talker"], policy="swap")
-    if both_fit:
-        budget = sum(c.nbytes for c in plan.components)
-        fx_offload.restore(model)
-        plan = offloaded(model, ["thinker", "talker"], policy="swap", device_budget=budget)
+    plan = (
+        _both_fitting(offloaded, model)
+        if both_fit
+        else offloaded(model, ["thinker", "talker"], policy="swap")
+    )
     think, talk = _compiled_stages(model, backend)
     for _ in range(2):
         x = torch.randn(3, 8)
