@@ -587,7 +587,8 @@ class _SwappedInputs:
             groups = entry[1]
             if entry[2] == versions:
                 if entry[5] == tuple(map(_FIRST, entry[6])):  # landed then, nothing came or went since
-                    return self._passed(inputs, entry[3])
+                    copies = entry[3]  # (``_passed``, in line: this is every call's path)
+                    return runtime.replaced(inputs, self.as_inputs, copies) if copies else inputs
                 for (component_ref, _), last in zip(groups, entry[4]):
                     component = component_ref()
                     if component is None or not component.resident:

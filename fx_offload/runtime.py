@@ -162,23 +162,36 @@ class DeviceRuntime:
         """``copy`` of several pieces in order, each ``(buffers, hosts, done)``: one wait for the
         compute stream, then per piece its copies and ``done``'s record.
 
-        The copy stream is made current directly, not through ``torch.cuda.stream``, whose enter
-        and exit read and build the current stream twice: this runs several times per graph
-        call. On another device than the current one the context manager is used."""
+        This runs after every graph call with heads, so it makes its calls itself, not through
+        helpers (a Python frame is about a microsecond on a busy host): the copy stream is made
+        current directly, not through ``torch.cuda.stream``, whose enter and exit read and build
+        the current stream twice. On another device than the current one the context manager
+        is used."""
         compute = self.compute_stream()
-        copy = self.copy_stream()
-        ready = self.event()
+        copy = self._stream if self._stream is not None else self.copy_stream()
+        ready = self._events.pop() if self._events else torch.cuda.Event()
         _RECORD(ready, compute)
-        self.join(ready, copy)
+        _WAIT(ready, copy)  # (``join``, in line)
+        if not torch._C._cuda_isCurrentStreamCapturing() and len(self._events) < _FREE_EVENTS:
+            self._events.append(ready)
         if torch._C._cuda_getDevice() != self.device.index:
             with torch.cuda.stream(copy):
                 _copy_then_record(pieces, copy)
             return
-        _make_current(copy)
+        _SET_STREAM(stream_id=copy.stream_id, device_index=copy.device_index, device_type=copy.device_type)
         try:
-            _copy_then_record(pieces, copy)
+            for buffers, hosts, done in pieces:
+                if len(buffers) == 1:
+                    buffers[0].copy_(hosts[0], non_blocking=True)
+                else:
+                    copy_all(buffers, hosts)
+                _RECORD(done, copy)
         finally:
-            _make_current(compute)
+            _SET_STREAM(
+                stream_id=compute.stream_id,
+                device_index=compute.device_index,
+                device_type=compute.device_type,
+            )
 
     def count(self, records: list[placement.HostParameter], nbytes: int | None = None) -> None:
         """Mark ``records`` as fetched and count ``nbytes`` (default: all of theirs) as copied."""
@@ -211,14 +224,6 @@ def copy_all(buffers, hosts) -> None:
         return
     for buffer, host in zip(buffers, hosts):
         buffer.copy_(host, non_blocking=True)
-
-
-def _make_current(stream: torch.cuda.Stream) -> None:
-    """Make ``stream`` (of the current device) the current stream: ``torch.cuda.set_stream``'s
-    own call, without its device lookups."""
-    torch._C._cuda_setStream(
-        stream_id=stream.stream_id, device_index=stream.device_index, device_type=stream.device_type
-    )
 
 
 class _Registry:
@@ -702,7 +707,9 @@ class GraphRuntime:
         A call whose heads already hold its weights, unchanged, costs a C-level read of their
         addresses and version counters per head, compared with what the head's store holds.
         """
-        heads = self._thread_heads()
+        heads = getattr(self._local, "heads", None)  # the thread's set, once it has one
+        if heads is None:
+            heads = self._thread_heads()
         held, own = True, True
         generation = placement.generation()  # (what a head holds is stale once it moved)
         interned = self.device.interned if heads else None
@@ -717,10 +724,11 @@ class GraphRuntime:
                 found.current = pointers
             found.ran[pointers] = versions
             found.weights = weights
-            if found.holds != (pointers, versions, generation):
+            store = found.store
+            if store.holds != (pointers, versions, generation):
                 held = False
                 _fill(found, list(weights), pointers)
-            elif found.prefetched:
+            elif store.prefetched:
                 own = False
         if not self.passes:
             _registry.stack().append(heads)
@@ -744,7 +752,11 @@ class GraphRuntime:
         After ``drop_heads`` the next call's heads are new buffers (``_thread_heads``)."""
         positions, values = [], []
         for found in heads:
-            _ordered(found)
+            refilled = found.store.refilled
+            if refilled is not None:  # (``_ordered``'s case of every call of a large head, in line)
+                _WAIT(refilled, found.runtime.compute_stream())
+            else:
+                _ordered(found)
             found.deferred = True
             positions += found.positions
             values += found.buffers
@@ -782,7 +794,8 @@ class GraphRuntime:
             return
         keys = (key,) if len(heads) == 1 else key
         for found, pointers in zip(heads, keys):
-            if found.holds and found.holds[0] == pointers:
+            holds = found.store.holds
+            if holds and holds[0] == pointers:
                 continue  # (written in place since: the call's check copies it again)
             records = found._records(pointers)
             if not records:
@@ -813,8 +826,9 @@ def _refill_after(found: _Head) -> None:
     then the refill loads the block that followed this one last time (a wrong guess costs a copy
     before the call, as without a refill). Where the graph's refill copied the first bytes of
     these same weights during the call (``in_graph``), only the rest is copied here."""
-    following = found.successor.get(found.current, found.current)
-    if following == found.current and found.in_graph >= found.nbytes and found.weights:
+    store, current = found.store, found.current
+    following = found.successor.get(current, current)
+    if following == current and found.in_graph >= found.nbytes and found.weights:
         with _PLAIN_READS():
             versions = tuple(map(_VERSION, found.weights))
         if versions == found.in_graph_versions:  # the graph copied it all, nothing written since
@@ -825,23 +839,25 @@ def _refill_after(found: _Head) -> None:
     # next block's parameters: memory no call has touched since): the copy reads their values as
     # of now, so where one was written since, the next call sees versions that moved and copies
     # again, as for a write after the refill
-    made = found.store.copies_of(following) if not found.in_graph else None
+    made = store.copies_of(following) if not found.in_graph else None
     if made is not None:
         versions = found.ran.get(following, ())
     else:
         records = found._records(following)
         if not records:  # the block that followed is gone: refill with the current one
-            following, records = found.current, found.records
+            following, records = current, found.records
         versions = _versions(records)
-    held = found.holds == (following, versions, placement.generation()) and not found.store.poisoned
-    found.filled(following, versions)  # (held: since the call before, as a refill would leave it)
+    holds = (following, versions, placement.generation())
+    held = store.holds == holds and not store.poisoned
+    # (``filled``, in line; held: since the call before, as a refill would leave it)
+    store.holds, store.prefetched = holds if following else (), False
     if held:
         return  # they hold these values already: the same weights again, unchanged (a graph's own)
     if made is not None:
         found.runtime.copied_bytes += found.nbytes
         _issue(found, *made)
         return
-    copied = found.in_graph if following == found.current else 0  # by the graph, in the call
+    copied = found.in_graph if following == current else 0  # by the graph, in the call
     if copied and versions != found.in_graph_versions:
         copied = 0  # written in place after the graph's own refill (offload_eager stores late)
     _copy_head(found, records, copied, following)
@@ -871,10 +887,11 @@ def _issue(found: _Head, buffers: list[torch.Tensor], hosts: list[torch.Tensor])
     compute stream queued, ending with ``refilled``; an in-line store's and elsewhere on the current
     stream. Where that raises, the head holds nothing known (its caller noted what it would hold)."""
     try:
-        if found.refilled is None:
+        refilled = found.store.refilled
+        if refilled is None:
             _in_line(found, buffers, hosts)
         else:
-            found.runtime.copy(buffers, hosts, found.refilled)
+            found.runtime.copy_each(((buffers, hosts, refilled),))
     except BaseException:
         found.filled()
         raise
@@ -942,6 +959,9 @@ def _forget_dead(found: _Head) -> None:
 # (a CPU build of torch has no such methods, nor any CUDA event to call them on)
 _RECORD = getattr(torch.cuda.Event.__mro__[1], "record", torch.cuda.Event.record)
 _WAIT = getattr(torch.cuda.Event.__mro__[1], "wait", torch.cuda.Event.wait)
+# make a stream of the current device the current stream: ``torch.cuda.set_stream``'s own call,
+# without its device lookups
+_SET_STREAM = getattr(torch._C, "_cuda_setStream", None)
 _PTR = torch.Tensor.data_ptr
 _PLAIN_READS = placement.plain_reads  # around the reads of many weights' addresses and versions
 _VERSION = operator.attrgetter("_version")
