@@ -165,8 +165,12 @@ class DeviceRuntime:
         This runs after every graph call with heads, so it makes its calls itself, not through
         helpers (a Python frame is about a microsecond on a busy host): the copy stream is made
         current directly, not through ``torch.cuda.stream``, whose enter and exit read and build
-        the current stream twice. On another device than the current one the context manager
-        is used."""
+        the current stream twice; a one-tensor copy is ``copy_all``'s case in line. On another
+        device than the current one it runs with that device made current."""
+        if torch._C._cuda_getDevice() != self.device.index:
+            with torch.cuda.device(self.device):
+                self.copy_each(pieces)
+            return
         compute = self.compute_stream()
         copy = self._stream if self._stream is not None else self.copy_stream()
         ready = self._events.pop() if self._events else torch.cuda.Event()
@@ -174,10 +178,6 @@ class DeviceRuntime:
         _WAIT(ready, copy)  # (``join``, in line)
         if not torch._C._cuda_isCurrentStreamCapturing() and len(self._events) < _FREE_EVENTS:
             self._events.append(ready)
-        if torch._C._cuda_getDevice() != self.device.index:
-            with torch.cuda.stream(copy):
-                _copy_then_record(pieces, copy)
-            return
         _SET_STREAM(stream_id=copy.stream_id, device_index=copy.device_index, device_type=copy.device_type)
         try:
             for buffers, hosts, done in pieces:
@@ -198,14 +198,6 @@ class DeviceRuntime:
         for record in records:
             record.fetched = True
         self.copied_bytes += sum(record.nbytes for record in records) if nbytes is None else nbytes
-
-
-def _copy_then_record(pieces, stream: torch.cuda.Stream) -> None:
-    """On the current stream (``stream``), per piece ``(buffers, hosts, done)``: its copies, then
-    ``done``."""
-    for buffers, hosts, done in pieces:
-        copy_all(buffers, hosts)
-        _RECORD(done, stream)
 
 
 def wait_event(event: torch.cuda.Event, stream: torch.cuda.Stream) -> None:
